@@ -1,0 +1,699 @@
+//! The configuration file: TOML text in, a validated, typed [`Config`] out.
+//!
+//! Owns parsing, defaults and validation. It is pure: it reads the file's text and nothing else, never
+//! binds or spawns, so `baton check` and a reload can run it safely. Every error names the file, the line
+//! and column, and the service it belongs to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Address of the admin HTTP API when `[admin].listen` is not set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+/// Seconds the old worker's connections may take to finish after a switch.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Seconds between `stop_signal` and SIGKILL.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Seconds allowed to dial the worker's private socket.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Milliseconds between two readiness probes.
+pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_millis(100);
+/// Seconds a new worker has to become ready.
+pub const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Signal sent to a drained worker.
+pub const DEFAULT_STOP_SIGNAL: Signal = Signal::SIGTERM;
+/// Length of the kernel's queue of connections not yet accepted, per listening socket.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// The placeholders a `command` argument or `env` value may hold.
+const PLACEHOLDERS: [&str; 4] = ["{port}", "{socket}", "{service}", "{generation}"];
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from, for messages and reloads.
+    pub path: PathBuf,
+    /// The admin API.
+    pub admin: AdminConfig,
+    /// The services by name, in name order.
+    pub services: BTreeMap<String, Arc<ServiceConfig>>,
+}
+
+/// The `[admin]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where the admin HTTP API listens.
+    pub listen: SocketAddr,
+}
+
+/// One `[service.NAME]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// The stanza's name.
+    pub name: String,
+    /// Public addresses, at least one, none shared with another service.
+    pub listen: Vec<SocketAddr>,
+    /// The worker's argv, placeholders not yet substituted; never empty.
+    pub command: Vec<String>,
+    /// Which kind of private socket the worker listens on.
+    pub backend: Backend,
+    /// The worker's working directory; baton's own when unset.
+    pub cwd: Option<PathBuf>,
+    /// Variables added to the worker's environment, placeholders not yet substituted.
+    pub env: BTreeMap<String, String>,
+    /// How long the old worker's connections may take to finish after a switch.
+    pub drain_timeout: Duration,
+    /// Signal sent to a drained worker.
+    pub stop_signal: Signal,
+    /// How long a signalled worker has to exit before SIGKILL.
+    pub stop_timeout: Duration,
+    /// How long dialling the worker's private socket may take.
+    pub connect_timeout: Duration,
+    /// Listen queue length of each public socket.
+    pub backlog: u32,
+    /// How a new worker is found ready.
+    pub readiness: Readiness,
+}
+
+/// The private socket a worker listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A loopback TCP port picked by baton: `{port}`, `$PORT`.
+    Tcp,
+    /// A Unix socket in baton's private runtime directory: `{socket}`, `$BATON_SOCKET`.
+    Unix,
+}
+
+/// The `[service.NAME.readiness]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// HTTP path probed with GET (2xx is ready); a plain connect when unset.
+    pub path: Option<String>,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time after which a worker that is not ready fails the upgrade.
+    pub timeout: Duration,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the read returned.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML or does not fit the schema; toml's own message carries the position.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The configuration file.
+        path: PathBuf,
+        /// toml's message, with line, column and a caret under the offending text.
+        message: String,
+    },
+    /// A value fits the schema but not its meaning.
+    #[error("{path}:{line}:{column}: {message}\n{snippet}")]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// One-based line of the offending value.
+        line: usize,
+        /// One-based column of the offending value.
+        column: usize,
+        /// What is wrong, naming the service and key.
+        message: String,
+        /// The offending line with a caret under the value.
+        snippet: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text`, read from `path` (used in messages only).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Validator { path, text }.config(raw)
+    }
+}
+
+impl ServiceConfig {
+    /// The environment variable that tells the worker its private address.
+    pub fn address_variable(&self) -> &'static str {
+        match self.backend {
+            Backend::Tcp => "PORT",
+            Backend::Unix => "BATON_SOCKET",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Tcp => "tcp",
+            Backend::Unix => "unix",
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    service: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    listen: Spanned<Vec<Spanned<String>>>,
+    command: Spanned<Vec<String>>,
+    backend: Option<Spanned<String>>,
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    stop_signal: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    backlog: Option<Spanned<u32>>,
+    readiness: Option<RawReadiness>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// Turns the raw, spanned tables into a [`Config`], reporting the first problem with its position.
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let admin = match raw.admin.and_then(|a| a.listen) {
+            Some(listen) => AdminConfig {
+                listen: self.address("admin: listen", &listen)?,
+            },
+            None => AdminConfig {
+                listen: DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("the default admin address parses"),
+            },
+        };
+        if raw.service.is_empty() {
+            return Err(self.error(
+                0..0,
+                "no service is configured: add a [service.NAME] table".into(),
+            ));
+        }
+        let mut services = BTreeMap::new();
+        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+        for (name, spanned) in &raw.service {
+            let span = spanned.span();
+            let service = self.service(name, span, spanned.get_ref())?;
+            for (addr, raw_addr) in service
+                .listen
+                .iter()
+                .zip(&spanned.get_ref().listen.get_ref()[..])
+            {
+                // Several services may each ask for an ephemeral port on the same address.
+                if addr.port() == 0 {
+                    continue;
+                }
+                if let Some(other) = owners.insert(*addr, name) {
+                    let message = if other == name {
+                        format!("service `{name}`: listen `{addr}` is listed twice")
+                    } else {
+                        format!(
+                            "service `{name}`: listen `{addr}` is already used by service `{other}`"
+                        )
+                    };
+                    return Err(self.error(raw_addr.span(), message));
+                }
+            }
+            services.insert(name.clone(), Arc::new(service));
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            admin,
+            services,
+        })
+    }
+
+    fn service(
+        &self,
+        name: &str,
+        span: Range<usize>,
+        raw: &RawService,
+    ) -> Result<ServiceConfig, ConfigError> {
+        let at = |span: Range<usize>, message: String| {
+            self.error(span, format!("service `{name}`: {message}"))
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(at(
+                span,
+                "a service name may hold only ASCII letters, digits, `-` and `_`".into(),
+            ));
+        }
+        if raw.listen.get_ref().is_empty() {
+            return Err(at(
+                raw.listen.span(),
+                "listen is empty: give at least one address".into(),
+            ));
+        }
+        let listen = raw
+            .listen
+            .get_ref()
+            .iter()
+            .map(|a| self.address(&format!("service `{name}`: listen"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let command = raw.command.get_ref().clone();
+        if command.is_empty() || command[0].is_empty() {
+            return Err(at(
+                raw.command.span(),
+                "command is empty: give the worker's argv".into(),
+            ));
+        }
+        let backend = match raw.backend.as_ref() {
+            None => Backend::Tcp,
+            Some(b) => match b.get_ref().as_str() {
+                "tcp" => Backend::Tcp,
+                "unix" => Backend::Unix,
+                other => {
+                    return Err(at(
+                        b.span(),
+                        format!("backend `{other}` is unknown: use \"tcp\" or \"unix\""),
+                    ));
+                }
+            },
+        };
+        let wrong_placeholder = match backend {
+            Backend::Tcp => "{socket}",
+            Backend::Unix => "{port}",
+        };
+        if let Some(arg) = command.iter().find(|a| a.contains(wrong_placeholder)) {
+            return Err(at(
+                raw.command.span(),
+                format!(
+                    "command argument `{arg}` uses {wrong_placeholder}, which backend = \"{backend}\" does not provide"
+                ),
+            ));
+        }
+        let mut env = BTreeMap::new();
+        for (key, value) in &raw.env {
+            if key.is_empty()
+                || key.contains('=')
+                || key.contains('\0')
+                || value.get_ref().contains('\0')
+            {
+                return Err(at(
+                    value.span(),
+                    format!("env `{key}` is not a valid variable"),
+                ));
+            }
+            if value.get_ref().contains(wrong_placeholder) {
+                return Err(at(
+                    value.span(),
+                    format!(
+                        "env `{key}` uses {wrong_placeholder}, which backend = \"{backend}\" does not provide"
+                    ),
+                ));
+            }
+            env.insert(key.clone(), value.get_ref().clone());
+        }
+        let duration = |key: &str, value: &Option<Spanned<String>>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
+                at(
+                    v.span(),
+                    format!("{key} `{}` is not a duration: {e}", v.get_ref()),
+                )
+            }),
+        };
+        let stop_signal = match &raw.stop_signal {
+            None => DEFAULT_STOP_SIGNAL,
+            Some(s) => parse_signal(s.get_ref()).ok_or_else(|| {
+                at(
+                    s.span(),
+                    format!(
+                        "stop_signal `{}` is not a signal name (like \"SIGTERM\")",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+        };
+        let backlog = match &raw.backlog {
+            None => DEFAULT_BACKLOG,
+            Some(b) if *b.get_ref() == 0 || *b.get_ref() > i32::MAX as u32 => {
+                return Err(at(
+                    b.span(),
+                    "backlog must be between 1 and 2147483647".into(),
+                ));
+            }
+            Some(b) => *b.get_ref(),
+        };
+        let no_readiness = RawReadiness {
+            path: None,
+            interval: None,
+            timeout: None,
+        };
+        let r = raw.readiness.as_ref().unwrap_or(&no_readiness);
+        if let Some(p) = &r.path {
+            let p_str = p.get_ref();
+            if !p_str.starts_with('/') || p_str.parse::<hyper::Uri>().is_err() {
+                return Err(at(
+                    p.span(),
+                    format!(
+                        "readiness.path `{p_str}` is not an absolute URL path like \"/readyz\""
+                    ),
+                ));
+            }
+        }
+        let readiness = Readiness {
+            path: r.path.as_ref().map(|p| p.get_ref().clone()),
+            interval: duration(
+                "readiness.interval",
+                &r.interval,
+                DEFAULT_READINESS_INTERVAL,
+            )?,
+            timeout: duration("readiness.timeout", &r.timeout, DEFAULT_READINESS_TIMEOUT)?,
+        };
+        if readiness.interval.is_zero() {
+            return Err(at(
+                r.interval.as_ref().map_or(span.clone(), |s| s.span()),
+                "readiness.interval must be greater than zero".into(),
+            ));
+        }
+        let connect_timeout = duration(
+            "connect_timeout",
+            &raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        if connect_timeout.is_zero() {
+            let span = raw.connect_timeout.as_ref().map_or(span, |s| s.span());
+            return Err(at(span, "connect_timeout must be greater than zero".into()));
+        }
+        Ok(ServiceConfig {
+            name: name.to_owned(),
+            listen,
+            command,
+            backend,
+            cwd: raw.cwd.clone(),
+            env,
+            drain_timeout: duration("drain_timeout", &raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            stop_signal,
+            stop_timeout: duration("stop_timeout", &raw.stop_timeout, DEFAULT_STOP_TIMEOUT)?,
+            connect_timeout,
+            backlog,
+            readiness,
+        })
+    }
+
+    fn address(&self, what: &str, raw: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        raw.get_ref().parse().map_err(|_| {
+            self.error(
+                raw.span(),
+                format!(
+                    "{what} `{}` is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                    raw.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn error(&self, span: Range<usize>, message: String) -> ConfigError {
+        let start = span.start.min(self.text.len());
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
+        let line = self.text[..start].matches('\n').count() + 1;
+        let column = self.text[line_start..start].chars().count() + 1;
+        let source_line = &self.text[line_start..line_end];
+        let width = self.text[start..span.end.clamp(start, line_end)]
+            .chars()
+            .count()
+            .max(1);
+        let gutter = " ".repeat(line.to_string().len());
+        let snippet = format!(
+            "{gutter} |\n{line} | {source_line}\n{gutter} | {}{}",
+            " ".repeat(column - 1),
+            "^".repeat(width)
+        );
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            message,
+            snippet,
+        }
+    }
+}
+
+/// Parses "SIGTERM", "TERM" or "sigterm".
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+/// Replaces the placeholders in `text`. `address` stands for `{port}` or `{socket}`, whichever the backend has.
+pub fn substitute(text: &str, service: &ServiceConfig, address: &str, generation: u64) -> String {
+    if !text.contains('{') {
+        return text.to_owned();
+    }
+    let address_placeholder = match service.backend {
+        Backend::Tcp => PLACEHOLDERS[0],
+        Backend::Unix => PLACEHOLDERS[1],
+    };
+    text.replace(address_placeholder, address)
+        .replace(PLACEHOLDERS[2], &service.name)
+        .replace(PLACEHOLDERS[3], &generation.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("baton.toml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("the config is invalid").to_string()
+    }
+
+    const MINIMAL: &str = r#"
+[service.web]
+listen = ["127.0.0.1:8080"]
+command = ["server", "{port}"]
+"#;
+
+    #[test]
+    fn a_minimal_service_gets_every_default() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.admin.listen,
+            DEFAULT_ADMIN_LISTEN.parse().expect("address")
+        );
+        let web = &config.services["web"];
+        assert_eq!(web.listen, vec!["127.0.0.1:8080".parse().expect("address")]);
+        assert_eq!(web.backend, Backend::Tcp);
+        assert_eq!(web.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(web.stop_signal, Signal::SIGTERM);
+        assert_eq!(web.stop_timeout, DEFAULT_STOP_TIMEOUT);
+        assert_eq!(web.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(web.backlog, DEFAULT_BACKLOG);
+        assert_eq!(web.readiness.path, None);
+        assert_eq!(web.readiness.interval, DEFAULT_READINESS_INTERVAL);
+        assert_eq!(web.readiness.timeout, DEFAULT_READINESS_TIMEOUT);
+    }
+
+    #[test]
+    fn every_documented_key_is_read() {
+        let config = parse(
+            r#"
+[admin]
+listen = "[::1]:9901"
+
+[service.api]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+command = ["app", "--socket", "{socket}", "--gen", "{generation}"]
+backend = "unix"
+cwd = "/srv/api"
+env = { APP_ENV = "prod", NAME = "{service}" }
+drain_timeout = "5s"
+stop_signal = "SIGINT"
+stop_timeout = "250ms"
+connect_timeout = "1s"
+backlog = 64
+
+[service.api.readiness]
+path = "/readyz"
+interval = "50ms"
+timeout = "3s"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.admin.listen, "[::1]:9901".parse().expect("address"));
+        let api = &config.services["api"];
+        assert_eq!(api.listen.len(), 2);
+        assert_eq!(api.backend, Backend::Unix);
+        assert_eq!(api.cwd.as_deref(), Some(Path::new("/srv/api")));
+        assert_eq!(api.env["APP_ENV"], "prod");
+        assert_eq!(api.drain_timeout, Duration::from_secs(5));
+        assert_eq!(api.stop_signal, Signal::SIGINT);
+        assert_eq!(api.stop_timeout, Duration::from_millis(250));
+        assert_eq!(api.connect_timeout, Duration::from_secs(1));
+        assert_eq!(api.backlog, 64);
+        assert_eq!(api.readiness.path.as_deref(), Some("/readyz"));
+        assert_eq!(api.readiness.interval, Duration::from_millis(50));
+        assert_eq!(api.readiness.timeout, Duration::from_secs(3));
+        assert_eq!(
+            substitute("{service}-{generation}", api, "/run/x.sock", 7),
+            "api-7"
+        );
+        assert_eq!(substitute("{socket}", api, "/run/x.sock", 7), "/run/x.sock");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_position() {
+        let message = error(&format!("{MINIMAL}drain_timout = \"3s\"\n"));
+        assert!(message.contains("baton.toml"), "{message}");
+        assert!(message.contains("line 5"), "{message}");
+        assert!(
+            message.contains("unknown field `drain_timout`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_names_service_key_and_position() {
+        let message = error(&format!("{MINIMAL}drain_timeout = \"3 fortnights\"\n"));
+        assert!(
+            message.starts_with("baton.toml:5:17: service `web`: drain_timeout `3 fortnights`"),
+            "{message}"
+        );
+        assert!(message.contains("^^^^^^^^^^^^^^"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_signal_is_refused() {
+        let message = error(&format!("{MINIMAL}stop_signal = \"SIGNOPE\"\n"));
+        assert!(
+            message.contains("service `web`: stop_signal `SIGNOPE`"),
+            "{message}"
+        );
+        assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
+    }
+
+    #[test]
+    fn an_empty_command_is_refused() {
+        let message = error("[service.web]\nlisten = [\"127.0.0.1:1\"]\ncommand = []\n");
+        assert!(
+            message.starts_with("baton.toml:3:11: service `web`: command is empty"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_listen_address_shared_by_two_services_is_refused() {
+        let message = error(&format!(
+            "{MINIMAL}\n[service.zz]\nlisten = [\"127.0.0.1:8080\"]\ncommand = [\"x\"]\n"
+        ));
+        assert!(
+            message
+                .contains("service `zz`: listen `127.0.0.1:8080` is already used by service `web`"),
+            "{message}"
+        );
+        assert!(message.starts_with("baton.toml:7:11:"), "{message}");
+    }
+
+    #[test]
+    fn ephemeral_ports_may_repeat() {
+        let text = "[service.a]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"x\"]\n[service.b]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"x\"]\n";
+        assert_eq!(parse(text).expect("valid").services.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_address_is_refused() {
+        let message = error("[service.web]\nlisten = [\"localhost:80800\"]\ncommand = [\"x\"]\n");
+        assert!(
+            message.contains("service `web`: listen `localhost:80800` is not an address"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_placeholder_the_backend_lacks_is_refused() {
+        let message =
+            error("[service.web]\nlisten = [\"127.0.0.1:1\"]\ncommand = [\"x\", \"{socket}\"]\n");
+        assert!(
+            message.contains("uses {socket}, which backend = \"tcp\" does not provide"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_services_is_refused() {
+        assert!(error("[admin]\nlisten = \"127.0.0.1:1\"\n").contains("no service is configured"));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for text in [
+            "",
+            "[",
+            "service = 1",
+            "[service.web]\nlisten = 5",
+            "\u{0}\u{1}",
+            "[service.\"\"]\nlisten=[\"127.0.0.1:1\"]\ncommand=[\"x\"]",
+        ] {
+            let _ = parse(text);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! What the supervisor and the admin API share: the commands the daemon takes and the state it publishes.
+//!
+//! Keeping these types here lets `admin` and `supervisor` depend on this module and never on each other.
+//! Nothing here does I/O.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::{Metrics, ServiceGauges};
+use crate::route::Upstream;
+
+/// A request to the supervisor.
+#[derive(Debug)]
+pub enum Command {
+    /// Re-read the configuration file and upgrade every service, like SIGHUP.
+    Reload {
+        /// Told whether the new configuration applied, with the error when it did not.
+        reply: Option<oneshot::Sender<Result<(), String>>>,
+    },
+}
+
+/// What set an upgrade off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The service's first worker, at start or when a reload adds the service.
+    Start,
+    /// SIGHUP.
+    Signal,
+    /// A request to the admin API.
+    Api,
+    /// The active worker exited on its own.
+    Restart,
+}
+
+impl Trigger {
+    /// The `trigger` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Signal => "signal",
+            Trigger::Api => "api",
+            Trigger::Restart => "restart",
+        }
+    }
+}
+
+/// The step an upgrade of a service is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No upgrade runs.
+    Idle,
+    /// Forking the new worker.
+    Spawning,
+    /// Polling the new worker until it is ready.
+    WaitingReady,
+    /// The service stops accepting and drains its workers.
+    ShuttingDown,
+    /// The service has no worker left.
+    Stopped,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeResult {
+    /// The new worker took over.
+    Success,
+    /// The new worker did not become ready; the old one kept serving.
+    Failed,
+}
+
+impl UpgradeResult {
+    /// The `result` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpgradeResult::Success => "success",
+            UpgradeResult::Failed => "failed",
+        }
+    }
+}
+
+/// The record of a finished upgrade.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeRecord {
+    /// What set it off.
+    pub trigger: Trigger,
+    /// How it ended.
+    pub result: UpgradeResult,
+    /// Generation serving before, if any.
+    pub old_generation: Option<u64>,
+    /// Generation of the new worker.
+    pub new_generation: u64,
+    /// Process id of the new worker, if it started.
+    pub new_pid: Option<u32>,
+    /// Milliseconds from spawn to ready (or to failure).
+    pub duration_ms: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix time, in seconds, of its end.
+    pub finished_at: f64,
+}
+
+impl UpgradeRecord {
+    /// Stamps `finished_at` with the current time.
+    pub fn now(mut self) -> Self {
+        self.finished_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self
+    }
+}
+
+/// What a service publishes on every change; the live connection counts come through its [`Upstream`]s.
+#[derive(Debug, Clone)]
+pub struct ServiceState {
+    /// The current step.
+    pub phase: Phase,
+    /// The worker new connections go to.
+    pub active: Option<Arc<Upstream>>,
+    /// Old workers finishing their connections, oldest first.
+    pub draining: Vec<Arc<Upstream>>,
+    /// The public addresses actually bound.
+    pub listen: Vec<SocketAddr>,
+    /// The last finished upgrade.
+    pub last_upgrade: Option<UpgradeRecord>,
+}
+
+impl ServiceState {
+    /// The state of a service that has not started its first worker.
+    pub fn new(listen: Vec<SocketAddr>) -> ServiceState {
+        ServiceState {
+            phase: Phase::Spawning,
+            active: None,
+            draining: Vec::new(),
+            listen,
+            last_upgrade: None,
+        }
+    }
+
+    /// The metric gauges this state implies, with the live connection counts.
+    pub fn gauges(&self) -> ServiceGauges {
+        ServiceGauges {
+            generation: self.active.as_ref().map_or(0, |a| a.generation),
+            up: self.active.is_some(),
+            draining: self.draining.len(),
+            upgrading: matches!(self.phase, Phase::Spawning | Phase::WaitingReady),
+            active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
+            draining_connections: self.draining.iter().map(|d| d.connections()).sum(),
+        }
+    }
+
+    /// The JSON view of `/status`.
+    pub fn view(&self) -> ServiceView {
+        ServiceView {
+            generation: self.active.as_ref().map(|a| a.generation),
+            pid: self.active.as_ref().map(|a| a.pid),
+            worker: self.active.as_ref().map(|a| a.addr.to_string()),
+            phase: self.phase,
+            active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
+            listen: self.listen.clone(),
+            draining: self
+                .draining
+                .iter()
+                .map(|d| DrainingView {
+                    generation: d.generation,
+                    pid: d.pid,
+                    active_connections: d.connections(),
+                })
+                .collect(),
+            last_upgrade: self.last_upgrade.clone(),
+        }
+    }
+}
+
+/// One service in `/status`.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    /// Generation of the worker new connections go to.
+    pub generation: Option<u64>,
+    /// Its process id.
+    pub pid: Option<u32>,
+    /// Its private address.
+    pub worker: Option<String>,
+    /// The current step.
+    pub phase: Phase,
+    /// Connections open to it.
+    pub active_connections: usize,
+    /// The public addresses actually bound.
+    pub listen: Vec<SocketAddr>,
+    /// Old workers still draining.
+    pub draining: Vec<DrainingView>,
+    /// The last finished upgrade.
+    pub last_upgrade: Option<UpgradeRecord>,
+}
+
+/// A draining worker in `/status`.
+#[derive(Debug, Serialize)]
+pub struct DrainingView {
+    /// Its generation.
+    pub generation: u64,
+    /// Its process id.
+    pub pid: u32,
+    /// Connections still open to it.
+    pub active_connections: usize,
+}
+
+/// The document served at `/status`.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    /// baton's version.
+    pub version: &'static str,
+    /// baton's process id.
+    pub pid: u32,
+    /// Seconds since baton started.
+    pub uptime_seconds: f64,
+    /// Every service by name.
+    pub services: BTreeMap<String, ServiceView>,
+}
+
+/// Every service's published state, by name; replaced whole when a reload adds or removes services.
+pub type Directory = Arc<BTreeMap<String, watch::Receiver<ServiceState>>>;
+
+/// The admin API's window on the daemon.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Where commands go.
+    pub commands: mpsc::Sender<Command>,
+    /// The services' published states.
+    pub directory: watch::Receiver<Directory>,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// When baton started.
+    pub started: std::time::Instant,
+}
+
+impl Control {
+    /// The `/status` document.
+    pub fn status(&self) -> StatusView {
+        let directory = self.directory.borrow().clone();
+        StatusView {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            services: directory
+                .iter()
+                .map(|(name, state)| (name.clone(), state.borrow().view()))
+                .collect(),
+        }
+    }
+
+    /// The metrics exposition, with the state gauges brought up to date first.
+    pub fn metrics_text(&self) -> String {
+        let directory = self.directory.borrow().clone();
+        for (name, state) in directory.iter() {
+            self.metrics.service_state(name, &state.borrow().gauges());
+        }
+        self.metrics.encode()
+    }
+}
+
+/// Milliseconds in `duration`, saturating.
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

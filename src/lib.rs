@@ -1,0 +1,33 @@
+//! baton: a zero-downtime TCP front proxy.
+//!
+//! baton owns public listening sockets and forwards every connection to a worker process (an ordinary
+//! server listening on a private loopback port or Unix socket). To upgrade, it starts a new worker, waits
+//! until it is ready, switches new connections to it in one pointer store, and lets the old one finish its
+//! connections before stopping it.
+//!
+//! # Layout
+//! - [`config`]: the TOML file to a validated [`config::Config`]; pure.
+//! - [`supervisor`]: the daemon: binds, starts services, reloads, shuts down. Entry point [`run`].
+//! - [`service`]: one service's lifecycle and upgrade state machine; the only owner of its workers.
+//! - [`worker`]: spawning (on the main thread), signalling and reaping one worker process.
+//! - [`readiness`]: HTTP and TCP probes of a new worker.
+//! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
+//! - [`listener`]: public sockets (socket2) and the accept loop.
+//! - [`proxy`]: one connection: dial, copy both ways, half-close, reset.
+//! - [`control`]: commands and published state shared by the supervisor and the admin API.
+//! - [`admin`]: the admin HTTP API.
+//! - [`metrics`]: the Prometheus registry; every metric name.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod readiness;
+pub mod route;
+pub mod service;
+pub mod supervisor;
+pub mod worker;
+
+pub use supervisor::run;

@@ -1,0 +1,160 @@
+//! The `baton` command: parses arguments, sets up logging and the runtime, maps errors to exit codes.
+//!
+//! The process's main thread is kept for one job: forking workers (see `baton::worker::Spawner`), so that
+//! their parent-death signal is tied to a thread that lives as long as baton.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baton::config::Config;
+use baton::worker::Spawner;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Exit code of a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of a command-line usage error (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit code of an invalid configuration (sysexits' EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+/// A zero-downtime TCP front proxy: forwards connections to worker processes and upgrades them without
+/// dropping one.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// The configuration file.
+        #[arg(long, short, default_value = "conf/baton.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without binding or starting anything.
+    Check {
+        /// The configuration file.
+        #[arg(long, short, default_value = "conf/baton.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if usage { EXIT_USAGE } else { 0 });
+        }
+    };
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(loaded) => {
+                let names: Vec<&str> = loaded.services.keys().map(String::as_str).collect();
+                println!(
+                    "{}: ok ({} service(s): {})",
+                    config.display(),
+                    names.len(),
+                    names.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon on a runtime whose tasks run on worker threads, while the main thread forks workers.
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("baton")
+        .build()
+        .context("cannot start the runtime")?;
+    let (spawner, spawner_loop) = Spawner::new();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    {
+        // Signals are registered before anything starts, so that a SIGHUP during start-up is queued, not fatal.
+        let _context = runtime.enter();
+        let reload = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let spawner_for_exit = spawner.clone();
+        runtime.spawn(async move {
+            let shutdown = async move {
+                let name = tokio::select! {
+                    _ = terminate.recv() => "SIGTERM",
+                    _ = interrupt.recv() => "SIGINT",
+                };
+                tracing::info!("{name}: draining, then exiting (send it again to exit at once)");
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = terminate.recv() => {},
+                        _ = interrupt.recv() => {},
+                    }
+                    tracing::warn!("second signal: exiting now; workers are killed");
+                    std::process::exit(i32::from(EXIT_FAILURE));
+                });
+            };
+            let result = baton::run(config, spawner, reload, shutdown).await;
+            let _ = done_tx.send(result);
+            spawner_for_exit.exit();
+        });
+    }
+    spawner_loop.run(runtime.handle());
+    let result = done
+        .recv()
+        .context("the daemon task ended without a result")?;
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result.map_err(|e| anyhow::anyhow!(baton::supervisor::chain(&e)))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

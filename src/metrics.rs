@@ -1,0 +1,372 @@
+//! The Prometheus registry and every metric baton exports; the metric names live here and nowhere else.
+//!
+//! The data path touches only pre-resolved handles ([`ServiceMetrics`]): no label lookup, no lock per
+//! connection. Gauges that describe state (generation, active connections) are set when state changes or
+//! just before a scrape, never counted up and down per connection.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Connections accepted on a service's public sockets.
+pub const CONNECTIONS_ACCEPTED: &str = "baton_connections_accepted_total";
+/// Connections open now, by the role of the worker they go to.
+pub const CONNECTIONS_ACTIVE: &str = "baton_connections_active";
+/// Connections closed by baton before reaching a worker, by reason.
+pub const CONNECTIONS_REJECTED: &str = "baton_connections_rejected_total";
+/// Connection failures, by the side that failed and kind.
+pub const CONNECTION_ERRORS: &str = "baton_connection_errors_total";
+/// Bytes copied, by direction.
+pub const BYTES: &str = "baton_bytes_total";
+/// Finished upgrades, by trigger and result.
+pub const UPGRADES: &str = "baton_upgrades_total";
+/// 1 while an upgrade of the service runs.
+pub const UPGRADE_IN_PROGRESS: &str = "baton_upgrade_in_progress";
+/// The generation of the worker new connections go to.
+pub const WORKER_GENERATION: &str = "baton_worker_generation";
+/// 1 when the service has a running worker that new connections go to.
+pub const WORKER_UP: &str = "baton_worker_up";
+/// Old workers still finishing their connections.
+pub const WORKERS_DRAINING: &str = "baton_workers_draining";
+/// Configuration reloads, by result.
+pub const CONFIG_RELOADS: &str = "baton_config_reloads_total";
+/// 1 when the last reload applied.
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "baton_config_last_reload_successful";
+/// Unix time of the last reload that applied (or of the start).
+pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "baton_config_last_reload_success_timestamp_seconds";
+/// Always 1, labelled with the version.
+pub const BUILD_INFO: &str = "baton_build_info";
+
+/// Every metric of the daemon, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    accepted: IntCounterVec,
+    active: IntGaugeVec,
+    rejected: IntCounterVec,
+    errors: IntCounterVec,
+    bytes: IntCounterVec,
+    upgrades: IntCounterVec,
+    upgrade_in_progress: IntGaugeVec,
+    generation: IntGaugeVec,
+    worker_up: IntGaugeVec,
+    draining: IntGaugeVec,
+    reloads: IntCounterVec,
+    last_reload_ok: IntGauge,
+    last_reload_time: Gauge,
+}
+
+/// The handles of one service, resolved once so the data path does no label lookup.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    /// `baton_connections_accepted_total{service}`.
+    pub accepted: IntCounter,
+    /// `baton_bytes_total{direction="to_worker"}`.
+    pub bytes_to_worker: IntCounter,
+    /// `baton_bytes_total{direction="to_client"}`.
+    pub bytes_to_client: IntCounter,
+    /// Dials of the worker that failed or timed out.
+    pub worker_connect_errors: IntCounter,
+    /// Connections the worker reset or broke.
+    pub worker_resets: IntCounter,
+    /// Connections the client reset or broke.
+    pub client_resets: IntCounter,
+    /// Connections closed at once because no worker could take them.
+    pub rejected_no_worker: IntCounter,
+    /// Connections cut when their worker's drain timed out.
+    pub drain_cut: IntCounter,
+    errors: IntCounterVec,
+    name: String,
+}
+
+/// Which side of a proxied connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The downstream client.
+    Client,
+    /// The upstream worker.
+    Worker,
+}
+
+impl Side {
+    /// The `side` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Worker => "worker",
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric, including the process collector.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric options are valid");
+            register(&registry, metric.clone());
+            metric
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("metric options are valid");
+            register(&registry, metric.clone());
+            metric
+        };
+        let metrics = Metrics {
+            accepted: counter(
+                CONNECTIONS_ACCEPTED,
+                "Connections accepted on the service's public sockets.",
+                &["service"],
+            ),
+            active: gauge(
+                CONNECTIONS_ACTIVE,
+                "Connections open now, by the role of their worker (active or draining).",
+                &["service", "role"],
+            ),
+            rejected: counter(
+                CONNECTIONS_REJECTED,
+                "Connections closed by baton before reaching a worker, by reason.",
+                &["service", "reason"],
+            ),
+            errors: counter(
+                CONNECTION_ERRORS,
+                "Connection failures, by the side that failed (client or worker) and kind.",
+                &["service", "side", "kind"],
+            ),
+            bytes: counter(
+                BYTES,
+                "Bytes copied between clients and workers.",
+                &["service", "direction"],
+            ),
+            upgrades: counter(
+                UPGRADES,
+                "Finished upgrades, by trigger and result.",
+                &["service", "trigger", "result"],
+            ),
+            upgrade_in_progress: gauge(
+                UPGRADE_IN_PROGRESS,
+                "1 while an upgrade of the service runs.",
+                &["service"],
+            ),
+            generation: gauge(
+                WORKER_GENERATION,
+                "Generation of the worker that new connections go to.",
+                &["service"],
+            ),
+            worker_up: gauge(
+                WORKER_UP,
+                "1 when the service has a worker taking new connections.",
+                &["service"],
+            ),
+            draining: gauge(
+                WORKERS_DRAINING,
+                "Old workers still finishing their connections.",
+                &["service"],
+            ),
+            reloads: counter(
+                CONFIG_RELOADS,
+                "Configuration reloads, by result.",
+                &["result"],
+            ),
+            last_reload_ok: IntGauge::new(
+                CONFIG_LAST_RELOAD_SUCCESSFUL,
+                "1 when the last configuration reload applied.",
+            )
+            .expect("metric options are valid"),
+            last_reload_time: Gauge::new(
+                CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
+                "Unix time of the last configuration load that applied.",
+            )
+            .expect("metric options are valid"),
+            registry,
+        };
+        register(&metrics.registry, metrics.last_reload_ok.clone());
+        register(&metrics.registry, metrics.last_reload_time.clone());
+        let build = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Always 1, labelled with baton's version."),
+            &["version"],
+        )
+        .expect("metric options are valid");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        register(&metrics.registry, build);
+        register(
+            &metrics.registry,
+            prometheus::process_collector::ProcessCollector::for_self(),
+        );
+        metrics.config_loaded();
+        metrics
+    }
+
+    /// The handles of service `name`.
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let error =
+            |side: Side, kind: &str| self.errors.with_label_values(&[name, side.label(), kind]);
+        ServiceMetrics {
+            accepted: self.accepted.with_label_values(&[name]),
+            bytes_to_worker: self.bytes.with_label_values(&[name, "to_worker"]),
+            bytes_to_client: self.bytes.with_label_values(&[name, "to_client"]),
+            worker_connect_errors: error(Side::Worker, "connect"),
+            worker_resets: error(Side::Worker, "reset"),
+            client_resets: error(Side::Client, "reset"),
+            rejected_no_worker: self.rejected.with_label_values(&[name, "no_worker"]),
+            drain_cut: self.rejected.with_label_values(&[name, "drain_timeout"]),
+            errors: self.errors.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Records the end of an upgrade.
+    pub fn upgrade_finished(&self, service: &str, trigger: &str, result: &str) {
+        self.upgrades
+            .with_label_values(&[service, trigger, result])
+            .inc();
+    }
+
+    /// Publishes the state of one service.
+    pub fn service_state(&self, service: &str, state: &ServiceGauges) {
+        self.generation
+            .with_label_values(&[service])
+            .set(state.generation as i64);
+        self.worker_up
+            .with_label_values(&[service])
+            .set(i64::from(state.up));
+        self.draining
+            .with_label_values(&[service])
+            .set(state.draining as i64);
+        self.upgrade_in_progress
+            .with_label_values(&[service])
+            .set(i64::from(state.upgrading));
+        self.active
+            .with_label_values(&[service, "active"])
+            .set(state.active_connections as i64);
+        self.active
+            .with_label_values(&[service, "draining"])
+            .set(state.draining_connections as i64);
+    }
+
+    /// Drops the series of a service that no longer exists.
+    pub fn forget_service(&self, service: &str) {
+        for vec in [
+            &self.generation,
+            &self.worker_up,
+            &self.draining,
+            &self.upgrade_in_progress,
+        ] {
+            let _ = vec.remove_label_values(&[service]);
+        }
+        for role in ["active", "draining"] {
+            let _ = self.active.remove_label_values(&[service, role]);
+        }
+    }
+
+    /// Records a configuration load that applied.
+    pub fn config_loaded(&self) {
+        self.last_reload_ok.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_reload_time.set(now.as_secs_f64());
+    }
+
+    /// Records a reload attempt.
+    pub fn reload(&self, applied: bool) {
+        self.reloads
+            .with_label_values(&[if applied { "success" } else { "failed" }])
+            .inc();
+        if applied {
+            self.config_loaded();
+        } else {
+            self.last_reload_ok.set(0);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl ServiceMetrics {
+    /// Counts a failure of `side` of kind `kind` (an uncommon path: it looks the labels up).
+    pub fn error(&self, side: Side, kind: &str) {
+        self.errors
+            .with_label_values(&[&self.name, side.label(), kind])
+            .inc();
+    }
+}
+
+/// The state gauges of one service, set together.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceGauges {
+    /// Generation of the worker new connections go to.
+    pub generation: u64,
+    /// Whether that worker runs.
+    pub up: bool,
+    /// Number of old workers still draining.
+    pub draining: usize,
+    /// Whether an upgrade runs.
+    pub upgrading: bool,
+    /// Connections to the active worker.
+    pub active_connections: usize,
+    /// Connections to draining workers.
+    pub draining_connections: usize,
+}
+
+fn register(registry: &Registry, collector: impl Collector + 'static) {
+    registry
+        .register(Box::new(collector))
+        .expect("each metric is registered once");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_holds_the_documented_names() {
+        let metrics = Metrics::new();
+        let web = metrics.service("web");
+        web.accepted.inc();
+        web.error(Side::Worker, "connect");
+        metrics.upgrade_finished("web", "signal", "success");
+        metrics.service_state(
+            "web",
+            &ServiceGauges {
+                generation: 3,
+                up: true,
+                ..ServiceGauges::default()
+            },
+        );
+        let text = metrics.encode();
+        for needle in [
+            "baton_connections_accepted_total{service=\"web\"} 1",
+            "baton_worker_generation{service=\"web\"} 3",
+            "baton_upgrades_total{result=\"success\",service=\"web\",trigger=\"signal\"} 1",
+            "baton_connection_errors_total{kind=\"connect\",service=\"web\",side=\"worker\"} 1",
+            "baton_build_info{version=",
+            "baton_config_last_reload_successful 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        metrics.forget_service("web");
+        assert!(
+            !metrics
+                .encode()
+                .contains("baton_worker_generation{service=\"web\"}")
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Probes of a worker's private socket: an HTTP GET (hyper client) or a plain connect.
+//!
+//! [`wait_ready`] polls until the worker answers, the deadline passes or the worker exits, whichever comes
+//! first; an exit fails the wait at once. Nothing here changes routing.
+
+use std::io;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+
+use crate::config::Readiness;
+use crate::route::WorkerAddr;
+use crate::worker::{Worker, describe};
+
+/// The longest one probe may take, whatever the interval.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a worker was not found ready.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadinessError {
+    /// The deadline passed.
+    #[error("not ready after {} (last probe: {last})", humantime::format_duration(*.after))]
+    Timeout {
+        /// The readiness timeout.
+        after: Duration,
+        /// What the last probe saw.
+        last: String,
+    },
+    /// The worker exited while being probed.
+    #[error("exited while starting: {}", describe(*.0))]
+    Exited(ExitStatus),
+}
+
+/// What one probe saw, when it was not a success.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The connection failed.
+    #[error("connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The HTTP exchange failed.
+    #[error("http: {0}")]
+    Http(#[source] hyper::Error),
+    /// The answer was not 2xx.
+    #[error("status {0}")]
+    Status(hyper::StatusCode),
+    /// The probe took longer than [`PROBE_TIMEOUT`].
+    #[error("no answer within {}", humantime::format_duration(PROBE_TIMEOUT))]
+    Timeout,
+}
+
+/// Polls `worker` every `readiness.interval` until a probe succeeds. Returns the time it took.
+pub async fn wait_ready(
+    worker: &Worker,
+    readiness: &Readiness,
+) -> Result<Duration, ReadinessError> {
+    let started = Instant::now();
+    let deadline = started + readiness.timeout;
+    let mut last = String::from("no probe yet");
+    let poll = async {
+        loop {
+            let next = Instant::now() + readiness.interval;
+            let probe_deadline = (Instant::now() + PROBE_TIMEOUT).min(deadline);
+            match tokio::time::timeout_at(
+                probe_deadline,
+                probe(&worker.addr, readiness.path.as_deref()),
+            )
+            .await
+            {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = ProbeError::Timeout.to_string(),
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        status = worker.exited() => Err(ReadinessError::Exited(status)),
+        result = tokio::time::timeout_at(deadline, poll) => match result {
+            Ok(()) => Ok(started.elapsed()),
+            Err(_) => Err(ReadinessError::Timeout { after: readiness.timeout, last }),
+        },
+    }
+}
+
+/// One probe: a connect, then a GET of `path` when there is one.
+pub async fn probe(addr: &WorkerAddr, path: Option<&str>) -> Result<(), ProbeError> {
+    match addr {
+        WorkerAddr::Tcp(a) => {
+            let stream = TcpStream::connect(a).await.map_err(ProbeError::Connect)?;
+            match path {
+                Some(path) => http_get(stream, path).await,
+                None => Ok(()),
+            }
+        }
+        WorkerAddr::Unix(p) => {
+            let stream = UnixStream::connect(p).await.map_err(ProbeError::Connect)?;
+            match path {
+                Some(path) => http_get(stream, path).await,
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+async fn http_get<S>(stream: S, path: &str) -> Result<(), ProbeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(ProbeError::Http)?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("baton/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::new())
+        .expect("a GET of a validated path is a valid request");
+    tokio::pin!(connection);
+    let response = tokio::select! {
+        response = sender.send_request(request) => response.map_err(ProbeError::Http)?,
+        closed = &mut connection => {
+            closed.map_err(ProbeError::Http)?;
+            return Err(ProbeError::Connect(io::ErrorKind::UnexpectedEof.into()));
+        }
+    };
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(response.status()))
+    }
+}

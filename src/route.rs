@@ -1,0 +1,258 @@
+//! The routing snapshot of a service, behind one `ArcSwap`, and the connection guards that let a worker drain.
+//!
+//! A connection loads the snapshot once, takes a [`Guard`] on the worker it names and keeps it until it
+//! closes. Everything a connection needs is in that one snapshot, so a switch is a single pointer store and
+//! no connection can see half of one. Nothing here takes a lock.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::ServiceMetrics;
+
+/// Bit of [`Upstream::state`] set once the worker drains: no new guard may be taken.
+const DRAINING: usize = 1 << (usize::BITS - 1);
+
+/// The shared, swappable route of one service.
+pub type SharedRoute = Arc<ArcSwap<Route>>;
+
+/// What a new connection to a service needs: where to go and how.
+#[derive(Debug)]
+pub struct Route {
+    /// The worker new connections go to; `None` while the service has none ready.
+    pub upstream: Option<Arc<Upstream>>,
+    /// How long dialling the worker may take.
+    pub connect_timeout: Duration,
+    /// The service's metric handles.
+    pub metrics: ServiceMetrics,
+}
+
+/// The private address of a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerAddr {
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for WorkerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkerAddr::Tcp(addr) => write!(f, "{addr}"),
+            WorkerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// One worker as seen by the data path: its address and the count of connections going to it.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The worker's generation.
+    pub generation: u64,
+    /// The worker's process id.
+    pub pid: u32,
+    /// Where the worker listens.
+    pub addr: WorkerAddr,
+    /// Open connections in the low bits, [`DRAINING`] in the top bit: one word, so taking a guard and
+    /// starting a drain cannot race.
+    state: AtomicUsize,
+    /// Woken when the last guard of a draining worker drops.
+    idle: Notify,
+    /// Cancelled when the drain deadline passes: the remaining connections close.
+    cut: CancellationToken,
+}
+
+/// Proof that a connection counts against its worker; dropping it lets the worker drain.
+#[derive(Debug)]
+pub struct Guard {
+    upstream: Arc<Upstream>,
+}
+
+impl Upstream {
+    /// A worker with no connection yet.
+    pub fn new(generation: u64, pid: u32, addr: WorkerAddr) -> Upstream {
+        Upstream {
+            generation,
+            pid,
+            addr,
+            state: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cut: CancellationToken::new(),
+        }
+    }
+
+    /// Counts a new connection, unless the worker has started to drain.
+    pub fn acquire(self: &Arc<Self>) -> Option<Guard> {
+        let previous = self.state.fetch_add(1, Ordering::AcqRel);
+        if previous & DRAINING != 0 {
+            self.release();
+            return None;
+        }
+        Some(Guard {
+            upstream: Arc::clone(self),
+        })
+    }
+
+    fn release(&self) {
+        let previous = self.state.fetch_sub(1, Ordering::AcqRel);
+        if previous == DRAINING | 1 {
+            self.idle.notify_one();
+        }
+    }
+
+    /// Open connections to this worker.
+    pub fn connections(&self) -> usize {
+        self.state.load(Ordering::Acquire) & !DRAINING
+    }
+
+    /// Whether [`Upstream::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.state.load(Ordering::Acquire) & DRAINING != 0
+    }
+
+    /// Refuses new guards and waits until the open connections have closed, or until `timeout`, when it
+    /// cuts the ones left. Returns the number of connections that were cut.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.state.fetch_or(DRAINING, Ordering::AcqRel);
+        let closed = async {
+            while self.connections() > 0 {
+                self.idle.notified().await;
+            }
+        };
+        if tokio::time::timeout(timeout, closed).await.is_ok() {
+            return 0;
+        }
+        let left = self.connections();
+        self.cut.cancel();
+        left
+    }
+
+    /// Resolves when this worker's remaining connections must close.
+    pub fn cut(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cut.cancelled()
+    }
+}
+
+impl Guard {
+    /// The worker this guard counts against.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.upstream.release();
+    }
+}
+
+impl Route {
+    /// Takes a guard on the current worker of `route`, loading the snapshot again if that worker started to
+    /// drain between the load and the guard (the switch has happened, so the next load sees the new one).
+    pub fn pick(route: &ArcSwap<Route>) -> (Arc<Route>, Option<Guard>) {
+        loop {
+            let snapshot = route.load_full();
+            let Some(upstream) = snapshot.upstream.clone() else {
+                return (snapshot, None);
+            };
+            if let Some(guard) = upstream.acquire() {
+                return (snapshot, Some(guard));
+            }
+            // Draining already: a service stores the new route before it drains the old worker, so the next
+            // load sees the new one. A route still naming the draining worker has nowhere else to go.
+            let current = route.load();
+            if current
+                .upstream
+                .as_ref()
+                .is_none_or(|u| Arc::ptr_eq(u, &upstream))
+            {
+                return (snapshot, None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream() -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            1,
+            1,
+            WorkerAddr::Tcp("127.0.0.1:1".parse().expect("address")),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_connections_drains_at_once() {
+        let worker = upstream();
+        assert_eq!(worker.drain(Duration::from_secs(60)).await, 0);
+        assert!(
+            worker.acquire().is_none(),
+            "a drained worker takes no new connection"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_waits_for_the_last_guard() {
+        let worker = upstream();
+        let first = worker.acquire().expect("guard");
+        let second = worker.acquire().expect("guard");
+        assert_eq!(worker.connections(), 2);
+        let drain = tokio::spawn({
+            let worker = Arc::clone(&worker);
+            async move { worker.drain(Duration::from_secs(60)).await }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!drain.is_finished());
+        drop(second);
+        assert_eq!(drain.await.expect("drain task"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_cuts_what_is_left_at_its_deadline() {
+        let worker = upstream();
+        let _guard = worker.acquire().expect("guard");
+        let cut = {
+            let worker = Arc::clone(&worker);
+            tokio::spawn(async move { worker.cut().await })
+        };
+        assert_eq!(worker.drain(Duration::from_secs(5)).await, 1);
+        cut.await.expect("the connection was told to close");
+    }
+
+    #[test]
+    fn pick_moves_to_the_new_worker_once_the_old_one_drains() {
+        let metrics = crate::metrics::Metrics::new().service("web");
+        let old = upstream();
+        let route = ArcSwap::from_pointee(Route {
+            upstream: Some(Arc::clone(&old)),
+            connect_timeout: Duration::from_secs(1),
+            metrics: metrics.clone(),
+        });
+        let new = Arc::new(Upstream::new(
+            2,
+            2,
+            WorkerAddr::Tcp("127.0.0.1:2".parse().expect("address")),
+        ));
+        route.store(Arc::new(Route {
+            upstream: Some(Arc::clone(&new)),
+            connect_timeout: Duration::from_secs(1),
+            metrics,
+        }));
+        old.state.fetch_or(DRAINING, Ordering::AcqRel);
+        let (_, guard) = Route::pick(&route);
+        assert_eq!(guard.expect("guard").upstream().generation, 2);
+    }
+}

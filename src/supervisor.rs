@@ -1,0 +1,333 @@
+//! The daemon: owns the public sockets and every service, applies reloads, shuts everything down.
+//!
+//! Start-up follows one order: bind every public socket and the admin API (a failure stops start-up with
+//! the service and address named), then start each service's first worker, then serve. A reload either
+//! applies whole or not at all: the new file is validated and every new address bound before anything
+//! running is touched. This module never touches a worker or a connection itself: services do.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::admin;
+use crate::config::{Config, ConfigError};
+use crate::control::{Command, Control, Directory, Trigger};
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::service::{Context, ServiceCommand, ServiceHandle};
+use crate::worker::{RuntimeDir, Spawner};
+
+/// Why baton could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The private runtime directory could not be created.
+    #[error("cannot create a runtime directory for worker sockets")]
+    RuntimeDir(#[source] io::Error),
+    /// A public address could not be bound.
+    #[error("service `{service}`: listen {addr}")]
+    Bind {
+        /// The service that listens there.
+        service: String,
+        /// The address.
+        addr: SocketAddr,
+        /// What bind or listen returned.
+        #[source]
+        source: io::Error,
+    },
+    /// The admin address could not be bound.
+    #[error("admin: listen {addr}")]
+    AdminBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What bind returned.
+        #[source]
+        source: io::Error,
+    },
+    /// A service's first worker did not become ready.
+    #[error("{0}")]
+    FirstWorker(String),
+}
+
+/// Why a reload was rejected; the running configuration is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A new address could not be bound.
+    #[error(transparent)]
+    Bind(#[from] StartError),
+}
+
+/// Which socket of the pool a configured address maps to. A fixed address is shared by name, so it can move
+/// between services; an ephemeral one (port 0) belongs to its service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ListenKey {
+    Fixed(SocketAddr),
+    Ephemeral(String, SocketAddr),
+}
+
+impl ListenKey {
+    fn new(service: &str, addr: SocketAddr) -> ListenKey {
+        if addr.port() == 0 {
+            ListenKey::Ephemeral(service.to_owned(), addr)
+        } else {
+            ListenKey::Fixed(addr)
+        }
+    }
+}
+
+struct Supervisor {
+    config: Config,
+    context: Context,
+    /// Every bound public socket, kept here for the daemon's life (or until a reload drops its address).
+    pool: HashMap<ListenKey, Arc<Listener>>,
+    services: BTreeMap<String, ServiceHandle>,
+    /// Services removed by a reload, still draining.
+    retiring: JoinSet<()>,
+    directory: watch::Sender<Directory>,
+    admin: AbortOnDropHandle<()>,
+    control: Control,
+}
+
+/// Runs the daemon until `shutdown` resolves: binds, starts every service, reloads on `reload` (SIGHUP) and on
+/// admin requests, then drains and stops everything.
+pub async fn run(
+    config: Config,
+    spawner: Spawner,
+    mut reload: Signal,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let metrics = Metrics::new();
+    let runtime_dir = Arc::new(RuntimeDir::create().map_err(StartError::RuntimeDir)?);
+    let pool = bind_all(&config, &HashMap::new())?;
+    let admin_listener = bind_admin(config.admin.listen).await?;
+    let (commands_tx, mut commands) = mpsc::channel(16);
+    let (directory, directory_rx) = watch::channel(Directory::default());
+    let control = Control {
+        commands: commands_tx,
+        directory: directory_rx,
+        metrics: metrics.clone(),
+        started: std::time::Instant::now(),
+    };
+    let admin = serve_admin(admin_listener, control.clone());
+    let mut supervisor = Supervisor {
+        config,
+        context: Context {
+            spawner,
+            runtime_dir,
+            metrics,
+        },
+        pool,
+        services: BTreeMap::new(),
+        retiring: JoinSet::new(),
+        directory,
+        admin,
+        control,
+    };
+    let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
+    let mut first = Vec::new();
+    for name in names {
+        first.push((name.clone(), supervisor.start_service(&name)));
+    }
+    supervisor.publish_directory();
+    for (name, started) in first {
+        let outcome = started
+            .await
+            .unwrap_or_else(|_| Err(format!("service `{name}`: stopped while starting")));
+        if let Err(error) = outcome {
+            supervisor.shut_down().await;
+            return Err(StartError::FirstWorker(error));
+        }
+    }
+    tracing::info!(services = supervisor.services.len(), "baton ready");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = reload.recv() => {
+                tracing::info!("SIGHUP: reloading {}", supervisor.config.path.display());
+                let _ = supervisor.reload(Trigger::Signal).await;
+            }
+            Some(command) = commands.recv() => match command {
+                Command::Reload { reply } => {
+                    let result = supervisor.reload(Trigger::Api).await.map_err(|e| e.to_string());
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                }
+            },
+            Some(_) = supervisor.retiring.join_next(), if !supervisor.retiring.is_empty() => {}
+        }
+    }
+    supervisor.shut_down().await;
+    Ok(())
+}
+
+impl Supervisor {
+    /// Starts service `name` of the current configuration on the sockets of the pool.
+    fn start_service(&mut self, name: &str) -> oneshot::Receiver<Result<(), String>> {
+        let config = Arc::clone(&self.config.services[name]);
+        let listeners = self.listeners_of(name);
+        let (started, outcome) = oneshot::channel();
+        let handle = ServiceHandle::start(config, listeners, self.context.clone(), started);
+        self.services.insert(name.to_owned(), handle);
+        outcome
+    }
+
+    fn listeners_of(&self, name: &str) -> Vec<Arc<Listener>> {
+        self.config.services[name]
+            .listen
+            .iter()
+            .map(|addr| Arc::clone(&self.pool[&ListenKey::new(name, *addr)]))
+            .collect()
+    }
+
+    /// Reads the configuration file again and applies it whole, or rejects it whole.
+    async fn reload(&mut self, trigger: Trigger) -> Result<(), ReloadError> {
+        let result = self.try_reload(trigger).await;
+        match &result {
+            Ok(()) => tracing::info!(services = self.services.len(), "reload applied"),
+            Err(e) => tracing::error!("reload rejected, running configuration kept: {}", chain(e)),
+        }
+        self.context.metrics.reload(result.is_ok());
+        result
+    }
+
+    async fn try_reload(&mut self, trigger: Trigger) -> Result<(), ReloadError> {
+        let new = Config::load(&self.config.path)?;
+        // Everything that can fail happens before anything running changes.
+        let pool = bind_all(&new, &self.pool)?;
+        let admin_listener = match new.admin.listen != self.config.admin.listen {
+            true => Some(bind_admin(new.admin.listen).await?),
+            false => None,
+        };
+        let old = std::mem::replace(&mut self.config, new);
+        self.pool = pool;
+        if let Some(listener) = admin_listener {
+            self.admin = serve_admin(listener, self.control.clone());
+        }
+        for name in old
+            .services
+            .keys()
+            .filter(|n| !self.config.services.contains_key(*n))
+        {
+            let handle = self
+                .services
+                .remove(name)
+                .expect("a configured service runs");
+            tracing::info!(service = %name, "service removed: draining");
+            self.retiring.spawn(handle.shutdown());
+        }
+        let names: Vec<String> = self.config.services.keys().cloned().collect();
+        for name in names {
+            match self.services.get(&name) {
+                Some(handle) => {
+                    handle.send(ServiceCommand::Reconfigure {
+                        config: Arc::clone(&self.config.services[&name]),
+                        listeners: self.listeners_of(&name),
+                    });
+                    handle.send(ServiceCommand::Upgrade(trigger));
+                }
+                None => {
+                    tracing::info!(service = %name, "service added");
+                    let started = self.start_service(&name);
+                    tokio::spawn(async move {
+                        if let Ok(Err(error)) = started.await {
+                            tracing::error!(
+                                "{error}: the service accepts no connection until a reload starts it"
+                            );
+                        }
+                    });
+                }
+            }
+        }
+        self.publish_directory();
+        Ok(())
+    }
+
+    fn publish_directory(&self) {
+        let directory = self
+            .services
+            .iter()
+            .map(|(name, handle)| (name.clone(), handle.state.clone()))
+            .collect();
+        self.directory.send_replace(Arc::new(directory));
+    }
+
+    /// Stops accepting everywhere, then drains and stops every service at once.
+    async fn shut_down(mut self) {
+        tracing::info!("shutting down");
+        let mut stopping = JoinSet::new();
+        for (_, handle) in std::mem::take(&mut self.services) {
+            stopping.spawn(handle.shutdown());
+        }
+        // The services drop their accept loops; dropping the pool closes the sockets.
+        self.pool.clear();
+        while stopping.join_next().await.is_some() {}
+        while self.retiring.join_next().await.is_some() {}
+        tracing::info!("all workers stopped");
+    }
+}
+
+/// Binds every address of `config`, reusing the sockets of `current` for addresses it has already.
+fn bind_all(
+    config: &Config,
+    current: &HashMap<ListenKey, Arc<Listener>>,
+) -> Result<HashMap<ListenKey, Arc<Listener>>, StartError> {
+    let mut pool = HashMap::new();
+    for (name, service) in &config.services {
+        for addr in &service.listen {
+            let key = ListenKey::new(name, *addr);
+            let listener = match current.get(&key) {
+                Some(listener) => Arc::clone(listener),
+                None => {
+                    let listener = Listener::bind(*addr, service.backlog).map_err(|source| {
+                        StartError::Bind {
+                            service: name.clone(),
+                            addr: *addr,
+                            source,
+                        }
+                    })?;
+                    tracing::info!(service = %name, listen = %listener.local, "bound");
+                    Arc::new(listener)
+                }
+            };
+            pool.insert(key, listener);
+        }
+    }
+    Ok(pool)
+}
+
+async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::AdminBind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, "admin API listening");
+    Ok(listener)
+}
+
+fn serve_admin(listener: TcpListener, control: Control) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, control)))
+}
+
+/// An error with its causes, joined by ": ".
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

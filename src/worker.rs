@@ -1,0 +1,355 @@
+//! Spawning and stopping one worker process: its private socket, its environment, its exit.
+//!
+//! Workers are forked by the process's main thread (see [`Spawner`]), each in its own process group, with a
+//! parent-death signal so that none outlives baton, even a baton killed with SIGKILL. A task per worker
+//! waits for its exit, reaps it at once and logs the status. This module does not decide *when* a worker
+//! starts or stops: that is the service's job.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{oneshot, watch};
+
+use crate::config::{Backend, ServiceConfig, substitute};
+use crate::route::WorkerAddr;
+
+/// Variables of baton's own that a worker must never inherit.
+const PRIVATE_VARIABLES: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "BATON_ADMIN_TOKEN",
+];
+
+/// The longest path a Unix socket address holds (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// No private address could be reserved.
+    #[error("cannot reserve a private address")]
+    Address(#[source] io::Error),
+    /// The socket path would not fit a Unix socket address.
+    #[error(
+        "socket path {0} is longer than {MAX_SOCKET_PATH} bytes: set TMPDIR or XDG_RUNTIME_DIR to a shorter directory"
+    )]
+    SocketPathTooLong(PathBuf),
+    /// fork or exec failed.
+    #[error("cannot start `{program}`")]
+    Exec {
+        /// The program of the argv.
+        program: String,
+        /// What spawn returned.
+        #[source]
+        source: io::Error,
+    },
+    /// The main thread no longer takes spawn requests: baton is exiting.
+    #[error("baton is shutting down")]
+    ShuttingDown,
+}
+
+/// Hands spawn requests to the thread that forks the workers.
+///
+/// Linux sends the parent-death signal when the *thread* that forked the child exits, so workers are forked
+/// by a thread that lives as long as baton: the process's main thread, which runs [`SpawnerLoop::run`]. That
+/// also keeps them alive across an exec of baton itself, which ends every other thread.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    requests: std::sync::mpsc::Sender<SpawnerMessage>,
+}
+
+/// The receiving end of a [`Spawner`], run on the main thread.
+#[derive(Debug)]
+pub struct SpawnerLoop {
+    requests: std::sync::mpsc::Receiver<SpawnerMessage>,
+}
+
+#[derive(Debug)]
+enum SpawnerMessage {
+    Spawn {
+        command: Box<std::process::Command>,
+        reply: oneshot::Sender<io::Result<tokio::process::Child>>,
+    },
+    Exit,
+}
+
+impl Spawner {
+    /// A spawner and the loop that serves it.
+    pub fn new() -> (Spawner, SpawnerLoop) {
+        let (requests, receiver) = std::sync::mpsc::channel();
+        (Spawner { requests }, SpawnerLoop { requests: receiver })
+    }
+
+    /// Forks and execs `command` on the spawning thread.
+    async fn spawn(
+        &self,
+        command: std::process::Command,
+    ) -> Result<io::Result<tokio::process::Child>, SpawnError> {
+        let (reply, result) = oneshot::channel();
+        self.requests
+            .send(SpawnerMessage::Spawn {
+                command: Box::new(command),
+                reply,
+            })
+            .map_err(|_| SpawnError::ShuttingDown)?;
+        result.await.map_err(|_| SpawnError::ShuttingDown)
+    }
+
+    /// Ends [`SpawnerLoop::run`].
+    pub fn exit(&self) {
+        let _ = self.requests.send(SpawnerMessage::Exit);
+    }
+}
+
+impl SpawnerLoop {
+    /// Serves spawn requests until [`Spawner::exit`] is called or every spawner is dropped. `runtime` is the
+    /// runtime whose tasks will wait for the children.
+    pub fn run(self, runtime: &tokio::runtime::Handle) {
+        let _context = runtime.enter();
+        while let Ok(SpawnerMessage::Spawn { command, reply }) = self.requests.recv() {
+            let child = tokio::process::Command::from(*command).spawn();
+            let _ = reply.send(child);
+        }
+    }
+}
+
+/// Where workers' Unix sockets live: a directory only baton's user can enter, removed when dropped.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    dir: tempfile::TempDir,
+}
+
+impl RuntimeDir {
+    /// Creates the directory in `$XDG_RUNTIME_DIR`, or the system's temporary directory.
+    pub fn create() -> io::Result<RuntimeDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new().prefix("baton-").tempdir_in(base)?;
+        Ok(RuntimeDir { dir })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A running (or exited) worker process.
+#[derive(Debug)]
+pub struct Worker {
+    /// The service it serves.
+    pub service: String,
+    /// Its generation within the service, from 1.
+    pub generation: u64,
+    /// Its process id, which is also its process group id.
+    pub pid: u32,
+    /// Its private address.
+    pub addr: WorkerAddr,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    /// Set when baton asks the worker to stop, so that its exit is not reported as a crash.
+    stopping: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// Starts generation `generation` of `service`.
+    pub async fn spawn(
+        service: &ServiceConfig,
+        generation: u64,
+        spawner: &Spawner,
+        runtime_dir: &Path,
+    ) -> Result<Worker, SpawnError> {
+        let (addr, address_text) = match service.backend {
+            Backend::Tcp => {
+                let addr = reserve_loopback_port().map_err(SpawnError::Address)?;
+                (WorkerAddr::Tcp(addr), addr.port().to_string())
+            }
+            Backend::Unix => {
+                let path = runtime_dir.join(format!("{}-{generation}.sock", service.name));
+                if path.as_os_str().len() > MAX_SOCKET_PATH {
+                    return Err(SpawnError::SocketPathTooLong(path));
+                }
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(SpawnError::Address(e));
+                    }
+                    _ => {}
+                }
+                let text = path.to_string_lossy().into_owned();
+                (WorkerAddr::Unix(path), text)
+            }
+        };
+        let fill = |text: &str| substitute(text, service, &address_text, generation);
+        let program = fill(&service.command[0]);
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(service.command[1..].iter().map(|a| fill(a)))
+            .stdin(Stdio::null())
+            .process_group(0);
+        for variable in PRIVATE_VARIABLES {
+            command.env_remove(variable);
+        }
+        command
+            .envs(service.env.iter().map(|(k, v)| (k, fill(v))))
+            .env(service.address_variable(), &address_text)
+            .env("BATON_SERVICE", &service.name)
+            .env("BATON_GENERATION", generation.to_string());
+        if let Some(cwd) = &service.cwd {
+            command.current_dir(cwd);
+        }
+        die_with_parent(&mut command);
+        let mut child = spawner
+            .spawn(command)
+            .await?
+            .map_err(|source| SpawnError::Exec { program, source })?;
+        let pid = child.id().expect("a child not yet waited for has a pid");
+        let (exit_tx, exit) = watch::channel(None);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let name = service.name.clone();
+        let expected = Arc::clone(&stopping);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let status = match status {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::error!(service = %name, generation, pid, error = %e, "cannot wait for worker");
+                    ExitStatus::from_raw(0x7f00)
+                }
+            };
+            // The leader is gone; whatever it left in its process group goes with it.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            if expected.load(Ordering::Acquire) {
+                tracing::info!(service = %name, generation, pid, status = %describe(status), "worker exited");
+            } else {
+                tracing::warn!(service = %name, generation, pid, status = %describe(status), "worker exited unexpectedly");
+            }
+            let _ = exit_tx.send(Some(status));
+        });
+        tracing::info!(service = %service.name, generation, pid, addr = %addr, "worker started");
+        Ok(Worker {
+            service: service.name.clone(),
+            generation,
+            pid,
+            addr,
+            exit,
+            stopping,
+        })
+    }
+
+    /// Resolves with the exit status once the worker has exited and been reaped.
+    pub async fn exited(&self) -> ExitStatus {
+        self.exit_watch().await
+    }
+
+    /// Like [`Worker::exited`], but owning what it needs, so it can outlive a borrow of the worker.
+    pub fn exit_watch(&self) -> impl Future<Output = ExitStatus> + Send + 'static {
+        let mut exit = self.exit.clone();
+        async move {
+            match exit.wait_for(Option::is_some).await {
+                Ok(status) => status.expect("waited for Some"),
+                // The waiting task is gone only if the runtime is shutting down.
+                Err(_) => ExitStatus::from_raw(0x7f00),
+            }
+        }
+    }
+
+    /// The exit status, if the worker has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// Sends `signal` to the worker's process group, unless it has exited already.
+    pub fn signal(&self, signal: Signal) {
+        if self.exit_status().is_none() {
+            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+
+    /// Stops the worker: `signal`, then SIGKILL after `timeout`. Returns once it is reaped.
+    pub async fn stop(self, signal: Signal, timeout: Duration) -> ExitStatus {
+        self.stopping.store(true, Ordering::Release);
+        self.signal(signal);
+        let status = match tokio::time::timeout(timeout, self.exited()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::warn!(
+                    service = %self.service, generation = self.generation, pid = self.pid,
+                    timeout = %humantime::format_duration(timeout),
+                    "worker ignored {signal}: sending SIGKILL"
+                );
+                self.signal(Signal::SIGKILL);
+                self.exited().await
+            }
+        };
+        if let WorkerAddr::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
+        status
+    }
+
+    /// Kills the worker at once and waits until it is reaped.
+    pub async fn kill(self) -> ExitStatus {
+        self.stop(Signal::SIGKILL, Duration::from_secs(1)).await
+    }
+}
+
+impl Drop for Worker {
+    /// A worker dropped without [`Worker::stop`] (an upgrade abandoned at shutdown) is killed, never leaked.
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            self.stopping.store(true, Ordering::Release);
+            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Describes an exit status the way an operator reads it: "exit code 3", "killed by SIGKILL".
+pub fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(signal) = status.signal() {
+        match Signal::try_from(signal) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {signal}"),
+        }
+    } else {
+        status.to_string()
+    }
+}
+
+/// Asks the kernel for a free loopback port. The worker binds it a moment later; the window is small, and a
+/// port taken in between shows up as a worker that never becomes ready.
+fn reserve_loopback_port() -> io::Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    listener.local_addr()
+}
+
+/// Makes the child receive SIGKILL when baton's spawning thread ends, and exit at once if baton has already
+/// gone by the time the child runs.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut std::process::Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and getppid(2), which
+    // are async-signal-safe; it allocates nothing (the error is a raw errno) and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent died between fork and prctl: the signal will never come.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
