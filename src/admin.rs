@@ -79,18 +79,12 @@ async fn reload(control: &Control) -> Response<Full<Bytes>> {
         .await
         .is_err()
     {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "baton is shutting down".into(),
-        );
+        return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
     }
     match outcome.await {
         Ok(Ok(())) => json(StatusCode::OK, &serde_json::json!({"result": "applied"})),
         Ok(Err(message)) => error(StatusCode::BAD_REQUEST, message),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "baton is shutting down".into(),
-        ),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
     }
 }
 

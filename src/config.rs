@@ -230,27 +230,18 @@ impl Validator<'_> {
                 listen: self.address("admin: listen", &listen)?,
             },
             None => AdminConfig {
-                listen: DEFAULT_ADMIN_LISTEN
-                    .parse()
-                    .expect("the default admin address parses"),
+                listen: DEFAULT_ADMIN_LISTEN.parse().expect("the default admin address parses"),
             },
         };
         if raw.service.is_empty() {
-            return Err(self.error(
-                0..0,
-                "no service is configured: add a [service.NAME] table".into(),
-            ));
+            return Err(self.error(0..0, "no service is configured: add a [service.NAME] table".into()));
         }
         let mut services = BTreeMap::new();
         let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
         for (name, spanned) in &raw.service {
             let span = spanned.span();
             let service = self.service(name, span, spanned.get_ref())?;
-            for (addr, raw_addr) in service
-                .listen
-                .iter()
-                .zip(&spanned.get_ref().listen.get_ref()[..])
-            {
+            for (addr, raw_addr) in service.listen.iter().zip(&spanned.get_ref().listen.get_ref()[..]) {
                 // Several services may each ask for an ephemeral port on the same address.
                 if addr.port() == 0 {
                     continue;
@@ -259,9 +250,7 @@ impl Validator<'_> {
                     let message = if other == name {
                         format!("service `{name}`: listen `{addr}` is listed twice")
                     } else {
-                        format!(
-                            "service `{name}`: listen `{addr}` is already used by service `{other}`"
-                        )
+                        format!("service `{name}`: listen `{addr}` is already used by service `{other}`")
                     };
                     return Err(self.error(raw_addr.span(), message));
                 }
@@ -275,20 +264,9 @@ impl Validator<'_> {
         })
     }
 
-    fn service(
-        &self,
-        name: &str,
-        span: Range<usize>,
-        raw: &RawService,
-    ) -> Result<ServiceConfig, ConfigError> {
-        let at = |span: Range<usize>, message: String| {
-            self.error(span, format!("service `{name}`: {message}"))
-        };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+    fn service(&self, name: &str, span: Range<usize>, raw: &RawService) -> Result<ServiceConfig, ConfigError> {
+        let at = |span: Range<usize>, message: String| self.error(span, format!("service `{name}`: {message}"));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(at(
                 span,
                 "a service name may hold only ASCII letters, digits, `-` and `_`".into(),
@@ -340,54 +318,35 @@ impl Validator<'_> {
         }
         let mut env = BTreeMap::new();
         for (key, value) in &raw.env {
-            if key.is_empty()
-                || key.contains('=')
-                || key.contains('\0')
-                || value.get_ref().contains('\0')
-            {
-                return Err(at(
-                    value.span(),
-                    format!("env `{key}` is not a valid variable"),
-                ));
+            if key.is_empty() || key.contains('=') || key.contains('\0') || value.get_ref().contains('\0') {
+                return Err(at(value.span(), format!("env `{key}` is not a valid variable")));
             }
             if value.get_ref().contains(wrong_placeholder) {
                 return Err(at(
                     value.span(),
-                    format!(
-                        "env `{key}` uses {wrong_placeholder}, which backend = \"{backend}\" does not provide"
-                    ),
+                    format!("env `{key}` uses {wrong_placeholder}, which backend = \"{backend}\" does not provide"),
                 ));
             }
             env.insert(key.clone(), value.get_ref().clone());
         }
         let duration = |key: &str, value: &Option<Spanned<String>>, default: Duration| match value {
             None => Ok(default),
-            Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
-                at(
-                    v.span(),
-                    format!("{key} `{}` is not a duration: {e}", v.get_ref()),
-                )
-            }),
+            Some(v) => humantime::parse_duration(v.get_ref())
+                .map_err(|e| at(v.span(), format!("{key} `{}` is not a duration: {e}", v.get_ref()))),
         };
         let stop_signal = match &raw.stop_signal {
             None => DEFAULT_STOP_SIGNAL,
             Some(s) => parse_signal(s.get_ref()).ok_or_else(|| {
                 at(
                     s.span(),
-                    format!(
-                        "stop_signal `{}` is not a signal name (like \"SIGTERM\")",
-                        s.get_ref()
-                    ),
+                    format!("stop_signal `{}` is not a signal name (like \"SIGTERM\")", s.get_ref()),
                 )
             })?,
         };
         let backlog = match &raw.backlog {
             None => DEFAULT_BACKLOG,
             Some(b) if *b.get_ref() == 0 || *b.get_ref() > i32::MAX as u32 => {
-                return Err(at(
-                    b.span(),
-                    "backlog must be between 1 and 2147483647".into(),
-                ));
+                return Err(at(b.span(), "backlog must be between 1 and 2147483647".into()));
             }
             Some(b) => *b.get_ref(),
         };
@@ -402,19 +361,13 @@ impl Validator<'_> {
             if !p_str.starts_with('/') || p_str.parse::<hyper::Uri>().is_err() {
                 return Err(at(
                     p.span(),
-                    format!(
-                        "readiness.path `{p_str}` is not an absolute URL path like \"/readyz\""
-                    ),
+                    format!("readiness.path `{p_str}` is not an absolute URL path like \"/readyz\""),
                 ));
             }
         }
         let readiness = Readiness {
             path: r.path.as_ref().map(|p| p.get_ref().clone()),
-            interval: duration(
-                "readiness.interval",
-                &r.interval,
-                DEFAULT_READINESS_INTERVAL,
-            )?,
+            interval: duration("readiness.interval", &r.interval, DEFAULT_READINESS_INTERVAL)?,
             timeout: duration("readiness.timeout", &r.timeout, DEFAULT_READINESS_TIMEOUT)?,
         };
         if readiness.interval.is_zero() {
@@ -423,11 +376,7 @@ impl Validator<'_> {
                 "readiness.interval must be greater than zero".into(),
             ));
         }
-        let connect_timeout = duration(
-            "connect_timeout",
-            &raw.connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT,
-        )?;
+        let connect_timeout = duration("connect_timeout", &raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
         if connect_timeout.is_zero() {
             let span = raw.connect_timeout.as_ref().map_or(span, |s| s.span());
             return Err(at(span, "connect_timeout must be greater than zero".into()));
@@ -463,16 +412,11 @@ impl Validator<'_> {
     fn error(&self, span: Range<usize>, message: String) -> ConfigError {
         let start = span.start.min(self.text.len());
         let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[start..]
-            .find('\n')
-            .map_or(self.text.len(), |i| start + i);
+        let line_end = self.text[start..].find('\n').map_or(self.text.len(), |i| start + i);
         let line = self.text[..start].matches('\n').count() + 1;
         let column = self.text[line_start..start].chars().count() + 1;
         let source_line = &self.text[line_start..line_end];
-        let width = self.text[start..span.end.clamp(start, line_end)]
-            .chars()
-            .count()
-            .max(1);
+        let width = self.text[start..span.end.clamp(start, line_end)].chars().count().max(1);
         let gutter = " ".repeat(line.to_string().len());
         let snippet = format!(
             "{gutter} |\n{line} | {source_line}\n{gutter} | {}{}",
@@ -535,10 +479,7 @@ command = ["server", "{port}"]
     #[test]
     fn a_minimal_service_gets_every_default() {
         let config = parse(MINIMAL).expect("valid");
-        assert_eq!(
-            config.admin.listen,
-            DEFAULT_ADMIN_LISTEN.parse().expect("address")
-        );
+        assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN.parse().expect("address"));
         let web = &config.services["web"];
         assert_eq!(web.listen, vec!["127.0.0.1:8080".parse().expect("address")]);
         assert_eq!(web.backend, Backend::Tcp);
@@ -592,10 +533,7 @@ timeout = "3s"
         assert_eq!(api.readiness.path.as_deref(), Some("/readyz"));
         assert_eq!(api.readiness.interval, Duration::from_millis(50));
         assert_eq!(api.readiness.timeout, Duration::from_secs(3));
-        assert_eq!(
-            substitute("{service}-{generation}", api, "/run/x.sock", 7),
-            "api-7"
-        );
+        assert_eq!(substitute("{service}-{generation}", api, "/run/x.sock", 7), "api-7");
         assert_eq!(substitute("{socket}", api, "/run/x.sock", 7), "/run/x.sock");
     }
 
@@ -604,10 +542,7 @@ timeout = "3s"
         let message = error(&format!("{MINIMAL}drain_timout = \"3s\"\n"));
         assert!(message.contains("baton.toml"), "{message}");
         assert!(message.contains("line 5"), "{message}");
-        assert!(
-            message.contains("unknown field `drain_timout`"),
-            "{message}"
-        );
+        assert!(message.contains("unknown field `drain_timout`"), "{message}");
     }
 
     #[test]
@@ -623,10 +558,7 @@ timeout = "3s"
     #[test]
     fn a_bad_signal_is_refused() {
         let message = error(&format!("{MINIMAL}stop_signal = \"SIGNOPE\"\n"));
-        assert!(
-            message.contains("service `web`: stop_signal `SIGNOPE`"),
-            "{message}"
-        );
+        assert!(message.contains("service `web`: stop_signal `SIGNOPE`"), "{message}");
         assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
         assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
     }
@@ -646,8 +578,7 @@ timeout = "3s"
             "{MINIMAL}\n[service.zz]\nlisten = [\"127.0.0.1:8080\"]\ncommand = [\"x\"]\n"
         ));
         assert!(
-            message
-                .contains("service `zz`: listen `127.0.0.1:8080` is already used by service `web`"),
+            message.contains("service `zz`: listen `127.0.0.1:8080` is already used by service `web`"),
             "{message}"
         );
         assert!(message.starts_with("baton.toml:7:11:"), "{message}");
@@ -670,8 +601,7 @@ timeout = "3s"
 
     #[test]
     fn a_placeholder_the_backend_lacks_is_refused() {
-        let message =
-            error("[service.web]\nlisten = [\"127.0.0.1:1\"]\ncommand = [\"x\", \"{socket}\"]\n");
+        let message = error("[service.web]\nlisten = [\"127.0.0.1:1\"]\ncommand = [\"x\", \"{socket}\"]\n");
         assert!(
             message.contains("uses {socket}, which backend = \"tcp\" does not provide"),
             "{message}"

@@ -3,6 +3,7 @@
 //! The process's main thread is kept for one job: forking workers (see `baton::worker::Spawner`), so that
 //! their parent-death signal is tied to a thread that lives as long as baton.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -140,9 +141,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     spawner_loop.run(runtime.handle());
-    let result = done
-        .recv()
-        .context("the daemon task ended without a result")?;
+    let result = done.recv().context("the daemon task ended without a result")?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result.map_err(|e| anyhow::anyhow!(baton::supervisor::chain(&e)))
 }
@@ -152,7 +151,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

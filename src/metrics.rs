@@ -5,9 +5,7 @@
 //! just before a scrape, never counted up and down per connection.
 
 use prometheus::core::Collector;
-use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Connections accepted on a service's public sockets.
 pub const CONNECTIONS_ACCEPTED: &str = "baton_connections_accepted_total";
@@ -34,8 +32,7 @@ pub const CONFIG_RELOADS: &str = "baton_config_reloads_total";
 /// 1 when the last reload applied.
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "baton_config_last_reload_successful";
 /// Unix time of the last reload that applied (or of the start).
-pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
-    "baton_config_last_reload_success_timestamp_seconds";
+pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str = "baton_config_last_reload_success_timestamp_seconds";
 /// Always 1, labelled with the version.
 pub const BUILD_INFO: &str = "baton_build_info";
 
@@ -105,14 +102,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric options are valid");
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("metric options are valid");
             register(&registry, metric.clone());
             metric
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let metric =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("metric options are valid");
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric options are valid");
             register(&registry, metric.clone());
             metric
         };
@@ -167,11 +162,7 @@ impl Metrics {
                 "Old workers still finishing their connections.",
                 &["service"],
             ),
-            reloads: counter(
-                CONFIG_RELOADS,
-                "Configuration reloads, by result.",
-                &["result"],
-            ),
+            reloads: counter(CONFIG_RELOADS, "Configuration reloads, by result.", &["result"]),
             last_reload_ok: IntGauge::new(
                 CONFIG_LAST_RELOAD_SUCCESSFUL,
                 "1 when the last configuration reload applied.",
@@ -203,8 +194,7 @@ impl Metrics {
 
     /// The handles of service `name`.
     pub fn service(&self, name: &str) -> ServiceMetrics {
-        let error =
-            |side: Side, kind: &str| self.errors.with_label_values(&[name, side.label(), kind]);
+        let error = |side: Side, kind: &str| self.errors.with_label_values(&[name, side.label(), kind]);
         ServiceMetrics {
             accepted: self.accepted.with_label_values(&[name]),
             bytes_to_worker: self.bytes.with_label_values(&[name, "to_worker"]),
@@ -221,9 +211,7 @@ impl Metrics {
 
     /// Records the end of an upgrade.
     pub fn upgrade_finished(&self, service: &str, trigger: &str, result: &str) {
-        self.upgrades
-            .with_label_values(&[service, trigger, result])
-            .inc();
+        self.upgrades.with_label_values(&[service, trigger, result]).inc();
     }
 
     /// Publishes the state of one service.
@@ -231,12 +219,8 @@ impl Metrics {
         self.generation
             .with_label_values(&[service])
             .set(state.generation as i64);
-        self.worker_up
-            .with_label_values(&[service])
-            .set(i64::from(state.up));
-        self.draining
-            .with_label_values(&[service])
-            .set(state.draining as i64);
+        self.worker_up.with_label_values(&[service]).set(i64::from(state.up));
+        self.draining.with_label_values(&[service]).set(state.draining as i64);
         self.upgrade_in_progress
             .with_label_values(&[service])
             .set(i64::from(state.upgrading));
@@ -303,9 +287,7 @@ impl Default for Metrics {
 impl ServiceMetrics {
     /// Counts a failure of `side` of kind `kind` (an uncommon path: it looks the labels up).
     pub fn error(&self, side: Side, kind: &str) {
-        self.errors
-            .with_label_values(&[&self.name, side.label(), kind])
-            .inc();
+        self.errors.with_label_values(&[&self.name, side.label(), kind]).inc();
     }
 }
 
@@ -363,10 +345,6 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         metrics.forget_service("web");
-        assert!(
-            !metrics
-                .encode()
-                .contains("baton_worker_generation{service=\"web\"}")
-        );
+        assert!(!metrics.encode().contains("baton_worker_generation{service=\"web\"}"));
     }
 }

@@ -49,21 +49,17 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
     let _ = client.set_nodelay(true);
     let upstream = guard.upstream();
     let outcome = match &upstream.addr {
-        WorkerAddr::Tcp(addr) => {
-            match dial(TcpStream::connect(addr), snapshot.connect_timeout).await {
-                Ok(worker) => {
-                    let _ = worker.set_nodelay(true);
-                    relay(&client, &worker, &snapshot, &guard).await
-                }
-                Err(e) => connect_failed(&client, &snapshot, &guard, e),
+        WorkerAddr::Tcp(addr) => match dial(TcpStream::connect(addr), snapshot.connect_timeout).await {
+            Ok(worker) => {
+                let _ = worker.set_nodelay(true);
+                relay(&client, &worker, &snapshot, &guard).await
             }
-        }
-        WorkerAddr::Unix(path) => {
-            match dial(UnixStream::connect(path), snapshot.connect_timeout).await {
-                Ok(worker) => relay(&client, &worker, &snapshot, &guard).await,
-                Err(e) => connect_failed(&client, &snapshot, &guard, e),
-            }
-        }
+            Err(e) => connect_failed(&client, &snapshot, &guard, e),
+        },
+        WorkerAddr::Unix(path) => match dial(UnixStream::connect(path), snapshot.connect_timeout).await {
+            Ok(worker) => relay(&client, &worker, &snapshot, &guard).await,
+            Err(e) => connect_failed(&client, &snapshot, &guard, e),
+        },
     };
     drop(guard);
     outcome
@@ -85,16 +81,8 @@ fn connect_failed(client: &TcpStream, route: &Route, guard: &Guard, error: io::E
 
 async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: &Guard) -> Outcome {
     let metrics = &route.metrics;
-    let to_worker = copy(
-        (client, Side::Client),
-        (worker, Side::Worker),
-        &metrics.bytes_to_worker,
-    );
-    let to_client = copy(
-        (worker, Side::Worker),
-        (client, Side::Client),
-        &metrics.bytes_to_client,
-    );
+    let to_worker = copy((client, Side::Client), (worker, Side::Worker), &metrics.bytes_to_worker);
+    let to_client = copy((worker, Side::Worker), (client, Side::Client), &metrics.bytes_to_client);
     tokio::select! {
         result = async { tokio::try_join!(to_worker, to_client) } => match result {
             Ok(_) => Outcome::Completed,
@@ -134,10 +122,7 @@ async fn copy<R: Socket, W: Socket>(
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
 ) -> Result<u64, Failure> {
-    let read_failed = |error| Failure {
-        side: src_side,
-        error,
-    };
+    let read_failed = |error| Failure { side: src_side, error };
     let mut total = 0u64;
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
@@ -155,16 +140,13 @@ async fn copy<R: Socket, W: Socket>(
                 return Ok(total);
             }
             Ok(n) => {
-                write_all(dst, &buf[..n]).await.map_err(|error| Failure {
-                    side: dst_side,
-                    error,
-                })?;
+                write_all(dst, &buf[..n])
+                    .await
+                    .map_err(|error| Failure { side: dst_side, error })?;
                 counter.inc_by(n as u64);
                 total += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                src.readable().await.map_err(read_failed)?
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => src.readable().await.map_err(read_failed)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_failed(e)),
         }

@@ -55,10 +55,7 @@ pub enum ProbeError {
 }
 
 /// Polls `worker` every `readiness.interval` until a probe succeeds. Returns the time it took.
-pub async fn wait_ready(
-    worker: &Worker,
-    readiness: &Readiness,
-) -> Result<Duration, ReadinessError> {
+pub async fn wait_ready(worker: &Worker, readiness: &Readiness) -> Result<Duration, ReadinessError> {
     let started = Instant::now();
     let deadline = started + readiness.timeout;
     let mut last = String::from("no probe yet");
@@ -66,15 +63,12 @@ pub async fn wait_ready(
         loop {
             let next = Instant::now() + readiness.interval;
             let probe_deadline = (Instant::now() + PROBE_TIMEOUT).min(deadline);
-            match tokio::time::timeout_at(
-                probe_deadline,
-                probe(&worker.addr, readiness.path.as_deref()),
-            )
-            .await
-            {
+            match tokio::time::timeout_at(probe_deadline, probe(&worker.addr, readiness.path.as_deref())).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = ProbeError::Timeout.to_string(),
+                // A probe cut by the overall deadline says nothing new: keep what the one before saw.
+                Err(_) if probe_deadline < deadline => last = ProbeError::Timeout.to_string(),
+                Err(_) => {}
             }
             tokio::time::sleep_until(next).await;
         }
@@ -113,25 +107,24 @@ async fn http_get<S>(stream: S, path: &str) -> Result<(), ProbeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(ProbeError::Http)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(ProbeError::Http)?;
     let request = hyper::Request::get(path)
         .header(hyper::header::HOST, "localhost")
-        .header(
-            hyper::header::USER_AGENT,
-            concat!("baton/", env!("CARGO_PKG_VERSION")),
-        )
+        .header(hyper::header::USER_AGENT, concat!("baton/", env!("CARGO_PKG_VERSION")))
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::new())
         .expect("a GET of a validated path is a valid request");
-    tokio::pin!(connection);
+    let send = sender.send_request(request);
+    tokio::pin!(connection, send);
     let response = tokio::select! {
-        response = sender.send_request(request) => response.map_err(ProbeError::Http)?,
+        biased;
+        response = &mut send => response.map_err(ProbeError::Http)?,
+        // With `Connection: close` the connection may end as the response arrives; the response is still there.
         closed = &mut connection => {
             closed.map_err(ProbeError::Http)?;
-            return Err(ProbeError::Connect(io::ErrorKind::UnexpectedEof.into()));
+            send.await.map_err(ProbeError::Http)?
         }
     };
     if response.status().is_success() {

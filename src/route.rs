@@ -169,11 +169,7 @@ impl Route {
             // Draining already: a service stores the new route before it drains the old worker, so the next
             // load sees the new one. A route still naming the draining worker has nowhere else to go.
             let current = route.load();
-            if current
-                .upstream
-                .as_ref()
-                .is_none_or(|u| Arc::ptr_eq(u, &upstream))
-            {
+            if current.upstream.as_ref().is_none_or(|u| Arc::ptr_eq(u, &upstream)) {
                 return (snapshot, None);
             }
         }
@@ -196,10 +192,7 @@ mod tests {
     async fn a_worker_without_connections_drains_at_once() {
         let worker = upstream();
         assert_eq!(worker.drain(Duration::from_secs(60)).await, 0);
-        assert!(
-            worker.acquire().is_none(),
-            "a drained worker takes no new connection"
-        );
+        assert!(worker.acquire().is_none(), "a drained worker takes no new connection");
     }
 
     #[tokio::test(start_paused = true)]

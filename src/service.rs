@@ -23,6 +23,7 @@ use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{ReadinessError, wait_ready};
 use crate::route::{Route, SharedRoute, Upstream};
+use crate::supervisor::chain;
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker};
 
 /// The first wait before restarting a worker that exited on its own.
@@ -75,9 +76,7 @@ impl ServiceHandle {
         started: oneshot::Sender<Result<(), String>>,
     ) -> ServiceHandle {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(ServiceState::new(
-            listeners.iter().map(|l| l.local).collect(),
-        ));
+        let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
         let service_metrics = context.metrics.service(&config.name);
         let route = Arc::new(ArcSwap::from_pointee(Route {
             upstream: None,
@@ -104,11 +103,7 @@ impl ServiceHandle {
             restart_at: None,
         };
         let task = tokio::spawn(service.run(receiver));
-        ServiceHandle {
-            commands,
-            state,
-            task,
-        }
+        ServiceHandle { commands, state, task }
     }
 
     /// Sends `command`; a service that has stopped ignores it.
@@ -130,29 +125,21 @@ struct Active {
     upstream: Arc<Upstream>,
 }
 
-/// A worker found ready, not yet switched to.
-#[derive(Debug)]
-struct Ready {
-    worker: Worker,
-    took: Duration,
-}
-
 /// Why an upgrade did not produce a ready worker.
 #[derive(Debug, thiserror::Error)]
 enum UpgradeError {
     #[error(transparent)]
     Spawn(#[from] SpawnError),
-    #[error("generation {generation} (pid {pid}) {source}")]
+    #[error("worker pid {pid}")]
     NotReady {
-        generation: u64,
         pid: u32,
         #[source]
         source: ReadinessError,
     },
 }
 
-type UpgradeFuture =
-    Pin<Box<dyn Future<Output = (Trigger, u64, Result<Ready, UpgradeError>)> + Send>>;
+/// An upgrade in flight: yields its trigger, generation, duration, and the ready worker or the failure.
+type UpgradeFuture = Pin<Box<dyn Future<Output = (Trigger, u64, Duration, Result<Worker, UpgradeError>)> + Send>>;
 
 struct Service {
     config: Arc<ServiceConfig>,
@@ -194,9 +181,9 @@ impl Service {
                 .map(|a| a.worker.exit_watch());
             let restart_at = self.restart_at;
             tokio::select! {
-                (trigger, generation, result) = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
+                (trigger, generation, took, result) = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
                     upgrade = None;
-                    self.finish_upgrade(trigger, generation, result);
+                    self.finish_upgrade(trigger, generation, took, result);
                     if let Some(trigger) = self.follow_up.take() {
                         upgrade = Some(self.begin_upgrade(trigger));
                     }
@@ -248,30 +235,21 @@ impl Service {
         self.set_phase(Phase::Spawning);
         tracing::info!(service = %config.name, generation, trigger = trigger.label(), "upgrade started");
         Box::pin(async move {
+            let started = Instant::now();
             let result = async {
-                let worker = Worker::spawn(
-                    &config,
-                    generation,
-                    &context.spawner,
-                    context.runtime_dir.path(),
-                )
-                .await?;
+                let worker = Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await?;
                 state.send_modify(|s| s.phase = Phase::WaitingReady);
                 match wait_ready(&worker, &config.readiness).await {
-                    Ok(took) => Ok(Ready { worker, took }),
+                    Ok(_) => Ok(worker),
                     Err(source) => {
                         let pid = worker.pid;
                         worker.kill().await;
-                        Err(UpgradeError::NotReady {
-                            generation,
-                            pid,
-                            source,
-                        })
+                        Err(UpgradeError::NotReady { pid, source })
                     }
                 }
             }
             .await;
-            (trigger, generation, result)
+            (trigger, generation, started.elapsed(), result)
         })
     }
 
@@ -280,12 +258,13 @@ impl Service {
         &mut self,
         trigger: Trigger,
         generation: u64,
-        result: Result<Ready, UpgradeError>,
+        took: Duration,
+        result: Result<Worker, UpgradeError>,
     ) {
         let name = self.config.name.clone();
         let old_generation = self.active.as_ref().map(|a| a.worker.generation);
         let record = match result {
-            Ok(Ready { worker, took }) => {
+            Ok(worker) => {
                 tracing::info!(
                     service = %name, generation, pid = worker.pid,
                     ready_ms = millis(took), old_generation = ?old_generation,
@@ -305,14 +284,16 @@ impl Service {
                 record
             }
             Err(error) => {
-                let error =
-                    format!("service `{name}`: upgrade to generation {generation} failed: {error}");
+                let new_pid = match &error {
+                    UpgradeError::NotReady { pid, .. } => Some(*pid),
+                    UpgradeError::Spawn(_) => None,
+                };
+                let error = format!(
+                    "service `{name}`: upgrade to generation {generation} failed: {}",
+                    chain(&error)
+                );
                 tracing::error!(service = %name, generation, "{error}");
-                if self
-                    .active
-                    .as_ref()
-                    .is_some_and(|a| a.worker.exit_status().is_some())
-                {
+                if self.active.as_ref().is_some_and(|a| a.worker.exit_status().is_some()) {
                     // The worker being replaced is dead too: keep trying, more slowly.
                     self.schedule_restart();
                 }
@@ -321,8 +302,8 @@ impl Service {
                     result: UpgradeResult::Failed,
                     old_generation,
                     new_generation: generation,
-                    new_pid: None,
-                    duration_ms: 0,
+                    new_pid,
+                    duration_ms: millis(took),
                     error: Some(error),
                     finished_at: 0.0,
                 }
@@ -342,11 +323,7 @@ impl Service {
 
     /// Points new connections at `worker` and starts draining the one it replaces.
     fn switch(&mut self, worker: Worker) {
-        let upstream = Arc::new(Upstream::new(
-            worker.generation,
-            worker.pid,
-            worker.addr.clone(),
-        ));
+        let upstream = Arc::new(Upstream::new(worker.generation, worker.pid, worker.addr.clone()));
         let previous = self.active.replace(Active {
             worker,
             upstream: Arc::clone(&upstream),
@@ -443,8 +420,7 @@ impl Service {
             self.config.name.clone(),
             Arc::clone(&self.route),
         ));
-        self.listeners
-            .push((listener, AbortOnDropHandle::new(task)));
+        self.listeners.push((listener, AbortOnDropHandle::new(task)));
     }
 
     fn store_route(&self) {

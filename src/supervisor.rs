@@ -215,15 +215,8 @@ impl Supervisor {
         if let Some(listener) = admin_listener {
             self.admin = serve_admin(listener, self.control.clone());
         }
-        for name in old
-            .services
-            .keys()
-            .filter(|n| !self.config.services.contains_key(*n))
-        {
-            let handle = self
-                .services
-                .remove(name)
-                .expect("a configured service runs");
+        for name in old.services.keys().filter(|n| !self.config.services.contains_key(*n)) {
+            let handle = self.services.remove(name).expect("a configured service runs");
             tracing::info!(service = %name, "service removed: draining");
             self.retiring.spawn(handle.shutdown());
         }
@@ -242,9 +235,7 @@ impl Supervisor {
                     let started = self.start_service(&name);
                     tokio::spawn(async move {
                         if let Ok(Err(error)) = started.await {
-                            tracing::error!(
-                                "{error}: the service accepts no connection until a reload starts it"
-                            );
+                            tracing::error!("{error}: the service accepts no connection until a reload starts it");
                         }
                     });
                 }
@@ -290,12 +281,10 @@ fn bind_all(
             let listener = match current.get(&key) {
                 Some(listener) => Arc::clone(listener),
                 None => {
-                    let listener = Listener::bind(*addr, service.backlog).map_err(|source| {
-                        StartError::Bind {
-                            service: name.clone(),
-                            addr: *addr,
-                            source,
-                        }
+                    let listener = Listener::bind(*addr, service.backlog).map_err(|source| StartError::Bind {
+                        service: name.clone(),
+                        addr: *addr,
+                        source,
                     })?;
                     tracing::info!(service = %name, listen = %listener.local, "bound");
                     Arc::new(listener)

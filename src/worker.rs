@@ -91,10 +91,7 @@ impl Spawner {
     }
 
     /// Forks and execs `command` on the spawning thread.
-    async fn spawn(
-        &self,
-        command: std::process::Command,
-    ) -> Result<io::Result<tokio::process::Child>, SpawnError> {
+    async fn spawn(&self, command: std::process::Command) -> Result<io::Result<tokio::process::Child>, SpawnError> {
         let (reply, result) = oneshot::channel();
         self.requests
             .send(SpawnerMessage::Spawn {

@@ -1,1 +1,6 @@
+//! Integration tests: the real `baton` binary in front of real worker processes, on loopback only.
 
+mod cli;
+mod data_path;
+mod support;
+mod upgrade;

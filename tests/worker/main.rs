@@ -1,1 +1,208 @@
-fn main() {}
+//! The worker the integration tests run behind baton: an ordinary server with knobs to misbehave.
+//!
+//! It listens on `--port` (or `$PORT`) or `--socket` (or `$BATON_SOCKET`) and serves each connection by what
+//! the client sends first:
+//! - `GET /readyz`: 200 once ready (see `--ready-after`, `--never-ready`), else 503;
+//! - `GET /whoami`: `gen=G pid=P`;
+//! - `POST /echo` with a `Content-Length`: the body back, with `X-Generation` and `X-Pid` headers;
+//! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
+//!
+//! HTTP connections are kept alive unless the request says `Connection: close`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// TCP port to listen on, on 127.0.0.1.
+    #[arg(long, env = "PORT")]
+    port: Option<u16>,
+    /// Unix socket to listen on.
+    #[arg(long, env = "BATON_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Wait this long before listening at all.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    bind_delay: Option<Duration>,
+    /// Answer /readyz with 503 until this long after start.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ready_after: Option<Duration>,
+    /// Answer /readyz with 503 forever.
+    #[arg(long)]
+    never_ready: bool,
+    /// Exit with code 3 this long after start.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    exit_after: Option<Duration>,
+    /// Keep running on SIGTERM (only SIGKILL stops it).
+    #[arg(long)]
+    ignore_sigterm: bool,
+}
+
+struct Worker {
+    generation: String,
+    pid: u32,
+    ready_at: Option<Instant>,
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.ignore_sigterm {
+        // Blocked before any thread starts, so every thread inherits the mask and SIGTERM stays pending forever.
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        set.thread_block().expect("block SIGTERM");
+    }
+    let started = Instant::now();
+    let worker = Arc::new(Worker {
+        generation: std::env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into()),
+        pid: std::process::id(),
+        ready_at: (!args.never_ready).then(|| started + args.ready_after.unwrap_or_default()),
+    });
+    if let Some(after) = args.exit_after {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            eprintln!("test worker: exiting on purpose");
+            std::process::exit(3);
+        });
+    }
+    if let Some(delay) = args.bind_delay {
+        std::thread::sleep(delay);
+    }
+    match (args.port, args.socket) {
+        (_, Some(path)) => {
+            let listener = UnixListener::bind(&path).expect("bind the Unix socket");
+            for stream in listener.incoming().flatten() {
+                let worker = Arc::clone(&worker);
+                std::thread::spawn(move || {
+                    let shutdown = stream.try_clone().map(|s| move || s.shutdown(Shutdown::Write));
+                    serve(&worker, stream, shutdown.ok());
+                });
+            }
+        }
+        (Some(port), None) => {
+            let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
+            for stream in listener.incoming().flatten() {
+                let worker = Arc::clone(&worker);
+                std::thread::spawn(move || {
+                    let _ = stream.set_nodelay(true);
+                    let shutdown = stream.try_clone().map(|s| move || s.shutdown(Shutdown::Write));
+                    serve(&worker, stream, shutdown.ok());
+                });
+            }
+        }
+        (None, None) => panic!("give --port or --socket"),
+    }
+}
+
+fn serve<S: Read + Write>(worker: &Worker, mut stream: S, half_close: Option<impl FnOnce() -> io::Result<()>>) {
+    let mut pending = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    while pending.len() < 4 {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                if !pending.is_empty() {
+                    let _ = stream.write_all(&pending);
+                }
+                if let Some(close) = half_close {
+                    let _ = close();
+                }
+                return;
+            }
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+        }
+    }
+    if pending.starts_with(b"GET ") || pending.starts_with(b"POST") {
+        let _ = http(worker, &mut stream, pending);
+        return;
+    }
+    // Raw echo.
+    if stream.write_all(&pending).is_err() {
+        return;
+    }
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    if let Some(close) = half_close {
+        let _ = close();
+    }
+}
+
+fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            pending.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+        pending.drain(..end);
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default().to_owned();
+        let mut content_length = 0usize;
+        let mut close = false;
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                content_length = value.parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        }
+        while pending.len() < content_length {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            pending.extend_from_slice(&chunk[..n]);
+        }
+        let body: Vec<u8> = pending.drain(..content_length).collect();
+        let mut parts = request_line.split(' ');
+        let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let (status, body) = match (method, path) {
+            ("GET", "/readyz") => match worker.ready_at {
+                Some(at) if Instant::now() >= at => ("200 OK", b"ready\n".to_vec()),
+                _ => ("503 Service Unavailable", b"not ready\n".to_vec()),
+            },
+            ("GET", "/whoami") => (
+                "200 OK",
+                format!("gen={} pid={}\n", worker.generation, worker.pid).into_bytes(),
+            ),
+            ("POST", "/echo") => ("200 OK", body),
+            _ => ("404 Not Found", b"not found\n".to_vec()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Generation: {}\r\nX-Pid: {}\r\n{}\r\n",
+            body.len(),
+            worker.generation,
+            worker.pid,
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(&body)?;
+        if close {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Bytes through baton: both directions, half-closes, large transfers, both backends.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+
+use crate::support::{Baton, DEADLINE, next, service};
+
+fn echo_service(backend: &str) -> String {
+    let address = if backend == "unix" { "{socket}" } else { "{port}" };
+    let flag = if backend == "unix" { "--socket" } else { "--port" };
+    service("echo", &[flag, address], &format!("backend = \"{backend}\""))
+}
+
+fn half_close_passes_through(backend: &str) {
+    let baton = Baton::start(&echo_service(backend));
+    let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let message: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&message).expect("write");
+    // The client is done sending; the worker must still be able to send everything back.
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .expect("read until the worker's half-close");
+    assert_eq!(echoed.len(), message.len());
+    assert!(echoed == message, "the echo differs from what was sent");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_client_half_close_reaches_the_worker_and_the_reply_still_flows_over_tcp() {
+    half_close_passes_through("tcp");
+}
+
+#[test]
+fn a_client_half_close_reaches_the_worker_and_the_reply_still_flows_over_unix() {
+    half_close_passes_through("unix");
+}
+
+fn large_transfer_is_byte_exact(backend: &str) {
+    const SIZE: usize = 64 << 20;
+    let baton = Baton::start(&echo_service(backend));
+    let stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let mut rng = 42u64;
+        let mut sum = Checksum::default();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut sent = 0;
+        while sent < SIZE {
+            chunk.iter_mut().for_each(|b| *b = next(&mut rng) as u8);
+            writer.write_all(&chunk).expect("write");
+            sum.add(&chunk);
+            sent += chunk.len();
+        }
+        writer.shutdown(Shutdown::Write).expect("half-close");
+        sum
+    });
+    let mut reader = stream;
+    let mut sum = Checksum::default();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        sum.add(&chunk[..n]);
+    }
+    let sent = sender.join().expect("sender");
+    assert_eq!(sum.len, SIZE as u64, "bytes received");
+    assert_eq!(sum, sent, "checksum of what came back");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn sixty_four_mebibytes_come_back_byte_exact_over_tcp() {
+    large_transfer_is_byte_exact("tcp");
+}
+
+#[test]
+fn sixty_four_mebibytes_come_back_byte_exact_over_unix() {
+    large_transfer_is_byte_exact("unix");
+}
+
+/// Fletcher-style checksum over a stream: position-sensitive and cheap.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Checksum {
+    a: u64,
+    b: u64,
+    len: u64,
+}
+
+impl Checksum {
+    fn add(&mut self, data: &[u8]) {
+        for &byte in data {
+            self.a = (self.a + u64::from(byte)) % 0xFFFF_FFFB;
+            self.b = (self.b + self.a) % 0xFFFF_FFFB;
+        }
+        self.len += data.len() as u64;
+    }
+}
+
+#[test]
+fn a_worker_reset_resets_the_client() {
+    // The worker exits mid-connection (SIGKILL): the client must see the connection end, not hang.
+    let baton = Baton::start(&echo_service("tcp"));
+    let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(b"ping").expect("write");
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).expect("echo");
+    let pid = baton.service("echo")["pid"].as_u64().expect("pid") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing more arrives from a dead worker");
+}

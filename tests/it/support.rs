@@ -1,0 +1,480 @@
+//! Test support: a real `baton` process with its config in a temp dir, a client load that checks every reply,
+//! and polling with deadlines. Every address is ephemeral; baton reports what it bound through its log and
+//! `/status`. A [`Baton`] is killed on drop, and its workers die with it.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// How long anything in a test may take before the test fails, printing what it last saw.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The test worker binary.
+pub fn worker() -> &'static str {
+    env!("CARGO_BIN_EXE_baton-test-worker")
+}
+
+/// A `[service.NAME]` stanza running the test worker with `args`, on an ephemeral public port.
+pub fn service(name: &str, args: &[&str], extra: &str) -> String {
+    let mut command = vec![format!("{:?}", worker())];
+    command.extend(args.iter().map(|a| format!("{a:?}")));
+    format!(
+        "[service.{name}]\nlisten = [\"127.0.0.1:0\"]\ncommand = [{}]\n{extra}\n[service.{name}.readiness]\npath = \"/readyz\"\ninterval = \"10ms\"\n",
+        command.join(", ")
+    )
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] with `what` and the last value seen.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => panic!("timed out waiting for {what}; last seen: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// A running baton.
+pub struct Baton {
+    child: Child,
+    /// The directory holding the config file.
+    pub dir: tempfile::TempDir,
+    /// The admin API's address.
+    pub admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Baton {
+    /// Starts baton with `config` (the admin table is added) and waits until every service serves.
+    pub fn start(config: &str) -> Baton {
+        let baton = Baton::spawn(config);
+        baton.wait_idle();
+        baton
+    }
+
+    /// Starts baton with `config` and waits only for its admin API.
+    pub fn spawn(config: &str) -> Baton {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("baton.toml"), with_admin(config)).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(dir.path().join("baton.toml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start baton");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let mut baton = Baton {
+            child,
+            dir,
+            admin: "0.0.0.0:0".parse().expect("address"),
+            log,
+        };
+        baton.admin = wait_for("the admin API address in baton's log", || {
+            if let Ok(Some(status)) = baton.child.try_wait() {
+                panic!("baton exited with {status} before listening:\n{}", baton.log_text());
+            }
+            baton
+                .log_entries()
+                .iter()
+                .find(|e| e["fields"]["message"] == "admin API listening")
+                .and_then(|e| e["fields"]["addr"].as_str().and_then(|a| a.parse().ok()))
+                .ok_or_else(|| "no line yet".to_owned())
+        });
+        baton
+    }
+
+    /// baton's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("baton.toml")
+    }
+
+    /// Replaces the config file (the admin table is added).
+    pub fn write_config(&self, config: &str) {
+        // The admin table is the same as at start, so a reload keeps the admin API where it is.
+        std::fs::write(self.config_path(), with_admin(config)).expect("write config");
+    }
+
+    /// Sends `signal` to baton.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal baton");
+    }
+
+    /// The log lines so far, parsed.
+    pub fn log_entries(&self) -> Vec<Value> {
+        let lines = self.log.lock().expect("log lock").clone();
+        lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// The log so far, as text.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits for a log entry whose message contains `needle`, and returns it.
+    pub fn wait_log(&self, needle: &str) -> Value {
+        wait_for(&format!("a log line with {needle:?}"), || {
+            self.log_entries()
+                .into_iter()
+                .find(|e| e["fields"]["message"].as_str().is_some_and(|m| m.contains(needle)))
+                .ok_or_else(|| self.log_text())
+        })
+    }
+
+    /// `GET /status`.
+    pub fn status(&self) -> Value {
+        let (code, body) = http_get(self.admin, "/status").expect("GET /status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// The status of service `name`.
+    pub fn service(&self, name: &str) -> Value {
+        self.status()["services"][name].clone()
+    }
+
+    /// The first public address of service `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.service(name)["listen"][0]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("service {name} has no address: {}", self.status()))
+    }
+
+    /// Waits until every service has a worker and no upgrade runs.
+    pub fn wait_idle(&self) {
+        wait_for("every service to serve", || {
+            let status = self.status();
+            let services = status["services"].as_object().cloned().unwrap_or_default();
+            let idle = !services.is_empty()
+                && services
+                    .values()
+                    .all(|s| s["phase"] == "idle" && s["generation"].is_u64());
+            if idle { Ok(()) } else { Err(status.to_string()) }
+        });
+    }
+
+    /// Waits until service `name` serves generation `generation` or newer, and returns the newest.
+    pub fn wait_generation(&self, name: &str, generation: u64) -> u64 {
+        wait_for(&format!("service {name} at generation {generation}"), || {
+            let service = self.service(name);
+            match service["generation"].as_u64() {
+                Some(g) if g >= generation => Ok(g),
+                _ => Err(service.to_string()),
+            }
+        })
+    }
+
+    /// Waits until the last upgrade of `name` is of generation `generation`, and returns its record.
+    pub fn wait_upgrade(&self, name: &str, generation: u64) -> Value {
+        wait_for(&format!("the upgrade of {name} to generation {generation}"), || {
+            let service = self.service(name);
+            let record = &service["last_upgrade"];
+            if record["new_generation"].as_u64() == Some(generation) && service["phase"] == "idle" {
+                Ok(record.clone())
+            } else {
+                Err(service.to_string())
+            }
+        })
+    }
+
+    /// Sends SIGTERM and waits for baton to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        wait_for("baton to exit", || match self.child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            _ => Err(self.log_text()),
+        })
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn with_admin(config: &str) -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n{config}")
+}
+
+/// Whether process `pid` is gone (not even a zombie).
+pub fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until every pid in `pids` is gone.
+pub fn wait_gone(pids: impl IntoIterator<Item = u32>) {
+    let pids: Vec<u32> = pids.into_iter().collect();
+    wait_for("processes to be gone", || {
+        let left: Vec<String> = pids
+            .iter()
+            .filter(|p| !gone(**p))
+            .map(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                format!("{p}: {stat}")
+            })
+            .collect();
+        if left.is_empty() { Ok(()) } else { Err(left.join("; ")) }
+    });
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    parse_response(&response)
+}
+
+/// Splits a whole HTTP response into status code and body.
+pub fn parse_response(response: &[u8]) -> std::io::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {text:?}")))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
+/// A keep-alive HTTP connection for `GET /whoami`.
+pub struct KeepAlive {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        KeepAlive { stream, reader }
+    }
+
+    /// Asks the worker who it is; returns its generation.
+    pub fn whoami(&mut self) -> std::io::Result<u64> {
+        self.stream.write_all(b"GET /whoami HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        let mut length = None;
+        let mut generation = None;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.strip_prefix("Content-Length: ") {
+                length = v.parse::<usize>().ok();
+            }
+            if let Some(v) = line.strip_prefix("X-Generation: ") {
+                generation = v.parse::<u64>().ok();
+            }
+        }
+        let mut body = vec![0; length.unwrap_or(0)];
+        self.reader.read_exact(&mut body)?;
+        generation.ok_or_else(|| std::io::Error::other("no X-Generation header"))
+    }
+
+    /// Waits until the peer closes the connection (EOF or reset).
+    pub fn wait_closed(&mut self) {
+        let mut buf = [0; 64];
+        match self.reader.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("expected the connection to close, got {n} bytes"),
+        }
+    }
+}
+
+/// What a client load saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Exchanges that completed and checked out.
+    pub ok: u64,
+    /// Exchanges that failed in any way.
+    pub failures: u64,
+    /// The first few failures, described.
+    pub errors: Vec<String>,
+    /// Generations that answered.
+    pub generations: BTreeSet<u64>,
+    /// Worker pids that answered.
+    pub pids: BTreeSet<u32>,
+}
+
+/// Clients that keep opening connections, each sending a random body to `POST /echo` and checking the reply.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    report: Arc<Mutex<Report>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `clients` clients against `addr`.
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let report = Arc::new(Mutex::new(Report::default()));
+        let threads = (0..clients)
+            .map(|client| {
+                let (stop, ok, failures, report) = (stop.clone(), ok.clone(), failures.clone(), report.clone());
+                std::thread::spawn(move || {
+                    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (client as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+                    while !stop.load(Ordering::Relaxed) {
+                        match exchange(addr, &mut rng) {
+                            Ok((generation, pid)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                let mut report = report.lock().expect("report lock");
+                                report.generations.insert(generation);
+                                report.pids.insert(pid);
+                            }
+                            Err(e) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                let mut report = report.lock().expect("report lock");
+                                if report.errors.len() < 10 {
+                                    report.errors.push(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            report,
+            threads,
+        }
+    }
+
+    /// Exchanges completed so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Failures so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether generation `generation` has answered.
+    pub fn has_seen(&self, generation: u64) -> bool {
+        self.report
+            .lock()
+            .expect("report lock")
+            .generations
+            .contains(&generation)
+    }
+
+    /// Waits until `count` more exchanges have completed.
+    pub fn wait_ok(&self, count: u64) {
+        let target = self.ok() + count;
+        wait_for(&format!("{count} more good exchanges"), || {
+            if self.ok() >= target {
+                Ok(())
+            } else {
+                Err(format!("{} ok, {} failed", self.ok(), self.failures()))
+            }
+        });
+    }
+
+    /// Stops every client and returns what they saw.
+    pub fn stop(self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("client thread");
+        }
+        let mut report = std::mem::take(&mut *self.report.lock().expect("report lock"));
+        report.ok = self.ok.load(Ordering::Relaxed);
+        report.failures = self.failures.load(Ordering::Relaxed);
+        report
+    }
+}
+
+/// One connection: `POST /echo` with a random body, `Connection: close`; checks the whole reply.
+fn exchange(addr: SocketAddr, rng: &mut u64) -> Result<(u64, u32), String> {
+    let size = (next(rng) % 4096) as usize + 1;
+    let body: Vec<u8> = (0..size).map(|_| next(rng) as u8).collect();
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let head = format!("POST /echo HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n");
+    stream.write_all(head.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    stream.write_all(&body).map_err(|e| format!("write: {e}"))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| format!("read: {e}"))?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("incomplete response of {} bytes", response.len()))?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad response: {head}"));
+    }
+    if response[split + 4..] != body[..] {
+        return Err(format!(
+            "body mismatch: sent {size} bytes, got {}",
+            response.len() - split - 4
+        ));
+    }
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("no {name} in {head}"))
+    };
+    let _ = stream.shutdown(Shutdown::Both);
+    Ok((header("X-Generation:")?, header("X-Pid:")? as u32))
+}
+
+/// xorshift64*: a deterministic stream of test bytes.
+pub fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}

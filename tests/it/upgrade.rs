@@ -1,0 +1,220 @@
+//! Upgrades: under load, with long-lived connections, with workers that fail, with bad reloads.
+
+use nix::sys::signal::Signal;
+
+use crate::support::{Baton, KeepAlive, Load, gone, http_get, service, wait_for, wait_gone};
+
+const UPGRADES: u64 = 50;
+const CLIENTS: usize = 16;
+
+#[test]
+fn fifty_upgrades_under_load_lose_no_connection() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], "drain_timeout = \"10s\""));
+    let load = Load::start(baton.addr("web"), CLIENTS);
+    load.wait_ok(100);
+    for generation in 2..=UPGRADES + 1 {
+        baton.signal(Signal::SIGHUP);
+        baton.wait_generation("web", generation);
+        // Each generation must really serve before the next upgrade replaces it.
+        wait_for(&format!("generation {generation} to answer the load"), || {
+            if load.has_seen(generation) {
+                Ok(())
+            } else {
+                Err(format!("{} ok, {} failed", load.ok(), load.failures()))
+            }
+        });
+    }
+    load.wait_ok(100);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "failed exchanges: {:?}", report.errors);
+    let expected: Vec<u64> = (1..=UPGRADES + 1).collect();
+    assert_eq!(report.generations.iter().copied().collect::<Vec<_>>(), expected);
+    let current = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    let old: Vec<u32> = report.pids.iter().copied().filter(|p| *p != current).collect();
+    assert_eq!(old.len() as u64, UPGRADES, "one pid per old generation");
+    // Every old worker is stopped and reaped once its connections are done.
+    wait_gone(old);
+    wait_for("no draining worker", || {
+        let service = baton.service("web");
+        if service["draining"].as_array().is_some_and(Vec::is_empty) {
+            Ok(())
+        } else {
+            Err(service.to_string())
+        }
+    });
+    eprintln!("{} exchanges over {} upgrades, 0 failed", report.ok, UPGRADES);
+    assert_eq!(baton.stop().code(), Some(0));
+    wait_gone(report.pids);
+}
+
+#[test]
+fn the_load_checker_sees_failures_when_the_worker_is_killed() {
+    // The control case: proves the checker above can fail.
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    let load = Load::start(baton.addr("web"), CLIENTS);
+    load.wait_ok(50);
+    let pid = baton.service("web")["pid"].as_u64().expect("pid") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill the worker");
+    wait_for("the load to see failures", || {
+        if load.failures() > 0 {
+            Ok(())
+        } else {
+            Err(format!("{} ok, 0 failed", load.ok()))
+        }
+    });
+    let report = load.stop();
+    assert!(report.failures > 0);
+}
+
+#[test]
+fn a_long_lived_connection_stays_with_the_old_worker_until_the_drain_timeout() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], "drain_timeout = \"1s\""));
+    let addr = baton.addr("web");
+    let mut old = KeepAlive::connect(addr);
+    assert_eq!(old.whoami().expect("whoami"), 1);
+    let old_pid = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    baton.signal(Signal::SIGHUP);
+    baton.wait_generation("web", 2);
+    // New connections go to the new worker; the open one stays where it was.
+    assert_eq!(KeepAlive::connect(addr).whoami().expect("whoami"), 2);
+    assert_eq!(old.whoami().expect("the old connection still works"), 1);
+    let draining = &baton.service("web")["draining"][0];
+    assert_eq!(draining["generation"], 1);
+    assert_eq!(draining["active_connections"], 1);
+    // At the drain timeout baton closes it and stops the old worker.
+    old.wait_closed();
+    wait_gone([old_pid]);
+    baton.wait_log("drain timeout: closed the connections left");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_worker_that_never_becomes_ready_fails_the_upgrade_and_the_old_one_keeps_serving() {
+    let extra = "readiness.timeout = \"1s\"";
+    let config = |args: &[&str]| {
+        service("web", args, "").replace(
+            "interval = \"10ms\"\n",
+            &format!("interval = \"10ms\"\n{}\n", extra.replace("readiness.", "")),
+        )
+    };
+    let baton = Baton::start(&config(&["--port", "{port}"]));
+    let load = Load::start(baton.addr("web"), 4);
+    load.wait_ok(20);
+    baton.write_config(&config(&["--port", "{port}", "--never-ready"]));
+    baton.signal(Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "failed", "{record}");
+    let error = record["error"].as_str().expect("error");
+    assert!(error.contains("not ready after 1s"), "{error}");
+    assert!(error.contains("status 503"), "{error}");
+    let failed_pid = record["new_pid"].as_u64().expect("the failed worker's pid") as u32;
+    wait_gone([failed_pid]);
+    assert_eq!(baton.service("web")["generation"], 1);
+    load.wait_ok(20);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "{:?}", report.errors);
+    assert_eq!(report.generations.iter().copied().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_worker_that_crashes_while_starting_fails_the_upgrade_at_once() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    // The default readiness timeout is 30 s; the crash must be seen long before.
+    baton.write_config(&service(
+        "web",
+        &["--port", "{port}", "--never-ready", "--exit-after", "200ms"],
+        "",
+    ));
+    baton.signal(Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "failed", "{record}");
+    let error = record["error"].as_str().expect("error");
+    assert!(error.contains("exited while starting: exit code 3"), "{error}");
+    let took = record["duration_ms"].as_u64().expect("duration");
+    assert!(took < 10_000, "detected after {took} ms, not at once");
+    eprintln!("crash during readiness detected after {took} ms");
+    assert_eq!(baton.service("web")["generation"], 1);
+    assert_eq!(http_get(baton.addr("web"), "/whoami").expect("still served").0, 200);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn an_invalid_config_at_sighup_keeps_the_running_one() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    let addr = baton.addr("web");
+    let pid = baton.service("web")["pid"].as_u64().expect("pid");
+    baton.write_config("[service.web]\nlisten = 5\n");
+    baton.signal(Signal::SIGHUP);
+    let entry = baton.wait_log("reload rejected");
+    let message = entry["fields"]["message"].as_str().expect("message");
+    assert!(message.contains("baton.toml"), "{message}");
+    assert!(message.contains("line 5, column 10"), "{message}");
+    let service = baton.service("web");
+    assert_eq!(service["generation"], 1);
+    assert_eq!(service["pid"], pid);
+    let (code, body) = http_get(addr, "/whoami").expect("still served");
+    assert_eq!(code, 200);
+    assert!(body.starts_with("gen=1 "), "{body}");
+    let (_, metrics) = http_get(baton.admin, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("baton_config_reloads_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("baton_config_last_reload_successful 0"), "{metrics}");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn python_http_server_is_proxied_and_upgraded() {
+    let config = r#"
+[service.web]
+listen = ["127.0.0.1:0"]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+
+[service.web.readiness]
+path = "/"
+interval = "50ms"
+"#;
+    let baton = Baton::start(config);
+    let addr = baton.addr("web");
+    let (code, body) = http_get(addr, "/").expect("GET /");
+    assert_eq!(code, 200);
+    assert!(body.contains("Directory listing"), "{body}");
+    let first = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    baton.signal(Signal::SIGHUP);
+    baton.wait_generation("web", 2);
+    let (code, _) = http_get(addr, "/").expect("GET / after the upgrade");
+    assert_eq!(code, 200);
+    wait_gone([first]);
+    let second = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    assert_eq!(baton.stop().code(), Some(0));
+    assert!(gone(second), "the worker is stopped with baton");
+}
+
+#[test]
+fn services_are_added_and_removed_by_a_reload() {
+    let one = service("one", &["--port", "{port}"], "");
+    let two = service("two", &["--port", "{port}"], "");
+    let baton = Baton::start(&one);
+    let one_addr = baton.addr("one");
+    let one_pid = baton.service("one")["pid"].as_u64().expect("pid") as u32;
+    baton.write_config(&two);
+    baton.signal(Signal::SIGHUP);
+    wait_for("service two to serve and one to be gone", || {
+        let status = baton.status();
+        if status["services"]["two"]["generation"] == 1 && status["services"]["one"].is_null() {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    });
+    let (code, _) = http_get(baton.addr("two"), "/whoami").expect("two serves");
+    assert_eq!(code, 200);
+    wait_gone([one_pid]);
+    assert!(
+        http_get(one_addr, "/whoami").is_err(),
+        "the removed service's socket is closed"
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
