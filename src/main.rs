@@ -4,7 +4,7 @@
 //! their parent-death signal is tied to a thread that lives as long as baton.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -83,28 +83,35 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
+        Command::Run { config } => match run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Config(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
             }
-        }
+            Err(Failure::Runtime(e)) => {
+                tracing::error!("{e:#}");
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+    }
+}
+
+/// Why `run` failed, which decides the exit code.
+enum Failure {
+    Config(baton::config::ConfigError),
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
     }
 }
 
 /// Runs the daemon on a runtime whose tasks run on worker threads, while the main thread forks workers.
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config_path: &Path) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("baton")
@@ -113,13 +120,16 @@ fn run(config: Config) -> anyhow::Result<()> {
     let (spawner, spawner_loop) = Spawner::new();
     let (done_tx, done) = std::sync::mpsc::channel();
     {
-        // Signals are registered before anything starts, so that a SIGHUP during start-up is queued, not fatal.
+        // Signals are registered before anything else, so that a SIGHUP during start-up is queued, not fatal.
         let _context = runtime.enter();
         let reload = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        let spawner_for_exit = spawner.clone();
+        let config = Config::load(config_path).map_err(Failure::Config)?;
+        // Ends the spawner loop on the main thread when the daemon ends, even by a panic.
+        let exit_guard = SpawnerExit(spawner.clone());
         runtime.spawn(async move {
+            let _exit_guard = exit_guard;
             let shutdown = async move {
                 let name = tokio::select! {
                     _ = terminate.recv() => "SIGTERM",
@@ -137,13 +147,21 @@ fn run(config: Config) -> anyhow::Result<()> {
             };
             let result = baton::run(config, spawner, reload, shutdown).await;
             let _ = done_tx.send(result);
-            spawner_for_exit.exit();
         });
     }
     spawner_loop.run(runtime.handle());
     let result = done.recv().context("the daemon task ended without a result")?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    result.map_err(|e| anyhow::anyhow!(baton::supervisor::chain(&e)))
+    result.map_err(|e| Failure::Runtime(anyhow::anyhow!(baton::supervisor::chain(&e))))
+}
+
+/// Calls [`Spawner::exit`] when dropped.
+struct SpawnerExit(Spawner);
+
+impl Drop for SpawnerExit {
+    fn drop(&mut self) {
+        self.0.exit();
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -2,5 +2,6 @@
 
 mod cli;
 mod data_path;
+mod lifecycle;
 mod support;
 mod upgrade;

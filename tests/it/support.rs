@@ -207,8 +207,13 @@ impl Baton {
     }
 
     /// Sends SIGTERM and waits for baton to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
         self.signal(Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits for baton to exit.
+    pub fn wait_exit(mut self) -> ExitStatus {
         wait_for("baton to exit", || match self.child.try_wait() {
             Ok(Some(status)) => Ok(status),
             _ => Err(self.log_text()),

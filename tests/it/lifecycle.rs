@@ -1,0 +1,92 @@
+//! The daemon's own life: shutdown with open connections, being killed, signals during upgrades.
+
+use std::net::TcpStream;
+
+use nix::sys::signal::Signal;
+
+use crate::support::{Baton, KeepAlive, service, wait_for, wait_gone};
+
+#[test]
+fn sigterm_stops_accepting_lets_open_connections_finish_then_exits_zero() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], "drain_timeout = \"20s\""));
+    let addr = baton.addr("web");
+    let pid = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    let mut open = KeepAlive::connect(addr);
+    assert_eq!(open.whoami().expect("whoami"), 1);
+    baton.signal(Signal::SIGTERM);
+    wait_for("the public socket to close", || match TcpStream::connect(addr) {
+        Err(_) => Ok(()),
+        Ok(_) => Err("still accepting".to_owned()),
+    });
+    // The open connection is still served while baton drains.
+    assert_eq!(open.whoami().expect("still served during shutdown"), 1);
+    assert!(!crate::support::gone(pid), "the worker runs while a connection is open");
+    drop(open);
+    let status = baton.wait_exit();
+    assert_eq!(status.code(), Some(0));
+    wait_gone([pid]);
+}
+
+#[test]
+fn no_worker_survives_baton_killed_with_sigkill() {
+    let config = format!(
+        "{}{}",
+        service("one", &["--port", "{port}"], ""),
+        service("two", &["--socket", "{socket}"], "backend = \"unix\"")
+    );
+    let baton = Baton::start(&config);
+    let pids: Vec<u32> = ["one", "two"]
+        .iter()
+        .map(|s| baton.service(s)["pid"].as_u64().expect("pid") as u32)
+        .collect();
+    baton.signal(Signal::SIGKILL);
+    // The parent-death signal kills them; whoever adopts them reaps them, or they linger as zombies that
+    // cannot serve: either way nothing runs.
+    wait_for("the workers to be dead", || {
+        let alive: Vec<u32> = pids.iter().copied().filter(|p| running(*p)).collect();
+        if alive.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{alive:?}"))
+        }
+    });
+}
+
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+    }
+}
+
+#[test]
+fn sighups_during_an_upgrade_coalesce_into_one_follow_up() {
+    let baton = Baton::start(&service("web", &["--port", "{port}", "--ready-after", "300ms"], ""));
+    baton.signal(Signal::SIGHUP);
+    wait_for("the upgrade to wait for readiness", || {
+        let service = baton.service("web");
+        if service["phase"] == "waiting_ready" {
+            Ok(())
+        } else {
+            Err(service.to_string())
+        }
+    });
+    for _ in 0..10 {
+        baton.signal(Signal::SIGHUP);
+        std::thread::yield_now();
+    }
+    // The first SIGHUP started generation 2; the ten during it make one follow-up: generation 3.
+    baton.wait_upgrade("web", 3);
+    baton.wait_idle();
+    let service = baton.service("web");
+    assert_eq!(service["generation"], 3, "{service}");
+    let upgrades = baton
+        .log_entries()
+        .iter()
+        .filter(|e| e["fields"]["message"] == "upgrade started")
+        .count();
+    assert_eq!(upgrades, 3, "the start, one upgrade, one follow-up");
+    assert_eq!(baton.stop().code(), Some(0));
+}
