@@ -117,3 +117,32 @@ fn a_worker_reset_resets_the_client() {
     let _ = stream.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing more arrives from a dead worker");
 }
+
+#[test]
+fn one_service_listens_on_ipv4_and_ipv6() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let config = echo_service("tcp").replace(r#"listen = ["127.0.0.1:0"]"#, r#"listen = ["127.0.0.1:0", "[::1]:0"]"#);
+    let baton = Baton::start(&config);
+    let listen = baton.service("echo")["listen"].clone();
+    let addrs: Vec<std::net::SocketAddr> = listen
+        .as_array()
+        .expect("listen")
+        .iter()
+        .map(|a| a.as_str().and_then(|a| a.parse().ok()).expect("address"))
+        .collect();
+    assert_eq!(addrs.len(), 2, "{listen}");
+    assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{listen}");
+    for addr in addrs {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        stream.write_all(b"hello").expect("write");
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).expect("read");
+        assert_eq!(echoed, b"hello", "through {addr}");
+    }
+    assert_eq!(baton.stop().code(), Some(0));
+}
