@@ -139,17 +139,29 @@ pub async fn run(
         first.push((name.clone(), supervisor.start_service(&name)));
     }
     supervisor.publish_directory();
-    for (name, started) in first {
-        let outcome = started
-            .await
-            .unwrap_or_else(|_| Err(format!("service `{name}`: stopped while starting")));
-        if let Err(error) = outcome {
-            supervisor.shut_down().await;
-            return Err(StartError::FirstWorker(error));
+    let first_workers = async {
+        for (name, started) in first {
+            started
+                .await
+                .unwrap_or_else(|_| Err(format!("service `{name}`: stopped while starting")))
+                .map_err(StartError::FirstWorker)?;
         }
+        Ok(())
+    };
+    tokio::pin!(shutdown);
+    // A shutdown signal during start-up is obeyed at once, not after the first workers are ready.
+    let started = tokio::select! {
+        started = first_workers => started,
+        () = &mut shutdown => {
+            supervisor.shut_down().await;
+            return Ok(());
+        }
+    };
+    if let Err(error) = started {
+        supervisor.shut_down().await;
+        return Err(error);
     }
     tracing::info!(services = supervisor.services.len(), "baton ready");
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,

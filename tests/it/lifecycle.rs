@@ -90,3 +90,16 @@ fn sighups_during_an_upgrade_coalesce_into_one_follow_up() {
     assert_eq!(upgrades, 3, "the start, one upgrade, one follow-up");
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn sigterm_during_start_up_stops_at_once() {
+    let config = service("web", &["--port", "{port}", "--never-ready"], "");
+    let baton = Baton::spawn(&config);
+    let started = baton.wait_log("worker started");
+    let pid = started["fields"]["pid"].as_u64().expect("pid") as u32;
+    baton.signal(Signal::SIGTERM);
+    // The readiness timeout is 30 s; baton must not wait for it.
+    let status = baton.wait_exit();
+    assert_eq!(status.code(), Some(0));
+    wait_gone([pid]);
+}
