@@ -32,6 +32,24 @@ pub const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STOP_SIGNAL: Signal = Signal::SIGTERM;
 /// Length of the kernel's queue of connections not yet accepted, per listening socket.
 pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Seconds the previous worker is kept warm after a switch, for an automatic rollback.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(10);
+/// Seconds a connection may be held while the service has no ready worker.
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Seconds (ten minutes) without a byte either way after which a connection is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Seconds a half-closed connection may stay silent before it is closed.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Old workers that may drain at once per service; the oldest is cut to make room.
+pub const DEFAULT_MAX_DRAINING: u32 = 3;
+/// Seconds between two health probes of the active worker.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Seconds one health probe may take.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive failed probes that make a worker unhealthy.
+pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
+/// Consecutive good probes that make an unhealthy worker healthy again.
+pub const DEFAULT_HEALTH_SUCCESSES: u32 = 2;
 
 /// The placeholders a `command` argument or `env` value may hold.
 const PLACEHOLDERS: [&str; 4] = ["{port}", "{socket}", "{service}", "{generation}"];
@@ -81,6 +99,46 @@ pub struct ServiceConfig {
     pub backlog: u32,
     /// How a new worker is found ready.
     pub readiness: Readiness,
+    /// How long the previous worker is kept warm after a switch (zero: no watchdog, drain at once).
+    pub watchdog: Duration,
+    /// How long a connection may wait for a ready worker.
+    pub pending_timeout: Duration,
+    /// Open connections allowed at once (zero: no limit).
+    pub max_connections: u32,
+    /// Silence, both ways, after which a connection is closed (zero: never).
+    pub idle_timeout: Duration,
+    /// Silence after one direction has closed after which the connection is closed.
+    pub half_close_timeout: Duration,
+    /// When the draining worker gets `stop_signal`.
+    pub drain_policy: DrainPolicy,
+    /// Old workers that may drain at once; the oldest is cut to make room.
+    pub max_draining: u32,
+    /// How the active worker is watched.
+    pub health: Health,
+}
+
+/// When a draining worker is signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainPolicy {
+    /// After its connections have closed (or at `drain_timeout`): right for servers that die at once on
+    /// SIGTERM.
+    Wait,
+    /// As soon as it starts draining, so that a server with a graceful shutdown closes its idle keep-alive
+    /// connections itself; `drain_timeout` still bounds the wait.
+    Signal,
+}
+
+/// The `[service.NAME.health]` table: periodic probes of the active worker (the readiness probe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive failures that make the worker unhealthy (fall).
+    pub failures: u32,
+    /// Consecutive successes that make it healthy again (rise).
+    pub successes: u32,
 }
 
 /// The private socket a worker listens on.
@@ -207,6 +265,23 @@ struct RawService {
     connect_timeout: Option<Spanned<String>>,
     backlog: Option<Spanned<u32>>,
     readiness: Option<RawReadiness>,
+    watchdog: Option<Spanned<String>>,
+    pending_timeout: Option<Spanned<String>>,
+    max_connections: Option<u32>,
+    idle_timeout: Option<Spanned<String>>,
+    half_close_timeout: Option<Spanned<String>>,
+    drain_policy: Option<Spanned<String>>,
+    max_draining: Option<Spanned<u32>>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    failures: Option<Spanned<u32>>,
+    successes: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +456,43 @@ impl Validator<'_> {
             let span = raw.connect_timeout.as_ref().map_or(span, |s| s.span());
             return Err(at(span, "connect_timeout must be greater than zero".into()));
         }
+        let drain_policy = match raw.drain_policy.as_ref() {
+            None => DrainPolicy::Wait,
+            Some(p) => match p.get_ref().as_str() {
+                "wait" => DrainPolicy::Wait,
+                "signal" => DrainPolicy::Signal,
+                other => {
+                    return Err(at(
+                        p.span(),
+                        format!("drain_policy `{other}` is unknown: use \"wait\" or \"signal\""),
+                    ));
+                }
+            },
+        };
+        let count = |key: &str, value: &Option<Spanned<u32>>, default: u32| match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() == 0 => Err(at(v.span(), format!("{key} must be at least 1"))),
+            Some(v) => Ok(*v.get_ref()),
+        };
+        let no_health = RawHealth::default();
+        let h = raw.health.as_ref().unwrap_or(&no_health);
+        let health = Health {
+            interval: duration("health.interval", &h.interval, DEFAULT_HEALTH_INTERVAL)?,
+            timeout: duration("health.timeout", &h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
+            failures: count("health.failures", &h.failures, DEFAULT_HEALTH_FAILURES)?,
+            successes: count("health.successes", &h.successes, DEFAULT_HEALTH_SUCCESSES)?,
+        };
+        for (key, value, spanned) in [
+            ("health.interval", health.interval, &h.interval),
+            ("health.timeout", health.timeout, &h.timeout),
+        ] {
+            if value.is_zero() {
+                return Err(at(
+                    spanned.as_ref().map_or(span.clone(), |s| s.span()),
+                    format!("{key} must be greater than zero"),
+                ));
+            }
+        }
         Ok(ServiceConfig {
             name: name.to_owned(),
             listen,
@@ -394,6 +506,18 @@ impl Validator<'_> {
             connect_timeout,
             backlog,
             readiness,
+            watchdog: duration("watchdog", &raw.watchdog, DEFAULT_WATCHDOG)?,
+            pending_timeout: duration("pending_timeout", &raw.pending_timeout, DEFAULT_PENDING_TIMEOUT)?,
+            max_connections: raw.max_connections.unwrap_or(0),
+            idle_timeout: duration("idle_timeout", &raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            half_close_timeout: duration(
+                "half_close_timeout",
+                &raw.half_close_timeout,
+                DEFAULT_HALF_CLOSE_TIMEOUT,
+            )?,
+            drain_policy,
+            max_draining: count("max_draining", &raw.max_draining, DEFAULT_MAX_DRAINING)?,
+            health,
         })
     }
 
@@ -491,6 +615,15 @@ command = ["server", "{port}"]
         assert_eq!(web.readiness.path, None);
         assert_eq!(web.readiness.interval, DEFAULT_READINESS_INTERVAL);
         assert_eq!(web.readiness.timeout, DEFAULT_READINESS_TIMEOUT);
+        assert_eq!(web.watchdog, DEFAULT_WATCHDOG);
+        assert_eq!(web.pending_timeout, DEFAULT_PENDING_TIMEOUT);
+        assert_eq!(web.max_connections, 0);
+        assert_eq!(web.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(web.half_close_timeout, DEFAULT_HALF_CLOSE_TIMEOUT);
+        assert_eq!(web.drain_policy, DrainPolicy::Wait);
+        assert_eq!(web.max_draining, DEFAULT_MAX_DRAINING);
+        assert_eq!(web.health.failures, DEFAULT_HEALTH_FAILURES);
+        assert_eq!(web.health.successes, DEFAULT_HEALTH_SUCCESSES);
     }
 
     #[test]
@@ -511,6 +644,19 @@ stop_signal = "SIGINT"
 stop_timeout = "250ms"
 connect_timeout = "1s"
 backlog = 64
+watchdog = "0s"
+pending_timeout = "2s"
+max_connections = 100
+idle_timeout = "5m"
+half_close_timeout = "10s"
+drain_policy = "signal"
+max_draining = 1
+
+[service.api.health]
+interval = "200ms"
+timeout = "150ms"
+failures = 2
+successes = 4
 
 [service.api.readiness]
 path = "/readyz"
@@ -533,6 +679,22 @@ timeout = "3s"
         assert_eq!(api.readiness.path.as_deref(), Some("/readyz"));
         assert_eq!(api.readiness.interval, Duration::from_millis(50));
         assert_eq!(api.readiness.timeout, Duration::from_secs(3));
+        assert_eq!(api.watchdog, Duration::ZERO);
+        assert_eq!(api.pending_timeout, Duration::from_secs(2));
+        assert_eq!(api.max_connections, 100);
+        assert_eq!(api.idle_timeout, Duration::from_secs(300));
+        assert_eq!(api.half_close_timeout, Duration::from_secs(10));
+        assert_eq!(api.drain_policy, DrainPolicy::Signal);
+        assert_eq!(api.max_draining, 1);
+        assert_eq!(
+            api.health,
+            Health {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(150),
+                failures: 2,
+                successes: 4
+            }
+        );
         assert_eq!(substitute("{service}-{generation}", api, "/run/x.sock", 7), "api-7");
         assert_eq!(substitute("{socket}", api, "/run/x.sock", 7), "/run/x.sock");
     }
@@ -561,6 +723,19 @@ timeout = "3s"
         assert!(message.contains("service `web`: stop_signal `SIGNOPE`"), "{message}");
         assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
         assert_eq!(parse_signal("SIGQUIT"), Some(Signal::SIGQUIT));
+    }
+
+    #[test]
+    fn zero_counts_and_unknown_policies_are_refused() {
+        let message = error(&format!("{MINIMAL}max_draining = 0\n"));
+        assert!(
+            message.contains("service `web`: max_draining must be at least 1"),
+            "{message}"
+        );
+        let message = error(&format!("{MINIMAL}drain_policy = \"sometimes\"\n"));
+        assert!(message.contains("drain_policy `sometimes` is unknown"), "{message}");
+        let message = error(&format!("{MINIMAL}[service.web.health]\nfailures = 0\n"));
+        assert!(message.contains("health.failures must be at least 1"), "{message}");
     }
 
     #[test]

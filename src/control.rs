@@ -36,6 +36,8 @@ pub enum Trigger {
     Api,
     /// The active worker exited on its own.
     Restart,
+    /// The active worker failed its health checks.
+    Unhealthy,
 }
 
 impl Trigger {
@@ -46,6 +48,7 @@ impl Trigger {
             Trigger::Signal => "signal",
             Trigger::Api => "api",
             Trigger::Restart => "restart",
+            Trigger::Unhealthy => "unhealthy",
         }
     }
 }
@@ -60,6 +63,8 @@ pub enum Phase {
     Spawning,
     /// Polling the new worker until it is ready.
     WaitingReady,
+    /// The new worker serves; the previous one is kept warm until the watchdog window ends.
+    Watching,
     /// The service stops accepting and drains its workers.
     ShuttingDown,
     /// The service has no worker left.
@@ -74,6 +79,8 @@ pub enum UpgradeResult {
     Success,
     /// The new worker did not become ready; the old one kept serving.
     Failed,
+    /// The new worker failed during the watchdog window; traffic went back to the previous one.
+    RolledBack,
 }
 
 impl UpgradeResult {
@@ -82,6 +89,7 @@ impl UpgradeResult {
         match self {
             UpgradeResult::Success => "success",
             UpgradeResult::Failed => "failed",
+            UpgradeResult::RolledBack => "rolled_back",
         }
     }
 }
@@ -125,8 +133,14 @@ pub struct ServiceState {
     pub phase: Phase,
     /// The worker new connections go to.
     pub active: Option<Arc<Upstream>>,
+    /// The worker replaced by the last switch, kept warm during the watchdog window.
+    pub previous: Option<Arc<Upstream>>,
     /// Old workers finishing their connections, oldest first.
     pub draining: Vec<Arc<Upstream>>,
+    /// Whether the active worker passes its health checks.
+    pub healthy: bool,
+    /// When the next restart of a dead or unhealthy worker is due.
+    pub restart_at: Option<tokio::time::Instant>,
     /// The public addresses actually bound.
     pub listen: Vec<SocketAddr>,
     /// The last finished upgrade.
@@ -139,7 +153,10 @@ impl ServiceState {
         ServiceState {
             phase: Phase::Spawning,
             active: None,
+            previous: None,
             draining: Vec::new(),
+            healthy: false,
+            restart_at: None,
             listen,
             last_upgrade: None,
         }
@@ -150,10 +167,15 @@ impl ServiceState {
         ServiceGauges {
             generation: self.active.as_ref().map_or(0, |a| a.generation),
             up: self.active.is_some(),
-            draining: self.draining.len(),
-            upgrading: matches!(self.phase, Phase::Spawning | Phase::WaitingReady),
+            draining: self.draining.len() + usize::from(self.previous.is_some()),
+            upgrading: matches!(self.phase, Phase::Spawning | Phase::WaitingReady | Phase::Watching),
             active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
-            draining_connections: self.draining.iter().map(|d| d.connections()).sum(),
+            draining_connections: self
+                .draining
+                .iter()
+                .chain(&self.previous)
+                .map(|d| d.connections())
+                .sum(),
         }
     }
 
@@ -166,15 +188,12 @@ impl ServiceState {
             phase: self.phase,
             active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
             listen: self.listen.clone(),
-            draining: self
-                .draining
-                .iter()
-                .map(|d| DrainingView {
-                    generation: d.generation,
-                    pid: d.pid,
-                    active_connections: d.connections(),
-                })
-                .collect(),
+            healthy: self.healthy,
+            previous: self.previous.as_deref().map(DrainingView::of),
+            draining: self.draining.iter().map(|d| DrainingView::of(d)).collect(),
+            restart_in_ms: self
+                .restart_at
+                .map(|at| millis(at.saturating_duration_since(tokio::time::Instant::now()))),
             last_upgrade: self.last_upgrade.clone(),
         }
     }
@@ -195,8 +214,14 @@ pub struct ServiceView {
     pub active_connections: usize,
     /// The public addresses actually bound.
     pub listen: Vec<SocketAddr>,
+    /// Whether the active worker passes its health checks.
+    pub healthy: bool,
+    /// The previous worker, kept warm during the watchdog window.
+    pub previous: Option<DrainingView>,
     /// Old workers still draining.
     pub draining: Vec<DrainingView>,
+    /// Milliseconds until a dead or unhealthy worker is restarted.
+    pub restart_in_ms: Option<u64>,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
 }
@@ -210,6 +235,16 @@ pub struct DrainingView {
     pub pid: u32,
     /// Connections still open to it.
     pub active_connections: usize,
+}
+
+impl DrainingView {
+    fn of(upstream: &Upstream) -> DrainingView {
+        DrainingView {
+            generation: upstream.generation,
+            pid: upstream.pid,
+            active_connections: upstream.connections(),
+        }
+    }
 }
 
 /// The document served at `/status`.

@@ -11,6 +11,8 @@ use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVe
 pub const CONNECTIONS_ACCEPTED: &str = "baton_connections_accepted_total";
 /// Connections open now, by the role of the worker they go to.
 pub const CONNECTIONS_ACTIVE: &str = "baton_connections_active";
+/// Connections held while the service has no ready worker.
+pub const CONNECTIONS_PENDING: &str = "baton_connections_pending";
 /// Connections closed by baton before reaching a worker, by reason.
 pub const CONNECTIONS_REJECTED: &str = "baton_connections_rejected_total";
 /// Connection failures, by the side that failed and kind.
@@ -27,6 +29,10 @@ pub const WORKER_GENERATION: &str = "baton_worker_generation";
 pub const WORKER_UP: &str = "baton_worker_up";
 /// Old workers still finishing their connections.
 pub const WORKERS_DRAINING: &str = "baton_workers_draining";
+/// Worker restarts, by reason.
+pub const WORKER_RESTARTS: &str = "baton_worker_restarts_total";
+/// Health probes of active workers, by result.
+pub const HEALTH_CHECKS: &str = "baton_health_checks_total";
 /// Configuration reloads, by result.
 pub const CONFIG_RELOADS: &str = "baton_config_reloads_total";
 /// 1 when the last reload applied.
@@ -42,6 +48,7 @@ pub struct Metrics {
     registry: Registry,
     accepted: IntCounterVec,
     active: IntGaugeVec,
+    pending: IntGaugeVec,
     rejected: IntCounterVec,
     errors: IntCounterVec,
     bytes: IntCounterVec,
@@ -50,6 +57,8 @@ pub struct Metrics {
     generation: IntGaugeVec,
     worker_up: IntGaugeVec,
     draining: IntGaugeVec,
+    restarts: IntCounterVec,
+    health: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_ok: IntGauge,
     last_reload_time: Gauge,
@@ -72,6 +81,16 @@ pub struct ServiceMetrics {
     pub client_resets: IntCounter,
     /// Connections closed at once because no worker could take them.
     pub rejected_no_worker: IntCounter,
+    /// Connections closed at once because `max_connections` were open.
+    pub rejected_max_connections: IntCounter,
+    /// Connections closed after waiting `pending_timeout` for a worker.
+    pub rejected_pending_timeout: IntCounter,
+    /// Connections waiting for a ready worker.
+    pub pending: IntGauge,
+    /// Health probes that succeeded.
+    pub health_ok: IntCounter,
+    /// Health probes that failed.
+    pub health_failed: IntCounter,
     /// Connections cut when their worker's drain timed out.
     pub drain_cut: IntCounter,
     errors: IntCounterVec,
@@ -122,6 +141,11 @@ impl Metrics {
                 "Connections open now, by the role of their worker (active or draining).",
                 &["service", "role"],
             ),
+            pending: gauge(
+                CONNECTIONS_PENDING,
+                "Connections held while the service has no ready worker.",
+                &["service"],
+            ),
             rejected: counter(
                 CONNECTIONS_REJECTED,
                 "Connections closed by baton before reaching a worker, by reason.",
@@ -161,6 +185,12 @@ impl Metrics {
                 WORKERS_DRAINING,
                 "Old workers still finishing their connections.",
                 &["service"],
+            ),
+            restarts: counter(WORKER_RESTARTS, "Worker restarts, by reason.", &["service", "reason"]),
+            health: counter(
+                HEALTH_CHECKS,
+                "Health probes of active workers, by result.",
+                &["service", "result"],
             ),
             reloads: counter(CONFIG_RELOADS, "Configuration reloads, by result.", &["result"]),
             last_reload_ok: IntGauge::new(
@@ -203,10 +233,20 @@ impl Metrics {
             worker_resets: error(Side::Worker, "reset"),
             client_resets: error(Side::Client, "reset"),
             rejected_no_worker: self.rejected.with_label_values(&[name, "no_worker"]),
+            rejected_max_connections: self.rejected.with_label_values(&[name, "max_connections"]),
+            rejected_pending_timeout: self.rejected.with_label_values(&[name, "pending_timeout"]),
+            pending: self.pending.with_label_values(&[name]),
+            health_ok: self.health.with_label_values(&[name, "success"]),
+            health_failed: self.health.with_label_values(&[name, "failure"]),
             drain_cut: self.rejected.with_label_values(&[name, "drain_timeout"]),
             errors: self.errors.clone(),
             name: name.to_owned(),
         }
+    }
+
+    /// Records a restart of a service's worker.
+    pub fn restart(&self, service: &str, reason: &str) {
+        self.restarts.with_label_values(&[service, reason]).inc();
     }
 
     /// Records the end of an upgrade.
@@ -239,6 +279,7 @@ impl Metrics {
             &self.worker_up,
             &self.draining,
             &self.upgrade_in_progress,
+            &self.pending,
         ] {
             let _ = vec.remove_label_values(&[service]);
         }

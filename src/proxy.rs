@@ -8,12 +8,15 @@ use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
 
 use crate::metrics::Side;
 use crate::route::{Guard, Route, WorkerAddr};
@@ -21,89 +24,239 @@ use crate::route::{Guard, Route, WorkerAddr};
 /// Bytes read from one side before they are written to the other.
 pub const BUFFER_SIZE: usize = 64 * 1024;
 
+/// The longest pause between two dials of a worker that refused a connection, while the connection may
+/// still wait for the route to change.
+pub const REDIAL_PAUSE: Duration = Duration::from_millis(100);
+
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Both directions reached end of stream.
     Completed,
-    /// No worker could take the connection.
+    /// The service was at `max_connections`.
+    OverLimit,
+    /// No worker could take the connection and the service is not expecting one.
     NoWorker,
-    /// Dialling the worker failed or timed out.
+    /// No worker became ready within `pending_timeout`.
+    PendingTimeout,
+    /// Dialling the worker kept failing until `pending_timeout`.
     ConnectFailed,
     /// One side failed (reset, broken pipe); the other was reset too.
     Broken(Side),
+    /// Nothing moved either way for `idle_timeout`.
+    IdleTimeout,
+    /// After one direction closed, nothing moved for `half_close_timeout`.
+    HalfCloseTimeout,
     /// The worker's drain deadline passed.
     Cut,
 }
 
-/// Serves one accepted client connection of the service whose route is `route`.
-pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
-    let (snapshot, guard) = Route::pick(route);
-    let metrics = &snapshot.metrics;
-    metrics.accepted.inc();
-    let Some(guard) = guard else {
-        metrics.rejected_no_worker.inc();
-        reset(&client);
-        return Outcome::NoWorker;
-    };
-    let _ = client.set_nodelay(true);
-    let upstream = guard.upstream();
-    let outcome = match &upstream.addr {
-        WorkerAddr::Tcp(addr) => match dial(TcpStream::connect(addr), snapshot.connect_timeout).await {
-            Ok(worker) => {
-                let _ = worker.set_nodelay(true);
-                relay(&client, &worker, &snapshot, &guard).await
-            }
-            Err(e) => connect_failed(&client, &snapshot, &guard, e),
-        },
-        WorkerAddr::Unix(path) => match dial(UnixStream::connect(path), snapshot.connect_timeout).await {
-            Ok(worker) => relay(&client, &worker, &snapshot, &guard).await,
-            Err(e) => connect_failed(&client, &snapshot, &guard, e),
-        },
-    };
-    drop(guard);
-    outcome
+/// A dialled worker connection.
+enum WorkerStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
-async fn dial<S>(connect: impl Future<Output = io::Result<S>>, timeout: Duration) -> io::Result<S> {
+/// Serves one accepted client connection of the service whose route is `route`.
+pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
+    let accepted = Instant::now();
+    let first = route.load_full();
+    let shared = &first.shared;
+    let metrics = &shared.metrics;
+    metrics.accepted.inc();
+    let Some(_admission) = shared.admit(first.settings.max_connections) else {
+        metrics.rejected_max_connections.inc();
+        reset(&client);
+        return Outcome::OverLimit;
+    };
+    let (snapshot, guard, worker) = match connect(route, &first, accepted + first.settings.pending_timeout).await {
+        Ok(connected) => connected,
+        Err(outcome) => {
+            reset(&client);
+            return outcome;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    match &worker {
+        WorkerStream::Tcp(worker) => relay(&client, worker, &snapshot, &guard).await,
+        WorkerStream::Unix(worker) => relay(&client, worker, &snapshot, &guard).await,
+    }
+}
+
+/// Finds a worker and dials it. While the service has no ready worker, or its worker refuses (it may have
+/// just died), the connection waits for the route to change, up to `deadline`: nothing has been sent yet, so
+/// trying again is safe.
+async fn connect(
+    route: &ArcSwap<Route>,
+    first: &Route,
+    deadline: Instant,
+) -> Result<(Arc<Route>, Guard, WorkerStream), Outcome> {
+    let shared = &first.shared;
+    let metrics = &shared.metrics;
+    let mut pending = None;
+    let mut outcome = Outcome::PendingTimeout;
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (snapshot, guard) = Route::pick(route);
+        let wait_until = match guard {
+            Some(guard) => match dial(&guard.upstream().addr, snapshot.settings.connect_timeout).await {
+                Ok(worker) => return Ok((snapshot, guard, worker)),
+                Err(error) => {
+                    let upstream = guard.upstream();
+                    tracing::debug!(generation = upstream.generation, worker = %upstream.addr, %error, "cannot dial worker");
+                    metrics.worker_connect_errors.inc();
+                    outcome = Outcome::ConnectFailed;
+                    deadline.min(Instant::now() + REDIAL_PAUSE)
+                }
+            },
+            None if !snapshot.hold => {
+                metrics.rejected_no_worker.inc();
+                return Err(Outcome::NoWorker);
+            }
+            None => deadline,
+        };
+        if Instant::now() >= deadline {
+            if outcome == Outcome::PendingTimeout {
+                metrics.rejected_pending_timeout.inc();
+            }
+            return Err(outcome);
+        }
+        pending.get_or_insert_with(|| Pending::new(&metrics.pending));
+        let _ = tokio::time::timeout_at(wait_until, changed).await;
+    }
+}
+
+/// Counts a connection in the pending gauge while it waits for a worker.
+struct Pending<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Pending<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Pending(gauge)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn dial(addr: &WorkerAddr, timeout: Duration) -> io::Result<WorkerStream> {
+    let connect = async {
+        match addr {
+            WorkerAddr::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await?;
+                let _ = stream.set_nodelay(true);
+                Ok(WorkerStream::Tcp(stream))
+            }
+            WorkerAddr::Unix(path) => Ok(WorkerStream::Unix(UnixStream::connect(path).await?)),
+        }
+    };
     tokio::time::timeout(timeout, connect)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-fn connect_failed(client: &TcpStream, route: &Route, guard: &Guard, error: io::Error) -> Outcome {
-    let upstream = guard.upstream();
-    tracing::debug!(generation = upstream.generation, worker = %upstream.addr, %error, "cannot dial worker");
-    route.metrics.worker_connect_errors.inc();
-    reset(client);
-    Outcome::ConnectFailed
+async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: &Guard) -> Outcome {
+    let metrics = &route.shared.metrics;
+    let settings = &route.settings;
+    let activity = Activity::new();
+    let to_worker = copy(
+        (client, Side::Client),
+        (worker, Side::Worker),
+        &metrics.bytes_to_worker,
+        &activity,
+    );
+    let to_client = copy(
+        (worker, Side::Worker),
+        (client, Side::Client),
+        &metrics.bytes_to_client,
+        &activity,
+    );
+    tokio::pin!(to_worker, to_client);
+    let (mut to_worker_done, mut to_client_done) = (false, false);
+    let failure = loop {
+        let half_closed = to_worker_done || to_client_done;
+        let silence = match (half_closed, settings.idle_timeout.is_zero()) {
+            (false, _) => settings.idle_timeout,
+            (true, true) => settings.half_close_timeout,
+            (true, false) => settings.idle_timeout.min(settings.half_close_timeout),
+        };
+        tokio::select! {
+            result = &mut to_worker, if !to_worker_done => match result {
+                Ok(_) if to_client_done => return Outcome::Completed,
+                Ok(_) => to_worker_done = true,
+                Err(failure) => break failure,
+            },
+            result = &mut to_client, if !to_client_done => match result {
+                Ok(_) if to_worker_done => return Outcome::Completed,
+                Ok(_) => to_client_done = true,
+                Err(failure) => break failure,
+            },
+            () = activity.silent_for(silence), if !silence.is_zero() => {
+                if half_closed {
+                    // The side still open has gone silent.
+                    let side = if to_worker_done { Side::Worker } else { Side::Client };
+                    metrics.error(side, "half_close_timeout");
+                    return Outcome::HalfCloseTimeout;
+                }
+                metrics.error(Side::Client, "idle_timeout");
+                return Outcome::IdleTimeout;
+            }
+            () = guard.upstream().cut() => {
+                metrics.drain_cut.inc();
+                return Outcome::Cut;
+            }
+        }
+    };
+    let Failure { side, error } = failure;
+    tracing::debug!(side = side.label(), %error, "connection broken");
+    match side {
+        Side::Client => {
+            metrics.client_resets.inc();
+            reset(worker);
+        }
+        Side::Worker => {
+            metrics.worker_resets.inc();
+            reset(client);
+        }
+    }
+    Outcome::Broken(side)
 }
 
-async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: &Guard) -> Outcome {
-    let metrics = &route.metrics;
-    let to_worker = copy((client, Side::Client), (worker, Side::Worker), &metrics.bytes_to_worker);
-    let to_client = copy((worker, Side::Worker), (client, Side::Client), &metrics.bytes_to_client);
-    tokio::select! {
-        result = async { tokio::try_join!(to_worker, to_client) } => match result {
-            Ok(_) => Outcome::Completed,
-            Err(Failure { side, error }) => {
-                tracing::debug!(side = side.label(), %error, "connection broken");
-                match side {
-                    Side::Client => {
-                        metrics.client_resets.inc();
-                        reset(worker);
-                    }
-                    Side::Worker => {
-                        metrics.worker_resets.inc();
-                        reset(client);
-                    }
-                }
-                Outcome::Broken(side)
+/// When a connection last moved a byte, for the idle and half-close timeouts. Both directions of one
+/// connection share it; they run on the same task, so the atomic is never contended.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last read.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit`. One timer, re-armed only when it fires early.
+    async fn silent_for(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
             }
-        },
-        () = guard.upstream().cut() => {
-            metrics.drain_cut.inc();
-            Outcome::Cut
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -121,6 +274,7 @@ async fn copy<R: Socket, W: Socket>(
     (src, src_side): (&R, Side),
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
+    activity: &Activity,
 ) -> Result<u64, Failure> {
     let read_failed = |error| Failure { side: src_side, error };
     let mut total = 0u64;
@@ -140,6 +294,7 @@ async fn copy<R: Socket, W: Socket>(
                 return Ok(total);
             }
             Ok(n) => {
+                activity.touch();
                 write_all(dst, &buf[..n])
                     .await
                     .map_err(|error| Failure { side: dst_side, error })?;

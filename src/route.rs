@@ -28,10 +28,89 @@ pub type SharedRoute = Arc<ArcSwap<Route>>;
 pub struct Route {
     /// The worker new connections go to; `None` while the service has none ready.
     pub upstream: Option<Arc<Upstream>>,
+    /// Whether a connection finding no ready worker waits for one (up to `pending_timeout`) rather than
+    /// being closed: true unless the service is shutting down.
+    pub hold: bool,
+    /// The service's connection settings.
+    pub settings: Settings,
+    /// What every snapshot of the service shares.
+    pub shared: Arc<Shared>,
+}
+
+/// The per-connection settings of a service, copied from its configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
     /// How long dialling the worker may take.
     pub connect_timeout: Duration,
+    /// How long a connection may wait for a ready worker.
+    pub pending_timeout: Duration,
+    /// Open connections allowed at once; zero for no limit.
+    pub max_connections: usize,
+    /// Silence after which a connection closes; zero for never.
+    pub idle_timeout: Duration,
+    /// Silence after a half-close after which a connection closes.
+    pub half_close_timeout: Duration,
+}
+
+impl Settings {
+    /// The settings of `config`.
+    pub fn of(config: &crate::config::ServiceConfig) -> Settings {
+        Settings {
+            connect_timeout: config.connect_timeout,
+            pending_timeout: config.pending_timeout,
+            max_connections: config.max_connections as usize,
+            idle_timeout: config.idle_timeout,
+            half_close_timeout: config.half_close_timeout,
+        }
+    }
+}
+
+/// What outlives every snapshot of a service's route.
+#[derive(Debug)]
+pub struct Shared {
     /// The service's metric handles.
     pub metrics: ServiceMetrics,
+    /// Woken whenever the service stores a new route, for connections waiting for a worker.
+    pub changed: Notify,
+    /// The service's open connections, counted only when `max_connections` is set.
+    open: AtomicUsize,
+}
+
+/// One connection counted against `max_connections`; uncounts it when dropped.
+#[derive(Debug)]
+pub struct Admission<'a> {
+    open: Option<&'a AtomicUsize>,
+}
+
+impl Shared {
+    /// The shared part of a new service's route.
+    pub fn new(metrics: ServiceMetrics) -> Shared {
+        Shared {
+            metrics,
+            changed: Notify::new(),
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts a new connection unless `max` (zero: no limit) are open already.
+    pub fn admit(&self, max: usize) -> Option<Admission<'_>> {
+        if max == 0 {
+            return Some(Admission { open: None });
+        }
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admission { open: Some(&self.open) })
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(open) = self.open {
+            open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The private address of a worker.
@@ -135,6 +214,11 @@ impl Upstream {
         left
     }
 
+    /// Closes this worker's remaining connections now.
+    pub fn cut_now(&self) {
+        self.cut.cancel();
+    }
+
     /// Resolves when this worker's remaining connections must close.
     pub fn cut(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.cut.cancelled()
@@ -227,12 +311,20 @@ mod tests {
 
     #[test]
     fn pick_moves_to_the_new_worker_once_the_old_one_drains() {
-        let metrics = crate::metrics::Metrics::new().service("web");
+        let shared = Arc::new(Shared::new(crate::metrics::Metrics::new().service("web")));
+        let settings = Settings {
+            connect_timeout: Duration::from_secs(1),
+            pending_timeout: Duration::from_secs(1),
+            max_connections: 0,
+            idle_timeout: Duration::ZERO,
+            half_close_timeout: Duration::from_secs(1),
+        };
         let old = upstream();
         let route = ArcSwap::from_pointee(Route {
             upstream: Some(Arc::clone(&old)),
-            connect_timeout: Duration::from_secs(1),
-            metrics: metrics.clone(),
+            hold: true,
+            settings,
+            shared: Arc::clone(&shared),
         });
         let new = Arc::new(Upstream::new(
             2,
@@ -241,11 +333,23 @@ mod tests {
         ));
         route.store(Arc::new(Route {
             upstream: Some(Arc::clone(&new)),
-            connect_timeout: Duration::from_secs(1),
-            metrics,
+            hold: true,
+            settings,
+            shared,
         }));
         old.state.fetch_or(DRAINING, Ordering::AcqRel);
         let (_, guard) = Route::pick(&route);
         assert_eq!(guard.expect("guard").upstream().generation, 2);
+    }
+
+    #[test]
+    fn admission_stops_at_the_limit_and_frees_a_place_on_drop() {
+        let shared = Shared::new(crate::metrics::Metrics::new().service("web"));
+        let first = shared.admit(2).expect("first");
+        let _second = shared.admit(2).expect("second");
+        assert!(shared.admit(2).is_none(), "a third is over the limit");
+        drop(first);
+        assert!(shared.admit(2).is_some(), "a place is free again");
+        assert!(shared.admit(0).is_some(), "zero means no limit");
     }
 }

@@ -1,10 +1,17 @@
 //! One service's lifecycle: its workers, its route, its accept loops, and the upgrade state machine.
 //!
 //! A single task owns everything here and is the only one to change the service's workers or route; the
-//! supervisor talks to it through [`ServiceHandle`]. An upgrade runs as a future beside the command loop:
-//! spawn → wait for readiness → switch the route → drain the old worker → stop it. Several requests during
-//! one upgrade coalesce into one follow-up. The decisions are in [`Service`]'s methods, which do no waiting;
-//! the waiting happens in the futures they start.
+//! supervisor talks to it through [`ServiceHandle`]. The steps of an upgrade:
+//!
+//! 1. spawn the next generation, 2. wait until it is ready, 3. switch the route to it, 4. watch it for
+//!    `watchdog` while the previous worker stays warm (a failure there rolls the route back), 5. drain the
+//!    previous worker, 6. stop it.
+//!
+//! Steps 1–2 run as one future beside the command loop; requests during them coalesce into one follow-up.
+//! Health probes of the active worker run all the time, with rise/fall thresholds; a worker that dies or
+//! turns unhealthy is replaced, with an exponential backoff so that a crash loop cannot spin. While there
+//! is no worker to route to, new connections wait (see `proxy`). The methods of [`Service`] make the
+//! decisions and do no waiting; the waiting happens in the futures they start.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,16 +24,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::config::ServiceConfig;
+use crate::config::{DrainPolicy, ServiceConfig};
 use crate::control::{Phase, ServiceState, Trigger, UpgradeRecord, UpgradeResult, millis};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
-use crate::readiness::{ReadinessError, wait_ready};
-use crate::route::{Route, SharedRoute, Upstream};
+use crate::readiness::{ReadinessError, probe, wait_ready};
+use crate::route::{Route, Settings, Shared, SharedRoute, Upstream};
 use crate::supervisor::chain;
-use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker};
+use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 
-/// The first wait before restarting a worker that exited on its own.
+/// The first wait before replacing a worker that died or turned unhealthy.
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between two restarts.
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -77,30 +84,33 @@ impl ServiceHandle {
     ) -> ServiceHandle {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
-        let service_metrics = context.metrics.service(&config.name);
+        let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
         let route = Arc::new(ArcSwap::from_pointee(Route {
             upstream: None,
-            connect_timeout: config.connect_timeout,
-            metrics: service_metrics,
+            hold: true,
+            settings: Settings::of(&config),
+            shared: Arc::clone(&shared),
         }));
         let service = Service {
             config,
             route,
+            shared,
             context,
             listeners: Vec::new(),
             pending_listeners: listeners,
             accepting: false,
             active: None,
-            active_exited: false,
-            active_since: Instant::now(),
+            watch: None,
             last_generation: 0,
             drains: JoinSet::new(),
             draining: Vec::new(),
             state: Arc::new(state_tx),
+            upgrading: false,
             follow_up: None,
             started: Some(started),
             restart_backoff: RESTART_BACKOFF_MIN,
-            restart_at: None,
+            restart: None,
+            shutting_down: false,
         };
         let task = tokio::spawn(service.run(receiver));
         ServiceHandle { commands, state, task }
@@ -118,11 +128,42 @@ impl ServiceHandle {
     }
 }
 
-/// The active worker with its data-path view.
+/// A worker with its data-path view and its health.
 #[derive(Debug)]
 struct Active {
     worker: Worker,
     upstream: Arc<Upstream>,
+    /// When it took traffic.
+    since: Instant,
+    /// Consecutive failed health probes.
+    failures: u32,
+    /// Consecutive good health probes.
+    successes: u32,
+    /// Whether it passes its health checks (false from `failures` failures until `successes` successes).
+    healthy: bool,
+}
+
+impl Active {
+    fn new(worker: Worker) -> Active {
+        let upstream = Arc::new(Upstream::new(worker.generation, worker.pid, worker.addr.clone()));
+        Active {
+            worker,
+            upstream,
+            since: Instant::now(),
+            failures: 0,
+            successes: 0,
+            healthy: true,
+        }
+    }
+}
+
+/// The watchdog window after a switch: the previous worker is kept warm so traffic can go back to it.
+#[derive(Debug)]
+struct Watch {
+    previous: Active,
+    until: Instant,
+    /// The upgrade being watched; its result is known when the window ends.
+    record: UpgradeRecord,
 }
 
 /// Why an upgrade did not produce a ready worker.
@@ -141,9 +182,13 @@ enum UpgradeError {
 /// An upgrade in flight: yields its trigger, generation, duration, and the ready worker or the failure.
 type UpgradeFuture = Pin<Box<dyn Future<Output = (Trigger, u64, Duration, Result<Worker, UpgradeError>)> + Send>>;
 
+/// A health probe in flight: yields the generation probed and whether it answered.
+type ProbeFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
+
 struct Service {
     config: Arc<ServiceConfig>,
     route: SharedRoute,
+    shared: Arc<Shared>,
     context: Context,
     /// Public sockets with their accept loops.
     listeners: Vec<(Arc<Listener>, AbortOnDropHandle<()>)>,
@@ -151,38 +196,44 @@ struct Service {
     pending_listeners: Vec<Arc<Listener>>,
     /// Whether the service has had a ready worker and so accepts connections.
     accepting: bool,
+    /// The worker new connections go to; `None` while there is none alive.
     active: Option<Active>,
-    /// Whether the active worker's exit has been seen.
-    active_exited: bool,
-    /// When the active worker took over, for the restart backoff.
-    active_since: Instant,
+    /// The watchdog window of the last switch, if it is still open.
+    watch: Option<Watch>,
     last_generation: u64,
     /// One task per old worker: drain, then stop; yields the generation it stopped.
     drains: JoinSet<u64>,
+    /// The old workers those tasks drain, oldest first.
     draining: Vec<Arc<Upstream>>,
     state: Arc<watch::Sender<ServiceState>>,
+    /// Whether an upgrade future is in flight.
+    upgrading: bool,
     /// A request that came during an upgrade, to run after it.
     follow_up: Option<Trigger>,
     /// Told how the first upgrade went.
     started: Option<oneshot::Sender<Result<(), String>>>,
     restart_backoff: Duration,
-    /// When to replace a worker that exited on its own.
-    restart_at: Option<Instant>,
+    /// When to replace a worker that died or turned unhealthy, and why.
+    restart: Option<(Instant, Trigger)>,
+    shutting_down: bool,
 }
 
 impl Service {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ServiceCommand>) {
         let mut upgrade: Option<UpgradeFuture> = Some(self.begin_upgrade(Trigger::Start));
+        let mut health: Option<ProbeFuture> = None;
         loop {
-            let active_exit = self
-                .active
-                .as_ref()
-                .filter(|_| !self.active_exited)
-                .map(|a| a.worker.exit_watch());
-            let restart_at = self.restart_at;
+            if health.is_none() {
+                health = self.next_probe();
+            }
+            let active_exit = self.active.as_ref().map(|a| a.worker.exit_watch());
+            let previous_exit = self.watch.as_ref().map(|w| w.previous.worker.exit_watch());
+            let watch_until = self.watch.as_ref().map(|w| w.until);
+            let restart_at = self.restart.map(|(at, _)| at);
             tokio::select! {
                 (trigger, generation, took, result) = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
                     upgrade = None;
+                    self.upgrading = false;
                     self.finish_upgrade(trigger, generation, took, result);
                     if let Some(trigger) = self.follow_up.take() {
                         upgrade = Some(self.begin_upgrade(trigger));
@@ -199,17 +250,29 @@ impl Service {
                     Some(ServiceCommand::Reconfigure { config, listeners }) => self.reconfigure(config, listeners),
                     None => break,
                 },
-                _status = async { active_exit.expect("guarded").await }, if active_exit.is_some() => {
-                    // The worker task logged the exit; connections to it now fail until a new worker is up.
-                    self.active_exited = true;
-                    self.schedule_restart();
+                (generation, ok) = async { health.as_mut().expect("guarded").await }, if health.is_some() => {
+                    health = None;
+                    self.health_result(generation, ok);
+                }
+                status = async { active_exit.expect("guarded").await }, if active_exit.is_some() => {
+                    self.active_exited(status);
+                }
+                _ = async { previous_exit.expect("guarded").await }, if previous_exit.is_some() => {
+                    // The warm worker died: there is nothing to roll back to any more.
+                    let watch = self.watch.take().expect("guarded");
+                    self.end_watch(watch, UpgradeResult::Success, None);
+                }
+                () = async { tokio::time::sleep_until(watch_until.expect("guarded")).await }, if watch_until.is_some() => {
+                    let watch = self.watch.take().expect("guarded");
+                    self.end_watch(watch, UpgradeResult::Success, None);
                 }
                 () = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
-                    self.restart_at = None;
+                    let (_, trigger) = self.restart.take().expect("guarded");
+                    self.context.metrics.restart(&self.config.name, trigger.label());
                     if upgrade.is_some() {
-                        self.follow_up = Some(Trigger::Restart);
+                        self.follow_up = Some(trigger);
                     } else {
-                        upgrade = Some(self.begin_upgrade(Trigger::Restart));
+                        upgrade = Some(self.begin_upgrade(trigger));
                     }
                 }
                 Some(done) = self.drains.join_next() => {
@@ -228,11 +291,12 @@ impl Service {
     /// Starts the next generation; the returned future spawns it and waits until it is ready.
     fn begin_upgrade(&mut self, trigger: Trigger) -> UpgradeFuture {
         self.last_generation += 1;
+        self.upgrading = true;
         let generation = self.last_generation;
         let config = Arc::clone(&self.config);
         let context = self.context.clone();
         let state = Arc::clone(&self.state);
-        self.set_phase(Phase::Spawning);
+        self.state.send_modify(|s| s.phase = Phase::Spawning);
         tracing::info!(service = %config.name, generation, trigger = trigger.label(), "upgrade started");
         Box::pin(async move {
             let started = Instant::now();
@@ -263,28 +327,28 @@ impl Service {
     ) {
         let name = self.config.name.clone();
         let old_generation = self.active.as_ref().map(|a| a.worker.generation);
-        let record = match result {
+        let mut record = UpgradeRecord {
+            trigger,
+            result: UpgradeResult::Success,
+            old_generation,
+            new_generation: generation,
+            new_pid: None,
+            duration_ms: millis(took),
+            error: None,
+            finished_at: 0.0,
+        };
+        match result {
             Ok(worker) => {
                 tracing::info!(
                     service = %name, generation, pid = worker.pid,
                     ready_ms = millis(took), old_generation = ?old_generation,
                     "worker ready: switched"
                 );
-                let record = UpgradeRecord {
-                    trigger,
-                    result: UpgradeResult::Success,
-                    old_generation,
-                    new_generation: generation,
-                    new_pid: Some(worker.pid),
-                    duration_ms: millis(took),
-                    error: None,
-                    finished_at: 0.0,
-                };
-                self.switch(worker);
-                record
+                record.new_pid = Some(worker.pid);
+                self.switch(worker, record);
             }
             Err(error) => {
-                let new_pid = match &error {
+                record.new_pid = match &error {
                     UpgradeError::NotReady { pid, .. } => Some(*pid),
                     UpgradeError::Spawn(_) => None,
                 };
@@ -293,52 +357,46 @@ impl Service {
                     chain(&error)
                 );
                 tracing::error!(service = %name, generation, "{error}");
-                if self.active.as_ref().is_some_and(|a| a.worker.exit_status().is_some()) {
-                    // The worker being replaced is dead too: keep trying, more slowly.
-                    self.schedule_restart();
+                record.result = UpgradeResult::Failed;
+                record.error = Some(error);
+                if self.active.as_ref().is_none_or(|a| !a.healthy) {
+                    // Nothing good serves: keep trying, more and more slowly.
+                    self.schedule_restart(match self.active {
+                        None => Trigger::Restart,
+                        Some(_) => Trigger::Unhealthy,
+                    });
                 }
-                UpgradeRecord {
-                    trigger,
-                    result: UpgradeResult::Failed,
-                    old_generation,
-                    new_generation: generation,
-                    new_pid,
-                    duration_ms: millis(took),
-                    error: Some(error),
-                    finished_at: 0.0,
-                }
+                self.record(record);
             }
-        };
-        self.context
-            .metrics
-            .upgrade_finished(&name, trigger.label(), record.result.label());
-        if let Some(started) = self.started.take() {
-            let _ = started.send(match &record.error {
-                None => Ok(()),
-                Some(error) => Err(error.clone()),
-            });
         }
-        self.publish(Some(record.now()));
     }
 
-    /// Points new connections at `worker` and starts draining the one it replaces.
-    fn switch(&mut self, worker: Worker) {
-        let upstream = Arc::new(Upstream::new(worker.generation, worker.pid, worker.addr.clone()));
-        let previous = self.active.replace(Active {
-            worker,
-            upstream: Arc::clone(&upstream),
-        });
+    /// Points new connections at `worker`. The worker it replaces is kept warm for the watchdog window, or
+    /// drained at once when there is no window.
+    fn switch(&mut self, worker: Worker, record: UpgradeRecord) {
+        let previous = self.active.replace(Active::new(worker));
         // The new route is stored before the old worker starts draining, so that a connection that finds the
         // old one draining sees the new one when it loads again.
         self.store_route();
-        if let Some(previous) = previous {
-            self.drain(previous);
+        if let Some(watch) = self.watch.take() {
+            // Superseded before its window ended: the watched worker did well enough.
+            self.end_watch(watch, UpgradeResult::Success, None);
         }
-        if self.restart_at.is_none() && self.active_since.elapsed() >= RESTART_STABLE_AFTER {
-            self.restart_backoff = RESTART_BACKOFF_MIN;
+        match previous {
+            Some(previous) if !self.config.watchdog.is_zero() => {
+                self.watch = Some(Watch {
+                    previous,
+                    until: Instant::now() + self.config.watchdog,
+                    record,
+                });
+                self.publish(None);
+            }
+            Some(previous) => {
+                self.drain(previous);
+                self.record(record);
+            }
+            None => self.record(record),
         }
-        self.active_since = Instant::now();
-        self.active_exited = false;
         if !self.accepting {
             self.accepting = true;
             for listener in std::mem::take(&mut self.pending_listeners) {
@@ -347,18 +405,148 @@ impl Service {
         }
     }
 
-    /// Lets `old` finish its connections, then stops it, on a task of its own.
+    /// Closes the watchdog window: keep the new worker (`Success`), or go back to the previous one.
+    fn end_watch(&mut self, watch: Watch, result: UpgradeResult, reason: Option<String>) {
+        let Watch {
+            previous, mut record, ..
+        } = watch;
+        if result == UpgradeResult::RolledBack {
+            let restored = previous.worker.generation;
+            let failed = self.active.replace(Active {
+                since: Instant::now(),
+                failures: 0,
+                successes: 0,
+                healthy: true,
+                ..previous
+            });
+            self.store_route();
+            let reason = reason.unwrap_or_default();
+            let error = format!(
+                "service `{}`: generation {} {reason}: rolled back to generation {restored}",
+                self.config.name, record.new_generation
+            );
+            tracing::error!(service = %self.config.name, generation = record.new_generation, restored, "{error}");
+            record.error = Some(error);
+            if let Some(failed) = failed {
+                self.drain(failed);
+            }
+        } else {
+            self.drain(previous);
+        }
+        record.result = result;
+        self.record(record);
+    }
+
+    /// Records the end of an upgrade and tells whoever waits for it.
+    fn record(&mut self, record: UpgradeRecord) {
+        self.context
+            .metrics
+            .upgrade_finished(&self.config.name, record.trigger.label(), record.result.label());
+        if let Some(started) = self.started.take() {
+            let _ = started.send(match record.result {
+                UpgradeResult::Failed => Err(record.error.clone().unwrap_or_default()),
+                _ => Ok(()),
+            });
+        }
+        self.publish(Some(record.now()));
+    }
+
+    /// The next health probe of the active worker, if there is one to probe.
+    fn next_probe(&self) -> Option<ProbeFuture> {
+        let active = self.active.as_ref()?;
+        let generation = active.worker.generation;
+        let addr = active.worker.addr.clone();
+        let path = self.config.readiness.path.clone();
+        let health = self.config.health.clone();
+        Some(Box::pin(async move {
+            tokio::time::sleep(health.interval).await;
+            let ok = matches!(
+                tokio::time::timeout(health.timeout, probe(&addr, path.as_deref())).await,
+                Ok(Ok(()))
+            );
+            (generation, ok)
+        }))
+    }
+
+    /// Applies one probe result with rise/fall hysteresis.
+    fn health_result(&mut self, generation: u64, ok: bool) {
+        let Some(active) = self.active.as_mut().filter(|a| a.worker.generation == generation) else {
+            return;
+        };
+        let health = &self.config.health;
+        let metrics = &self.shared.metrics;
+        if ok {
+            metrics.health_ok.inc();
+            active.failures = 0;
+            active.successes += 1;
+            if !active.healthy && active.successes >= health.successes {
+                active.healthy = true;
+                tracing::info!(service = %self.config.name, generation, "worker healthy again");
+                self.publish(None);
+            }
+            return;
+        }
+        metrics.health_failed.inc();
+        active.successes = 0;
+        active.failures += 1;
+        if !active.healthy || active.failures < health.failures {
+            return;
+        }
+        active.healthy = false;
+        let failures = active.failures;
+        tracing::warn!(service = %self.config.name, generation, failures, "worker unhealthy");
+        match self.watch.take() {
+            Some(watch) => self.end_watch(
+                watch,
+                UpgradeResult::RolledBack,
+                Some(format!("failed {failures} health checks")),
+            ),
+            None => {
+                self.schedule_restart(Trigger::Unhealthy);
+                self.publish(None);
+            }
+        }
+    }
+
+    /// The active worker exited on its own.
+    fn active_exited(&mut self, status: std::process::ExitStatus) {
+        let Some(active) = self.active.take() else { return };
+        if let Some(watch) = self.watch.take() {
+            self.active = Some(active);
+            let reason = format!("exited ({})", describe(status));
+            self.end_watch(watch, UpgradeResult::RolledBack, Some(reason));
+            return;
+        }
+        // New connections wait for the replacement instead of dialling a dead socket.
+        self.store_route();
+        self.drain(active);
+        self.schedule_restart(Trigger::Restart);
+        self.publish(None);
+    }
+
+    /// Lets `old` finish its connections, then stops it, on a task of its own. Past `max_draining` old
+    /// workers, the oldest has its connections cut to make room.
     fn drain(&mut self, old: Active) {
-        let Active { worker, upstream } = old;
+        let Active { worker, upstream, .. } = old;
         let config = Arc::clone(&self.config);
+        if !self.shutting_down && self.draining.len() >= config.max_draining as usize {
+            let oldest = &self.draining[0];
+            tracing::warn!(
+                service = %config.name, generation = oldest.generation, pid = oldest.pid,
+                connections = oldest.connections(), "too many draining workers: cutting the oldest"
+            );
+            oldest.cut_now();
+        }
         self.draining.push(Arc::clone(&upstream));
         self.drains.spawn(async move {
             let started = Instant::now();
-            let connections = upstream.connections();
             tracing::info!(
-                service = %config.name, generation = worker.generation, pid = worker.pid, connections,
-                "draining"
+                service = %config.name, generation = worker.generation, pid = worker.pid,
+                connections = upstream.connections(), policy = ?config.drain_policy, "draining"
             );
+            if config.drain_policy == DrainPolicy::Signal {
+                worker.begin_stop(config.stop_signal);
+            }
             let cut = upstream.drain(config.drain_timeout).await;
             if cut > 0 {
                 tracing::warn!(
@@ -371,26 +559,32 @@ impl Service {
             let status = worker.stop(config.stop_signal, config.stop_timeout).await;
             tracing::info!(
                 service = %config.name, generation, pid, drain_ms = millis(started.elapsed()),
-                status = %crate::worker::describe(status), "old worker stopped"
+                status = %describe(status), "old worker stopped"
             );
             generation
         });
+        self.publish(None);
     }
 
-    fn schedule_restart(&mut self) {
-        if self.restart_at.is_some() {
+    /// Replaces the worker after the current backoff, which doubles each time unless the worker ran long.
+    fn schedule_restart(&mut self, trigger: Trigger) {
+        if self.restart.is_some() || self.shutting_down {
             return;
         }
-        if self.active_since.elapsed() >= RESTART_STABLE_AFTER {
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.since.elapsed() >= RESTART_STABLE_AFTER)
+        {
             self.restart_backoff = RESTART_BACKOFF_MIN;
         }
         let wait = self.restart_backoff;
         self.restart_backoff = (self.restart_backoff * 2).min(RESTART_BACKOFF_MAX);
         tracing::warn!(
-            service = %self.config.name, wait_ms = millis(wait),
-            "active worker is gone: restarting it"
+            service = %self.config.name, wait_ms = millis(wait), reason = trigger.label(),
+            "replacing the worker"
         );
-        self.restart_at = Some(Instant::now() + wait);
+        self.restart = Some((Instant::now() + wait, trigger));
     }
 
     fn reconfigure(&mut self, config: Arc<ServiceConfig>, listeners: Vec<Arc<Listener>>) {
@@ -423,28 +617,35 @@ impl Service {
         self.listeners.push((listener, AbortOnDropHandle::new(task)));
     }
 
+    /// Publishes a new route snapshot and wakes the connections waiting for one.
     fn store_route(&self) {
-        let current = self.route.load();
         self.route.store(Arc::new(Route {
             upstream: self.active.as_ref().map(|a| Arc::clone(&a.upstream)),
-            connect_timeout: self.config.connect_timeout,
-            metrics: current.metrics.clone(),
+            hold: !self.shutting_down,
+            settings: Settings::of(&self.config),
+            shared: Arc::clone(&self.shared),
         }));
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        self.state.send_modify(|s| s.phase = phase);
+        self.shared.changed.notify_waiters();
     }
 
     /// Publishes the service's state; `upgrade` is the record of an upgrade that just ended.
     fn publish(&self, upgrade: Option<UpgradeRecord>) {
         self.state.send_modify(|s| {
             if let Some(record) = upgrade {
-                s.phase = Phase::Idle;
                 s.last_upgrade = Some(record);
             }
+            s.phase = match s.phase {
+                _ if self.shutting_down => Phase::ShuttingDown,
+                phase @ (Phase::Spawning | Phase::WaitingReady) if self.upgrading => phase,
+                _ if self.upgrading => Phase::Spawning,
+                _ if self.watch.is_some() => Phase::Watching,
+                _ => Phase::Idle,
+            };
             s.active = self.active.as_ref().map(|a| Arc::clone(&a.upstream));
+            s.healthy = self.active.as_ref().is_some_and(|a| a.healthy);
+            s.previous = self.watch.as_ref().map(|w| Arc::clone(&w.previous.upstream));
             s.draining = self.draining.clone();
+            s.restart_at = self.restart.map(|(at, _)| at);
             s.listen = self
                 .listeners
                 .iter()
@@ -457,11 +658,17 @@ impl Service {
     /// Stops accepting, drains every worker under its deadline and stops it.
     async fn shut_down(mut self) {
         tracing::info!(service = %self.config.name, "shutting down");
+        self.shutting_down = true;
+        self.upgrading = false;
+        self.restart = None;
         self.listeners.clear();
         self.pending_listeners.clear();
-        self.set_phase(Phase::ShuttingDown);
-        if let Some(active) = self.active.take() {
-            self.store_route();
+        let active = self.active.take();
+        self.store_route();
+        if let Some(watch) = self.watch.take() {
+            self.drain(watch.previous);
+        }
+        if let Some(active) = active {
             self.drain(active);
         }
         self.publish(None);
@@ -471,7 +678,7 @@ impl Service {
             }
             self.publish(None);
         }
-        self.set_phase(Phase::Stopped);
+        self.state.send_modify(|s| s.phase = Phase::Stopped);
         self.context.metrics.forget_service(&self.config.name);
         tracing::info!(service = %self.config.name, "stopped");
     }

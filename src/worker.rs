@@ -273,10 +273,17 @@ impl Worker {
         }
     }
 
-    /// Stops the worker: `signal`, then SIGKILL after `timeout`. Returns once it is reaped.
+    /// Asks the worker to stop with `signal`, unless it was asked already. Its exit is then expected.
+    pub fn begin_stop(&self, signal: Signal) {
+        if !self.stopping.swap(true, Ordering::AcqRel) {
+            self.signal(signal);
+        }
+    }
+
+    /// Stops the worker: `signal` (unless [`Worker::begin_stop`] sent one), then SIGKILL after `timeout`.
+    /// Returns once it is reaped.
     pub async fn stop(self, signal: Signal, timeout: Duration) -> ExitStatus {
-        self.stopping.store(true, Ordering::Release);
-        self.signal(signal);
+        self.begin_stop(signal);
         let status = match tokio::time::timeout(timeout, self.exited()).await {
             Ok(status) => status,
             Err(_) => {

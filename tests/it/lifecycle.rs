@@ -63,7 +63,11 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn sighups_during_an_upgrade_coalesce_into_one_follow_up() {
-    let baton = Baton::start(&service("web", &["--port", "{port}", "--ready-after", "300ms"], ""));
+    let baton = Baton::start(&service(
+        "web",
+        &["--port", "{port}", "--ready-after", "300ms"],
+        "watchdog = \"0s\"",
+    ));
     baton.signal(Signal::SIGHUP);
     wait_for("the upgrade to wait for readiness", || {
         let service = baton.service("web");

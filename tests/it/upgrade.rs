@@ -9,7 +9,11 @@ const CLIENTS: usize = 16;
 
 #[test]
 fn fifty_upgrades_under_load_lose_no_connection() {
-    let baton = Baton::start(&service("web", &["--port", "{port}"], "drain_timeout = \"10s\""));
+    let baton = Baton::start(&service(
+        "web",
+        &["--port", "{port}"],
+        "drain_timeout = \"10s\"\nwatchdog = \"1s\"",
+    ));
     let load = Load::start(baton.addr("web"), CLIENTS);
     load.wait_ok(100);
     for generation in 2..=UPGRADES + 1 {
@@ -48,11 +52,14 @@ fn fifty_upgrades_under_load_lose_no_connection() {
 }
 
 #[test]
-fn the_load_checker_sees_failures_when_the_worker_is_killed() {
-    // The control case: proves the checker above can fail.
-    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+fn the_load_checker_sees_failures_when_no_worker_can_take_the_connections() {
+    // The control case: proves the checker above can fail. The worker is killed and its replacement never
+    // becomes ready, so held connections are closed at the pending timeout.
+    let config = |args: &[&str]| service("web", args, "pending_timeout = \"100ms\"");
+    let baton = Baton::start(&config(&["--port", "{port}"]));
     let load = Load::start(baton.addr("web"), CLIENTS);
     load.wait_ok(50);
+    baton.write_config(&config(&["--port", "{port}", "--never-ready"]));
     let pid = baton.service("web")["pid"].as_u64().expect("pid") as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill the worker");
     wait_for("the load to see failures", || {
@@ -67,8 +74,41 @@ fn the_load_checker_sees_failures_when_the_worker_is_killed() {
 }
 
 #[test]
+fn connections_are_held_while_a_killed_worker_restarts() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    let load = Load::start(baton.addr("web"), CLIENTS);
+    load.wait_ok(50);
+    let pid = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    let ok_before = load.ok();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the worker");
+    baton.wait_generation("web", 2);
+    wait_gone([pid]);
+    load.wait_ok(100);
+    let report = load.stop();
+    // Only exchanges inside the killed worker at that instant may fail: at most one per client.
+    assert!(
+        report.failures <= CLIENTS as u64,
+        "{} failures: {:?}",
+        report.failures,
+        report.errors
+    );
+    assert!(report.generations.contains(&2), "the restarted worker answers");
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["trigger"], "restart", "{record}");
+    eprintln!(
+        "worker killed under load: {} exchanges ok ({} before the kill), {} failed: {:?}",
+        report.ok, ok_before, report.failures, report.errors
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
 fn a_long_lived_connection_stays_with_the_old_worker_until_the_drain_timeout() {
-    let baton = Baton::start(&service("web", &["--port", "{port}"], "drain_timeout = \"1s\""));
+    let baton = Baton::start(&service(
+        "web",
+        &["--port", "{port}"],
+        "drain_timeout = \"1s\"\nwatchdog = \"0s\"",
+    ));
     let addr = baton.addr("web");
     let mut old = KeepAlive::connect(addr);
     assert_eq!(old.whoami().expect("whoami"), 1);
