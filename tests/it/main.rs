@@ -2,6 +2,7 @@
 
 mod cli;
 mod data_path;
+mod faults;
 mod lifecycle;
 mod support;
 mod upgrade;

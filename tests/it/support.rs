@@ -169,6 +169,22 @@ impl Baton {
             .unwrap_or_else(|| panic!("service {name} has no address: {}", self.status()))
     }
 
+    /// The value of the sample `series` (name and labels as exposed) in `/metrics`, or 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = http_get(self.admin, "/metrics").expect("GET /metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The process id of service `name`'s active worker.
+    pub fn worker_pid(&self, name: &str) -> u32 {
+        let service = self.service(name);
+        service["pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no worker: {service}")) as u32
+    }
+
     /// Waits until every service has a worker and no upgrade runs.
     pub fn wait_idle(&self) {
         wait_for("every service to serve", || {

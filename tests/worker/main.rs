@@ -8,12 +8,17 @@
 //! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
 //!
 //! HTTP connections are kept alive unless the request says `Connection: close`.
+//!
+//! By default SIGTERM ends it at once, like most servers. `--graceful` makes it stop like a server with a
+//! graceful shutdown: stop accepting, finish the requests in flight, close idle keep-alive connections,
+//! exit when none is left.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -41,17 +46,66 @@ struct Args {
     /// Keep running on SIGTERM (only SIGKILL stops it).
     #[arg(long)]
     ignore_sigterm: bool,
+    /// Shut down gracefully on SIGTERM (TCP only).
+    #[arg(long)]
+    graceful: bool,
+    /// Answer /readyz with 500 from this long after start.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    unhealthy_after: Option<Duration>,
+    /// Answer /readyz with 200 and 500 in turn.
+    #[arg(long)]
+    flap: bool,
+    /// Never close an HTTP connection the client has half-closed: keep it open, silent.
+    #[arg(long)]
+    ignore_eof: bool,
+}
+
+/// Set when a graceful shutdown has begun.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Connections open now.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+/// How often a graceful worker's idle connections look at [`STOPPING`].
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// Counts a connection in [`OPEN`].
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        OPEN.fetch_add(1, Ordering::SeqCst);
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Worker {
     generation: String,
     pid: u32,
     ready_at: Option<Instant>,
+    unhealthy_at: Option<Instant>,
+    flap: Option<AtomicU64>,
+    ignore_eof: bool,
+}
+
+impl Worker {
+    fn ready(&self) -> bool {
+        let now = Instant::now();
+        let ready = self.ready_at.is_some_and(|at| now >= at) && self.unhealthy_at.is_none_or(|at| now < at);
+        match &self.flap {
+            Some(count) => ready && count.fetch_add(1, Ordering::SeqCst) % 2 == 0,
+            None => ready,
+        }
+    }
 }
 
 fn main() {
     let args = Args::parse();
-    if args.ignore_sigterm {
+    if args.ignore_sigterm || args.graceful {
         // Blocked before any thread starts, so every thread inherits the mask and SIGTERM stays pending forever.
         let mut set = nix::sys::signal::SigSet::empty();
         set.add(nix::sys::signal::Signal::SIGTERM);
@@ -62,6 +116,9 @@ fn main() {
         generation: std::env::var("BATON_GENERATION").unwrap_or_else(|_| "0".into()),
         pid: std::process::id(),
         ready_at: (!args.never_ready).then(|| started + args.ready_after.unwrap_or_default()),
+        unhealthy_at: args.unhealthy_after.map(|after| started + after),
+        flap: args.flap.then(|| AtomicU64::new(0)),
+        ignore_eof: args.ignore_eof,
     });
     if let Some(after) = args.exit_after {
         std::thread::spawn(move || {
@@ -86,10 +143,29 @@ fn main() {
         }
         (Some(port), None) => {
             let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the port");
-            for stream in listener.incoming().flatten() {
-                let worker = Arc::clone(&worker);
+            if args.graceful {
                 std::thread::spawn(move || {
+                    let mut set = nix::sys::signal::SigSet::empty();
+                    set.add(nix::sys::signal::Signal::SIGTERM);
+                    let _ = set.wait();
+                    eprintln!("test worker: SIGTERM: shutting down gracefully");
+                    STOPPING.store(true, Ordering::SeqCst);
+                    // Wake the accept loop.
+                    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+                });
+            }
+            for stream in listener.incoming().flatten() {
+                if STOPPING.load(Ordering::SeqCst) {
+                    break;
+                }
+                let worker = Arc::clone(&worker);
+                let open = Open::new();
+                std::thread::spawn(move || {
+                    let _open = open;
                     let _ = stream.set_nodelay(true);
+                    if args.graceful {
+                        let _ = stream.set_read_timeout(Some(STOP_POLL));
+                    }
                     let shutdown = stream.try_clone().map(|s| move || s.shutdown(Shutdown::Write));
                     serve(&worker, stream, shutdown.ok());
                 });
@@ -97,13 +173,33 @@ fn main() {
         }
         (None, None) => panic!("give --port or --socket"),
     }
+    // Only a graceful shutdown leaves the accept loop: wait for the open connections to finish.
+    while OPEN.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(STOP_POLL);
+    }
+    eprintln!("test worker: stopped gracefully");
+}
+
+/// Reads into `buf`, riding out the read timeout of a graceful worker. When a graceful shutdown has begun
+/// and the connection is `idle` (between requests), it reports end of stream so the connection closes.
+fn read<S: Read>(stream: &mut S, buf: &mut [u8], idle: bool) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if idle && STOPPING.load(Ordering::SeqCst) {
+                    return Ok(0);
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 fn serve<S: Read + Write>(worker: &Worker, mut stream: S, half_close: Option<impl FnOnce() -> io::Result<()>>) {
     let mut pending = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     while pending.len() < 4 {
-        match stream.read(&mut chunk) {
+        match read(&mut stream, &mut chunk, pending.is_empty()) {
             Ok(0) | Err(_) => {
                 if !pending.is_empty() {
                     let _ = stream.write_all(&pending);
@@ -125,7 +221,7 @@ fn serve<S: Read + Write>(worker: &Worker, mut stream: S, half_close: Option<imp
         return;
     }
     loop {
-        match stream.read(&mut chunk) {
+        match read(&mut stream, &mut chunk, false) {
             Ok(0) => break,
             Ok(n) => {
                 if stream.write_all(&chunk[..n]).is_err() {
@@ -147,8 +243,11 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
             if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            let n = stream.read(&mut chunk)?;
+            let n = read(stream, &mut chunk, pending.is_empty())?;
             if n == 0 {
+                while worker.ignore_eof && !STOPPING.load(Ordering::SeqCst) {
+                    std::thread::sleep(STOP_POLL);
+                }
                 return Ok(());
             }
             pending.extend_from_slice(&chunk[..n]);
@@ -171,7 +270,7 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
             }
         }
         while pending.len() < content_length {
-            let n = stream.read(&mut chunk)?;
+            let n = read(stream, &mut chunk, false)?;
             if n == 0 {
                 return Ok(());
             }
@@ -181,10 +280,8 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
         let mut parts = request_line.split(' ');
         let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
         let (status, body) = match (method, path) {
-            ("GET", "/readyz") => match worker.ready_at {
-                Some(at) if Instant::now() >= at => ("200 OK", b"ready\n".to_vec()),
-                _ => ("503 Service Unavailable", b"not ready\n".to_vec()),
-            },
+            ("GET", "/readyz") if worker.ready() => ("200 OK", b"ready\n".to_vec()),
+            ("GET", "/readyz") => ("503 Service Unavailable", b"not ready\n".to_vec()),
             ("GET", "/whoami") => (
                 "200 OK",
                 format!("gen={} pid={}\n", worker.generation, worker.pid).into_bytes(),
@@ -192,6 +289,8 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
             ("POST", "/echo") => ("200 OK", body),
             _ => ("404 Not Found", b"not found\n".to_vec()),
         };
+        // A server shutting down gracefully closes the connection after the request in flight.
+        let close = close || STOPPING.load(Ordering::SeqCst);
         let head = format!(
             "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Generation: {}\r\nX-Pid: {}\r\n{}\r\n",
             body.len(),
