@@ -2,6 +2,7 @@
 
 mod cli;
 mod data_path;
+mod drain;
 mod faults;
 mod lifecycle;
 mod support;

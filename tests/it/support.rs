@@ -312,6 +312,16 @@ impl KeepAlive {
 
     /// Asks the worker who it is; returns its generation.
     pub fn whoami(&mut self) -> std::io::Result<u64> {
+        self.exchange().map_err(|(e, _)| e)
+    }
+
+    /// Like [`KeepAlive::whoami`]; a failure tells whether any of the answer had arrived.
+    pub fn exchange(&mut self) -> Result<u64, (std::io::Error, bool)> {
+        let mut answered = false;
+        self.ask(&mut answered).map_err(|e| (e, answered))
+    }
+
+    fn ask(&mut self, answered: &mut bool) -> std::io::Result<u64> {
         self.stream.write_all(b"GET /whoami HTTP/1.1\r\nHost: test\r\n\r\n")?;
         let mut length = None;
         let mut generation = None;
@@ -320,6 +330,7 @@ impl KeepAlive {
             if self.reader.read_line(&mut line)? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
+            *answered = true;
             let line = line.trim_end();
             if line.is_empty() {
                 break;
@@ -498,4 +509,102 @@ pub fn next(state: &mut u64) -> u64 {
     *state ^= *state << 25;
     *state ^= *state >> 27;
     state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// What a keep-alive load saw.
+#[derive(Debug, Default, Clone)]
+pub struct KeepAliveReport {
+    /// Requests answered.
+    pub ok: u64,
+    /// Requests that found their reused connection closed before any answer, and were sent again on a new
+    /// connection, as HTTP clients do for idempotent requests.
+    pub retried: u64,
+    /// Requests that failed for good: a retry that failed too, or an answer cut short.
+    pub failed: u64,
+    /// The first few failures, described.
+    pub errors: Vec<String>,
+    /// Generations that answered.
+    pub generations: BTreeSet<u64>,
+}
+
+/// Clients that each keep one connection alive and send `GET /whoami` on it in a loop.
+pub struct KeepAliveLoad {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<KeepAliveReport>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl KeepAliveLoad {
+    /// Starts `clients` keep-alive clients against `addr`.
+    pub fn start(addr: SocketAddr, clients: usize) -> KeepAliveLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(KeepAliveReport::default()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, report) = (Arc::clone(&stop), Arc::clone(&report));
+                std::thread::spawn(move || {
+                    let mut connection: Option<KeepAlive> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let reused = connection.is_some();
+                        let result = connection.get_or_insert_with(|| KeepAlive::connect(addr)).exchange();
+                        let outcome = match result {
+                            Ok(generation) => Ok(generation),
+                            Err((error, answered)) => {
+                                connection = None;
+                                if reused && !answered {
+                                    report.lock().expect("report lock").retried += 1;
+                                    let fresh = connection.insert(KeepAlive::connect(addr));
+                                    fresh.exchange().map_err(|(e, _)| format!("retry: {e}"))
+                                } else {
+                                    Err(error.to_string())
+                                }
+                            }
+                        };
+                        let mut report = report.lock().expect("report lock");
+                        match outcome {
+                            Ok(generation) => {
+                                report.ok += 1;
+                                report.generations.insert(generation);
+                            }
+                            Err(error) => {
+                                connection = None;
+                                report.failed += 1;
+                                if report.errors.len() < 10 {
+                                    report.errors.push(error);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        KeepAliveLoad { stop, report, threads }
+    }
+
+    /// What the clients saw so far.
+    pub fn report(&self) -> KeepAliveReport {
+        self.report.lock().expect("report lock").clone()
+    }
+
+    /// Waits until `count` more requests have been answered.
+    pub fn wait_ok(&self, count: u64) {
+        let target = self.report().ok + count;
+        wait_for(&format!("{count} more answered requests"), || {
+            let report = self.report();
+            if report.ok >= target {
+                Ok(())
+            } else {
+                Err(format!("{report:?}"))
+            }
+        });
+    }
+
+    /// Stops every client and returns what they saw.
+    pub fn stop(self) -> KeepAliveReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("client thread");
+        }
+        self.report.lock().expect("report lock").clone()
+    }
 }
