@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Semaphore;
 
 use crate::proxy;
 use crate::route::SharedRoute;
@@ -55,25 +56,70 @@ impl Listener {
 }
 
 /// Accepts connections on `listener` forever, serving each with the service's current route.
-pub async fn accept_loop(listener: Arc<Listener>, service: String, route: SharedRoute) {
+///
+/// Each connection takes a permit of `budget` (see [`connection_budget`]): when none is left, accepting pauses
+/// and new connections wait in the kernel's listen queue, so baton keeps descriptors for its admin API and its
+/// workers. Should the process still run out of descriptors or memory, it pauses [`ACCEPT_BACKOFF`] between
+/// tries instead of spinning.
+pub async fn accept_loop(listener: Arc<Listener>, service: String, route: SharedRoute, budget: Arc<Semaphore>) {
+    let mut exhausted = false;
+    let mut saturated = false;
     loop {
+        let permit = match Arc::clone(&budget).try_acquire_owned() {
+            Ok(permit) => {
+                if saturated {
+                    saturated = false;
+                    tracing::info!(service = %service, listen = %listener.local, "connection budget available again");
+                }
+                permit
+            }
+            Err(_) => {
+                if !saturated {
+                    saturated = true;
+                    tracing::warn!(
+                        service = %service, listen = %listener.local,
+                        "connection budget reached: new connections wait in the listen queue"
+                    );
+                }
+                match Arc::clone(&budget).acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                }
+            }
+        };
         match listener.socket.accept().await {
             Ok((stream, _peer)) => {
+                if exhausted {
+                    exhausted = false;
+                    tracing::info!(service = %service, listen = %listener.local, "accepting again");
+                }
                 let route = Arc::clone(&route);
                 tokio::spawn(async move {
                     proxy::serve(stream, &route).await;
+                    drop(permit);
                 });
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                tracing::warn!(service = %service, listen = %listener.local, error = %e, "accept failed: backing off");
+                route.load().shared.metrics.accept_errors.inc();
+                if !exhausted {
+                    exhausted = true;
+                    tracing::warn!(service = %service, listen = %listener.local, error = %e, "accept failed: backing off");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
             // A connection reset while queued, or similar: the next one is fine.
-            Err(e) => {
-                tracing::debug!(service = %service, listen = %listener.local, error = %e, "accept failed")
-            }
+            Err(e) => tracing::debug!(service = %service, listen = %listener.local, error = %e, "accept failed"),
         }
     }
+}
+
+/// How many proxied connections the open-file limit `fd_limit` allows: two descriptors each (client and
+/// worker), after a reserve for the admin API, probes, listeners and spawning.
+pub fn connection_budget(fd_limit: u64) -> usize {
+    let reserve = (fd_limit / 8).clamp(32, 1024);
+    usize::try_from(fd_limit.saturating_sub(reserve) / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(1, Semaphore::MAX_PERMITS)
 }
 
 /// Whether an accept error means the process or system is out of something, so retrying at once would spin.
@@ -82,4 +128,17 @@ fn is_resource_exhaustion(error: &io::Error) -> bool {
         error.raw_os_error(),
         Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_leaves_a_reserve_and_counts_two_descriptors_a_connection() {
+        assert_eq!(connection_budget(64), 16);
+        assert_eq!(connection_budget(1024), 448);
+        assert_eq!(connection_budget(1 << 20), ((1 << 20) - 1024) / 2);
+        assert_eq!(connection_budget(10), 1, "never zero");
+    }
 }

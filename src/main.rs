@@ -117,7 +117,14 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         .thread_name("baton")
         .build()
         .context("cannot start the runtime")?;
-    let (spawner, spawner_loop) = Spawner::new();
+    let worker_fd_limit = match baton::worker::raise_fd_limit() {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
+    };
+    let (spawner, spawner_loop) = Spawner::new(worker_fd_limit);
     let (done_tx, done) = std::sync::mpsc::channel();
     {
         // Signals are registered before anything else, so that a SIGHUP during start-up is queued, not fatal.

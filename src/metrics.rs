@@ -79,6 +79,8 @@ pub struct ServiceMetrics {
     pub worker_resets: IntCounter,
     /// Connections the client reset or broke.
     pub client_resets: IntCounter,
+    /// Accepts that failed for want of descriptors or memory.
+    pub accept_errors: IntCounter,
     /// Connections closed at once because no worker could take them.
     pub rejected_no_worker: IntCounter,
     /// Connections closed at once because `max_connections` were open.
@@ -232,6 +234,7 @@ impl Metrics {
             worker_connect_errors: error(Side::Worker, "connect"),
             worker_resets: error(Side::Worker, "reset"),
             client_resets: error(Side::Client, "reset"),
+            accept_errors: error(Side::Client, "accept"),
             rejected_no_worker: self.rejected.with_label_values(&[name, "no_worker"]),
             rejected_max_connections: self.rejected.with_label_values(&[name, "max_connections"]),
             rejected_pending_timeout: self.rejected.with_label_values(&[name, "pending_timeout"]),

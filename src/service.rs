@@ -72,6 +72,8 @@ pub struct Context {
     pub runtime_dir: Arc<RuntimeDir>,
     /// The registry.
     pub metrics: Metrics,
+    /// Permits for proxied connections, shared by every service (see `listener::connection_budget`).
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServiceHandle {
@@ -613,6 +615,7 @@ impl Service {
             Arc::clone(&listener),
             self.config.name.clone(),
             Arc::clone(&self.route),
+            Arc::clone(&self.context.connections),
         ));
         self.listeners.push((listener, AbortOnDropHandle::new(task)));
     }

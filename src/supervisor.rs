@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::admin;
 use crate::config::{Config, ConfigError};
 use crate::control::{Command, Control, Directory, Trigger};
-use crate::listener::Listener;
+use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
 use crate::service::{Context, ServiceCommand, ServiceHandle};
 use crate::worker::{RuntimeDir, Spawner};
@@ -107,6 +107,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let metrics = Metrics::new();
+    let (fd_limit, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let budget = connection_budget(fd_limit);
+    tracing::info!(fd_limit, connections = budget, "connection budget");
     let runtime_dir = Arc::new(RuntimeDir::create().map_err(StartError::RuntimeDir)?);
     let pool = bind_all(&config, &HashMap::new())?;
     let admin_listener = bind_admin(config.admin.listen).await?;
@@ -125,6 +129,7 @@ pub async fn run(
             spawner,
             runtime_dir,
             metrics,
+            connections: Arc::new(tokio::sync::Semaphore::new(budget)),
         },
         pool,
         services: BTreeMap::new(),

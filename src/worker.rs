@@ -66,6 +66,29 @@ pub enum SpawnError {
 #[derive(Debug, Clone)]
 pub struct Spawner {
     requests: std::sync::mpsc::Sender<SpawnerMessage>,
+    /// The open-file limit workers get: baton's own before [`raise_fd_limit`] raised it.
+    worker_fd_limit: Option<FdLimit>,
+}
+
+/// A soft and hard `RLIMIT_NOFILE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimit {
+    /// The soft limit.
+    pub soft: u64,
+    /// The hard limit.
+    pub hard: u64,
+}
+
+/// Raises baton's open-file limit to its hard limit, so that it can hold as many connections as the system
+/// allows. Returns the limit as it was, for the workers: some servers still use `select(2)` and break with
+/// descriptors above 1024.
+pub fn raise_fd_limit() -> io::Result<FdLimit> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(FdLimit { soft, hard })
 }
 
 /// The receiving end of a [`Spawner`], run on the main thread.
@@ -84,10 +107,16 @@ enum SpawnerMessage {
 }
 
 impl Spawner {
-    /// A spawner and the loop that serves it.
-    pub fn new() -> (Spawner, SpawnerLoop) {
+    /// A spawner and the loop that serves it. Workers get `worker_fd_limit` as their open-file limit.
+    pub fn new(worker_fd_limit: Option<FdLimit>) -> (Spawner, SpawnerLoop) {
         let (requests, receiver) = std::sync::mpsc::channel();
-        (Spawner { requests }, SpawnerLoop { requests: receiver })
+        (
+            Spawner {
+                requests,
+                worker_fd_limit,
+            },
+            SpawnerLoop { requests: receiver },
+        )
     }
 
     /// Forks and execs `command` on the spawning thread.
@@ -205,7 +234,7 @@ impl Worker {
         if let Some(cwd) = &service.cwd {
             command.current_dir(cwd);
         }
-        die_with_parent(&mut command);
+        prepare_child(&mut command, spawner.worker_fd_limit);
         let mut child = spawner
             .spawn(command)
             .await?
@@ -339,19 +368,22 @@ fn reserve_loopback_port() -> io::Result<std::net::SocketAddr> {
     listener.local_addr()
 }
 
-/// Makes the child receive SIGKILL when baton's spawning thread ends, and exit at once if baton has already
-/// gone by the time the child runs.
+/// Makes the child receive SIGKILL when baton's spawning thread ends (and exit at once if baton has already
+/// gone by the time the child runs), and gives it `fd_limit` back.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut std::process::Command) {
+fn prepare_child(command: &mut std::process::Command, fd_limit: Option<FdLimit>) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and getppid(2), which
-    // are async-signal-safe; it allocates nothing (the error is a raw errno) and takes no lock.
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2), getppid(2) and
+    // setrlimit(2), which are async-signal-safe; it allocates nothing (errors are raw errnos) and takes no lock.
     unsafe {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The parent died between fork and prctl: the signal will never come.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            if let Some(FdLimit { soft, hard }) = fd_limit {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)?;
             }
             Ok(())
         });

@@ -393,3 +393,70 @@ fn a_worker_killed_while_idle_is_restarted_and_gone_workers_leave_nothing_behind
     assert_eq!(http_get(baton.addr("web"), "/whoami").expect("served").0, 200);
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+/// The soft and hard open-file limits of process `pid`.
+fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+#[test]
+fn baton_raises_its_open_file_limit_and_gives_workers_the_original() {
+    let baton = Baton::spawn_under(&web(&[], ""), &["prlimit", "--nofile=512:4096"]);
+    baton.wait_idle();
+    assert_eq!(fd_limits(baton.pid()), ("4096".to_owned(), "4096".to_owned()));
+    assert_eq!(
+        fd_limits(baton.worker_pid("web")),
+        ("512".to_owned(), "4096".to_owned())
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_low_descriptor_limit_pauses_accepting_without_spinning_and_recovers() {
+    // With 64 descriptors baton proxies 16 connections at once; the other clients wait in the listen queue.
+    let extra = "idle_timeout = \"1s\"";
+    let baton = Baton::spawn_under(&web(&[], extra), &["prlimit", "--nofile=64:64"]);
+    baton.wait_idle();
+    let addr = baton.addr("web");
+    let clients: Vec<TcpStream> = (0..100).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    assert_eq!(clients.len(), 100, "the listen queue takes every client");
+    baton.wait_log("connection budget reached");
+    // Idle connections are reaped every second and the queue is taken 16 by 16: two rounds take at least
+    // two seconds, over which a spinning accept loop would burn a core.
+    let series = r#"baton_connection_errors_total{kind="idle_timeout",service="web",side="client"}"#;
+    let cpu_before = cpu_seconds(baton.pid());
+    let started = Instant::now();
+    wait_for("two rounds of reaped connections", || {
+        let reaped = baton.metric(series);
+        if reaped >= 32.0 {
+            Ok(())
+        } else {
+            Err(format!("{reaped}"))
+        }
+    });
+    let window = started.elapsed();
+    let cpu = cpu_seconds(baton.pid()) - cpu_before;
+    assert!(
+        cpu < window.as_secs_f64() / 4.0,
+        "baton used {cpu:.3} s of CPU in {window:?}: the accept loop spins"
+    );
+    let (code, _) = http_get(baton.admin, "/healthz").expect("the admin API still has descriptors");
+    assert_eq!(code, 200);
+    drop(clients);
+    wait_for("service to recover", || match http_get(addr, "/whoami") {
+        Ok((200, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    eprintln!(
+        "descriptor limit 64, 100 clients: baton used {:.3} s of CPU over {} ms, admin answered, recovered",
+        cpu,
+        window.as_millis()
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}

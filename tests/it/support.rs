@@ -66,9 +66,24 @@ impl Baton {
 
     /// Starts baton with `config` and waits only for its admin API.
     pub fn spawn(config: &str) -> Baton {
+        Baton::spawn_under(config, &[])
+    }
+
+    /// Starts baton as an argument of `wrapper` (a command such as `prlimit --nofile=64:64`), and waits
+    /// only for its admin API.
+    pub fn spawn_under(config: &str, wrapper: &[&str]) -> Baton {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("baton.toml"), with_admin(config)).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        let baton = env!("CARGO_BIN_EXE_baton");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(baton);
+                command
+            }
+            None => Command::new(baton),
+        };
+        let mut child = command
             .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("baton.toml"))
             .env("RUST_LOG", "info")
