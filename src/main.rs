@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use baton::config::Config;
 use baton::worker::Spawner;
 use clap::{Parser, Subcommand, ValueEnum};
+use nix::sys::signal::{SigSet, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Exit code of a runtime failure.
@@ -57,6 +58,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Until their handlers are installed, the signals baton handles are held pending rather than fatal.
+    let handled = signal_set();
+    let _ = handled.thread_block();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -132,6 +136,8 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         let reload = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        // The runtime's threads were started with these blocked; the main thread takes them from now on.
+        let _ = signal_set().thread_unblock();
         let config = Config::load(config_path).map_err(Failure::Config)?;
         // Ends the spawner loop on the main thread when the daemon ends, even by a panic.
         let exit_guard = SpawnerExit(spawner.clone());
@@ -160,6 +166,15 @@ fn run(config_path: &Path) -> Result<(), Failure> {
     let result = done.recv().context("the daemon task ended without a result")?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result.map_err(|e| Failure::Runtime(anyhow::anyhow!(baton::supervisor::chain(&e))))
+}
+
+/// The signals baton handles: SIGHUP, SIGTERM, SIGINT.
+fn signal_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(signal);
+    }
+    set
 }
 
 /// Calls [`Spawner::exit`] when dropped.

@@ -7,7 +7,8 @@
 //!    `watchdog` while the previous worker stays warm (a failure there rolls the route back), 5. drain the
 //!    previous worker, 6. stop it.
 //!
-//! Steps 1–2 run as one future beside the command loop; requests during them coalesce into one follow-up.
+//! Steps 1–2 run as one future beside the command loop; requests during steps 1–4 coalesce into one
+//! follow-up, which starts once the watchdog window has closed.
 //! Health probes of the active worker run all the time, with rise/fall thresholds; a worker that dies or
 //! turns unhealthy is replaced, with an exponential backoff so that a crash loop cannot spin. While there
 //! is no worker to route to, new connections wait (see `proxy`). The methods of [`Service`] make the
@@ -225,6 +226,12 @@ impl Service {
         let mut upgrade: Option<UpgradeFuture> = Some(self.begin_upgrade(Trigger::Start));
         let mut health: Option<ProbeFuture> = None;
         loop {
+            // Requests that came during the last upgrade or its watchdog window run now, as one.
+            if upgrade.is_none() && self.watch.is_none() {
+                if let Some(trigger) = self.follow_up.take() {
+                    upgrade = Some(self.begin_upgrade(trigger));
+                }
+            }
             if health.is_none() {
                 health = self.next_probe();
             }
@@ -237,18 +244,10 @@ impl Service {
                     upgrade = None;
                     self.upgrading = false;
                     self.finish_upgrade(trigger, generation, took, result);
-                    if let Some(trigger) = self.follow_up.take() {
-                        upgrade = Some(self.begin_upgrade(trigger));
-                    }
                 }
                 command = commands.recv() => match command {
-                    Some(ServiceCommand::Upgrade(trigger)) => {
-                        if upgrade.is_some() {
-                            self.follow_up = Some(trigger);
-                        } else {
-                            upgrade = Some(self.begin_upgrade(trigger));
-                        }
-                    }
+                    // An upgrade lasts until its watchdog window closes; requests meanwhile coalesce.
+                    Some(ServiceCommand::Upgrade(trigger)) => self.follow_up = Some(trigger),
                     Some(ServiceCommand::Reconfigure { config, listeners }) => self.reconfigure(config, listeners),
                     None => break,
                 },
@@ -271,11 +270,7 @@ impl Service {
                 () = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
                     let (_, trigger) = self.restart.take().expect("guarded");
                     self.context.metrics.restart(&self.config.name, trigger.label());
-                    if upgrade.is_some() {
-                        self.follow_up = Some(trigger);
-                    } else {
-                        upgrade = Some(self.begin_upgrade(trigger));
-                    }
+                    self.follow_up = Some(trigger);
                 }
                 Some(done) = self.drains.join_next() => {
                     if let Ok(generation) = done {
@@ -377,6 +372,8 @@ impl Service {
     /// drained at once when there is no window.
     fn switch(&mut self, worker: Worker, record: UpgradeRecord) {
         let previous = self.active.replace(Active::new(worker));
+        // A replacement that was due is moot now.
+        self.restart = None;
         // The new route is stored before the old worker starts draining, so that a connection that finds the
         // old one draining sees the new one when it loads again.
         self.store_route();

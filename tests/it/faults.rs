@@ -460,3 +460,39 @@ fn a_low_descriptor_limit_pauses_accepting_without_spinning_and_recovers() {
     );
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn fifty_upgrades_under_load_with_watchdog_rollbacks_lose_no_connection() {
+    const UPGRADES: u64 = 50;
+    let extra = "watchdog = \"200ms\"\n[service.web.health]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nfailures = 2\n";
+    let baton = Baton::start(&web(&[], extra));
+    let load = Load::start(baton.addr("web"), 16);
+    load.wait_ok(100);
+    let mut rolled_back = 0;
+    for generation in 2..=UPGRADES + 1 {
+        // Every fifth deploy is bad: it turns unhealthy 50 ms after it starts.
+        let bad = generation % 5 == 0;
+        let args: &[&str] = if bad { &["--unhealthy-after", "50ms"] } else { &[] };
+        baton.write_config(&web(args, extra));
+        baton.signal(Signal::SIGHUP);
+        let record = baton.wait_upgrade("web", generation);
+        let expected = if bad { "rolled_back" } else { "success" };
+        assert_eq!(record["result"], expected, "generation {generation}: {record}");
+        rolled_back += u64::from(bad);
+    }
+    load.wait_ok(100);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "{:?}", report.errors);
+    let current = baton.worker_pid("web");
+    wait_gone(report.pids.iter().copied().filter(|p| *p != current));
+    assert_eq!(
+        baton.metric(r#"baton_upgrades_total{result="rolled_back",service="web",trigger="signal"}"#),
+        rolled_back as f64
+    );
+    eprintln!(
+        "{UPGRADES} upgrades under load, {rolled_back} rolled back by the watchdog: {} exchanges, 0 failed, {} generations answered",
+        report.ok,
+        report.generations.len()
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}

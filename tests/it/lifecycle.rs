@@ -4,7 +4,7 @@ use std::net::TcpStream;
 
 use nix::sys::signal::Signal;
 
-use crate::support::{Baton, KeepAlive, service, wait_for, wait_gone};
+use crate::support::{Baton, KeepAlive, Load, service, wait_for, wait_gone};
 
 #[test]
 fn sigterm_stops_accepting_lets_open_connections_finish_then_exits_zero() {
@@ -106,4 +106,59 @@ fn sigterm_during_start_up_stops_at_once() {
     let status = baton.wait_exit();
     assert_eq!(status.code(), Some(0));
     wait_gone([pid]);
+}
+
+#[test]
+fn a_sighup_during_start_up_is_neither_fatal_nor_lost() {
+    let baton = Baton::spawn(&service("web", &["--port", "{port}", "--ready-after", "300ms"], ""));
+    baton.wait_log("worker started");
+    baton.signal(Signal::SIGHUP);
+    // Start-up finishes with generation 1, then the queued SIGHUP upgrades to generation 2.
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["trigger"], "signal", "{record}");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_storm_of_sighups_under_load_makes_one_upgrade_and_one_follow_up() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], "watchdog = \"2s\""));
+    let load = Load::start(baton.addr("web"), 8);
+    load.wait_ok(50);
+    let mut most_alive = 0;
+    for _ in 0..100 {
+        baton.signal(Signal::SIGHUP);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let service = baton.service("web");
+        let alive = usize::from(service["pid"].is_u64())
+            + usize::from(service["previous"].is_object())
+            + service["draining"].as_array().map_or(0, Vec::len)
+            + usize::from(matches!(service["phase"].as_str(), Some("spawning" | "waiting_ready")));
+        most_alive = most_alive.max(alive);
+    }
+    // The first SIGHUP upgrades to generation 2; the 99 during its upgrade and watchdog window make one
+    // follow-up, generation 3, once the window closes.
+    let record = wait_for("the follow-up upgrade to finish", || {
+        let service = baton.service("web");
+        if service["last_upgrade"]["new_generation"] == 3 && service["phase"] == "idle" {
+            Ok(service["last_upgrade"].clone())
+        } else {
+            Err(service.to_string())
+        }
+    });
+    assert_eq!(record["result"], "success", "{record}");
+    let upgrades = baton
+        .log_entries()
+        .iter()
+        .filter(|e| e["fields"]["message"] == "upgrade started")
+        .count();
+    assert_eq!(upgrades, 3, "the start, one upgrade, one follow-up");
+    assert!(most_alive <= 3, "{most_alive} generations alive at once");
+    load.wait_ok(50);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "{:?}", report.errors);
+    eprintln!(
+        "SIGHUP storm: 100 signals, 2 upgrades, at most {most_alive} generations alive, {} exchanges, 0 failed",
+        report.ok
+    );
+    assert_eq!(baton.stop().code(), Some(0));
 }

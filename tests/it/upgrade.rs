@@ -12,7 +12,7 @@ fn fifty_upgrades_under_load_lose_no_connection() {
     let baton = Baton::start(&service(
         "web",
         &["--port", "{port}"],
-        "drain_timeout = \"10s\"\nwatchdog = \"1s\"",
+        "drain_timeout = \"10s\"\nwatchdog = \"0s\"",
     ));
     let load = Load::start(baton.addr("web"), CLIENTS);
     load.wait_ok(100);
