@@ -1,8 +1,11 @@
 # baton in a container, running the shipped configuration (conf/baton.toml): one service, `web`, on port
-# 8080, served by Python's built-in HTTP server, with the admin API (/status, /metrics, reload) on 9900.
+# 8080, served by Python's built-in HTTP server, with the admin API (/status, /metrics, reload) on the
+# container's loopback port 9900, reachable from inside the container:
+#   docker exec CONTAINER python3 -c \
+#     "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9900/status').read().decode())"
 #
 #   docker build -t baton .
-#   docker run --init --rm -p 8080:8080 -p 127.0.0.1:9900:9900 baton
+#   docker run --init --rm -p 8080:8080 baton
 #
 # To run your own services, mount a configuration over /etc/baton/baton.toml (and install what its
 # workers need in an image built FROM this one); `docker kill --signal HUP` reloads it with no
@@ -39,24 +42,25 @@ COPY --from=build /src/target/release/baton /usr/local/bin/baton
 
 # The shipped configuration listens on loopback (127.0.0.1 and [::1]). Inside a container loopback is the
 # container's own and is not reachable from outside, not even through a published port, so the image's
-# copy listens on every IPv4 address of the container instead. The worker keeps binding 127.0.0.1: only
-# baton, in the same container, dials it.
-# The admin API (9900) has no authentication and can trigger reloads: publish it only to trusted networks
-# (for example `-p 127.0.0.1:9900:9900`), or not at all.
-# The build fails if conf/baton.toml changes so that these substitutions no longer apply.
+# copy serves the service on every IPv4 address of the container instead. The worker keeps binding
+# 127.0.0.1: only baton, in the same container, dials it.
+# The admin API stays on the container's loopback: baton refuses a non-loopback admin address unless
+# [admin] token_file is set. To reach it from outside, mount a configuration with
+#   [admin]
+#   listen = "0.0.0.0:9900"
+#   token_file = "/run/secrets/baton-admin-token"
+# and publish 9900 to trusted networks only.
+# The build fails if conf/baton.toml changes so that this substitution no longer applies.
 COPY conf/baton.toml /etc/baton/baton.toml
 RUN sed -i \
         -e 's|^listen = \["127\.0\.0\.1:8080", "\[::1]:8080"]$|listen = ["0.0.0.0:8080"]|' \
-        -e 's|^listen = "127\.0\.0\.1:9900"$|listen = "0.0.0.0:9900"|' \
         /etc/baton/baton.toml \
     && grep -qxF 'listen = ["0.0.0.0:8080"]' /etc/baton/baton.toml \
-    && grep -qxF 'listen = "0.0.0.0:9900"' /etc/baton/baton.toml \
-    && ! grep -qE '^listen = .*(127\.0\.0\.1|\[::1])' /etc/baton/baton.toml \
     && /usr/local/bin/baton check --config /etc/baton/baton.toml
 
 USER 10001:10001
 WORKDIR /srv/baton
-EXPOSE 8080 9900
+EXPOSE 8080
 
 # On SIGTERM baton stops accepting, lets open connections finish (up to the service's drain_timeout, 30s
 # in the shipped configuration), then stops the workers (up to stop_timeout, 10s). Give it that long

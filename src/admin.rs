@@ -1,32 +1,105 @@
-//! The admin HTTP API (hyper): `/healthz`, `/status`, `/metrics` and the reload action.
+//! The admin HTTP API (hyper): `/healthz`, `/status`, `/metrics` and the reload action, on TCP or a Unix
+//! socket, behind a bearer token when one is configured.
 //!
 //! It reads the state services publish and sends commands through [`Control`]; it never touches a worker or
 //! a route itself. Every answer is JSON except `/metrics`; every error has an `error` field. Request bodies are
 //! never read, so a client cannot make it hold memory.
 
 use std::convert::Infallible;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 
+use crate::config::AdminAddr;
 use crate::control::{Command, Control};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The admin API's listening socket.
+#[derive(Debug)]
+pub enum AdminListener {
+    /// A TCP socket.
+    Tcp(TcpListener),
+    /// A Unix socket, removed when dropped.
+    Unix(UnixAdmin),
+}
+
+/// A Unix admin socket and its path.
+#[derive(Debug)]
+pub struct UnixAdmin {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for UnixAdmin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl AdminListener {
+    /// Binds `addr`. A Unix socket is created with mode 0600 before it appears at its path, and replaces a
+    /// stale socket left there (never a file of another kind).
+    pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
+        match addr {
+            AdminAddr::Tcp(addr) => {
+                let listener = std::net::TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Tcp(TcpListener::from_std(listener)?))
+            }
+            AdminAddr::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "a file that is not a socket is in the way",
+                        ));
+                    }
+                }
+                let staging = path.with_extension(format!("{}.tmp", std::process::id()));
+                let _ = std::fs::remove_file(&staging);
+                let listener = std::os::unix::net::UnixListener::bind(&staging)?;
+                std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+                std::fs::rename(&staging, path)?;
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Unix(UnixAdmin {
+                    listener: UnixListener::from_std(listener)?,
+                    path: path.clone(),
+                }))
+            }
+        }
+    }
+
+    /// The address actually bound, for the log.
+    pub fn local(&self) -> String {
+        match self {
+            AdminListener::Tcp(l) => l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            AdminListener::Unix(u) => format!("unix:{}", u.path.display()),
+        }
+    }
+}
+
 /// Serves the admin API on `listener` until the task is aborted.
-pub async fn serve(listener: TcpListener, control: Control) {
+pub async fn serve(listener: AdminListener, control: Control) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+        let accepted = match &listener {
+            AdminListener::Tcp(l) => l.accept().await.map(|(s, _)| Connection::Tcp(s)),
+            AdminListener::Unix(u) => u.listener.accept().await.map(|(s, _)| Connection::Unix(s)),
+        };
+        let connection = match accepted {
+            Ok(connection) => connection,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(crate::listener::ACCEPT_BACKOFF).await;
@@ -35,17 +108,59 @@ pub async fn serve(listener: TcpListener, control: Control) {
         };
         let control = control.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(route(request, &control).await) }
-            });
-            let _ = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match connection {
+                Connection::Tcp(stream) => serve_connection(stream, control).await,
+                Connection::Unix(stream) => serve_connection(stream, control).await,
+            }
         });
     }
+}
+
+enum Connection {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn serve_connection<S>(stream: S, control: Control)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let control = control.clone();
+        async move { Ok::<_, Infallible>(authorized(request, &control).await) }
+    });
+    let _ = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Checks the bearer token, when one is configured, on every request but `/healthz`.
+async fn authorized(request: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/healthz" {
+        if let Some(token) = control.token.load().as_deref() {
+            let presented = request
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+                let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into());
+                response
+                    .headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+    }
+    route(request, control).await
+}
+
+/// Compares two byte strings in time that depends on their length only, not on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn route(request: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
@@ -101,4 +216,17 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
 
 fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
 }

@@ -69,7 +69,27 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Where the admin HTTP API listens.
-    pub listen: SocketAddr,
+    pub listen: AdminAddr,
+    /// A file holding the bearer token every request but `/healthz` must present.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    /// A TCP address; one that is not loopback needs a token.
+    Tcp(SocketAddr),
+    /// A Unix socket path (`unix:/path`), created with mode 0600.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminAddr::Tcp(addr) => write!(f, "{addr}"),
+            AdminAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// One `[service.NAME]` table.
@@ -248,6 +268,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Spanned<String>>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,13 +321,38 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let admin = match raw.admin.and_then(|a| a.listen) {
-            Some(listen) => AdminConfig {
-                listen: self.address("admin: listen", &listen)?,
+        let raw_admin = raw.admin.unwrap_or(RawAdmin {
+            listen: None,
+            token_file: None,
+        });
+        let listen = match &raw_admin.listen {
+            Some(listen) => match listen.get_ref().strip_prefix("unix:") {
+                Some(path) if path.starts_with('/') => AdminAddr::Unix(PathBuf::from(path)),
+                Some(_) => {
+                    return Err(self.error(
+                        listen.span(),
+                        "admin: listen `unix:` needs an absolute path, like \"unix:/run/baton/admin.sock\"".into(),
+                    ));
+                }
+                None => AdminAddr::Tcp(self.address("admin: listen", listen)?),
             },
-            None => AdminConfig {
-                listen: DEFAULT_ADMIN_LISTEN.parse().expect("the default admin address parses"),
-            },
+            None => AdminAddr::Tcp(DEFAULT_ADMIN_LISTEN.parse().expect("the default admin address parses")),
+        };
+        if let (AdminAddr::Tcp(addr), None) = (&listen, &raw_admin.token_file) {
+            if !addr.ip().is_loopback() {
+                let span = raw_admin.listen.as_ref().map_or(0..0, |l| l.span());
+                return Err(self.error(
+                    span,
+                    format!(
+                        "admin: listen `{addr}` is not a loopback address: anyone who reaches it could upgrade and \
+                         reload; set [admin] token_file to require a bearer token, or listen on loopback or unix:"
+                    ),
+                ));
+            }
+        }
+        let admin = AdminConfig {
+            listen,
+            token_file: raw_admin.token_file,
         };
         if raw.service.is_empty() {
             return Err(self.error(0..0, "no service is configured: add a [service.NAME] table".into()));
@@ -603,7 +649,10 @@ command = ["server", "{port}"]
     #[test]
     fn a_minimal_service_gets_every_default() {
         let config = parse(MINIMAL).expect("valid");
-        assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN.parse().expect("address"));
+        assert_eq!(
+            config.admin.listen,
+            AdminAddr::Tcp(DEFAULT_ADMIN_LISTEN.parse().expect("address"))
+        );
         let web = &config.services["web"];
         assert_eq!(web.listen, vec!["127.0.0.1:8080".parse().expect("address")]);
         assert_eq!(web.backend, Backend::Tcp);
@@ -665,7 +714,10 @@ timeout = "3s"
 "#,
         )
         .expect("valid");
-        assert_eq!(config.admin.listen, "[::1]:9901".parse().expect("address"));
+        assert_eq!(
+            config.admin.listen,
+            AdminAddr::Tcp("[::1]:9901".parse().expect("address"))
+        );
         let api = &config.services["api"];
         assert_eq!(api.listen.len(), 2);
         assert_eq!(api.backend, Backend::Unix);
@@ -781,6 +833,23 @@ timeout = "3s"
             message.contains("uses {socket}, which backend = \"tcp\" does not provide"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_public_admin_address_needs_a_token_file() {
+        let message = error(&format!("[admin]\nlisten = \"0.0.0.0:9900\"\n{MINIMAL}"));
+        assert!(
+            message.contains("admin: listen `0.0.0.0:9900` is not a loopback address"),
+            "{message}"
+        );
+        let config = parse(&format!(
+            "[admin]\nlisten = \"0.0.0.0:9900\"\ntoken_file = \"/etc/baton/token\"\n{MINIMAL}"
+        ))
+        .expect("valid with a token");
+        assert_eq!(config.admin.token_file.as_deref(), Some(Path::new("/etc/baton/token")));
+        let config = parse(&format!("[admin]\nlisten = \"unix:/run/baton.sock\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(config.admin.listen, AdminAddr::Unix(PathBuf::from("/run/baton.sock")));
+        assert!(error(&format!("[admin]\nlisten = \"unix:baton.sock\"\n{MINIMAL}")).contains("absolute path"));
     }
 
     #[test]

@@ -274,6 +274,8 @@ pub struct Control {
     pub metrics: Metrics,
     /// When baton started.
     pub started: std::time::Instant,
+    /// The bearer token requests must present, when one is configured.
+    pub token: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
 impl Control {

@@ -11,14 +11,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio::signal::unix::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::admin;
-use crate::config::{Config, ConfigError};
+use crate::admin::{self, AdminListener};
+use crate::config::{AdminAddr, AdminConfig, Config, ConfigError};
 use crate::control::{Command, Control, Directory, Trigger};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
@@ -46,8 +45,17 @@ pub enum StartError {
     #[error("admin: listen {addr}")]
     AdminBind {
         /// The address.
-        addr: SocketAddr,
+        addr: AdminAddr,
         /// What bind returned.
+        #[source]
+        source: io::Error,
+    },
+    /// The admin token file could not be read or is empty.
+    #[error("admin: token_file {}", path.display())]
+    Token {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What was wrong with it.
         #[source]
         source: io::Error,
     },
@@ -113,7 +121,8 @@ pub async fn run(
     tracing::info!(fd_limit, connections = budget, "connection budget");
     let runtime_dir = Arc::new(RuntimeDir::create().map_err(StartError::RuntimeDir)?);
     let pool = bind_all(&config, &HashMap::new())?;
-    let admin_listener = bind_admin(config.admin.listen).await?;
+    let admin_listener = bind_admin(&config.admin.listen)?;
+    let token = Arc::new(arc_swap::ArcSwapOption::new(load_token(&config.admin)?));
     let (commands_tx, mut commands) = mpsc::channel(16);
     let (directory, directory_rx) = watch::channel(Directory::default());
     let control = Control {
@@ -121,6 +130,7 @@ pub async fn run(
         directory: directory_rx,
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
+        token,
     };
     let admin = serve_admin(admin_listener, control.clone());
     let mut supervisor = Supervisor {
@@ -224,11 +234,13 @@ impl Supervisor {
         // Everything that can fail happens before anything running changes.
         let pool = bind_all(&new, &self.pool)?;
         let admin_listener = match new.admin.listen != self.config.admin.listen {
-            true => Some(bind_admin(new.admin.listen).await?),
+            true => Some(bind_admin(&new.admin.listen)?),
             false => None,
         };
+        let token = load_token(&new.admin)?;
         let old = std::mem::replace(&mut self.config, new);
         self.pool = pool;
+        self.control.token.store(token);
         if let Some(listener) = admin_listener {
             self.admin = serve_admin(listener, self.control.clone());
         }
@@ -313,16 +325,32 @@ fn bind_all(
     Ok(pool)
 }
 
-async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::AdminBind { addr, source })?;
-    let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %local, "admin API listening");
+fn bind_admin(addr: &AdminAddr) -> Result<AdminListener, StartError> {
+    let listener = AdminListener::bind(addr).map_err(|source| StartError::AdminBind {
+        addr: addr.clone(),
+        source,
+    })?;
+    tracing::info!(addr = %listener.local(), "admin API listening");
     Ok(listener)
 }
 
-fn serve_admin(listener: TcpListener, control: Control) -> AbortOnDropHandle<()> {
+/// Reads the admin token, if the configuration names a file for it.
+fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
+    let Some(path) = &admin.token_file else {
+        return Ok(None);
+    };
+    let failed = |source| StartError::Token {
+        path: path.clone(),
+        source,
+    };
+    let token = std::fs::read_to_string(path).map_err(failed)?.trim().to_owned();
+    if token.is_empty() {
+        return Err(failed(io::Error::new(io::ErrorKind::InvalidData, "the file is empty")));
+    }
+    Ok(Some(Arc::new(token)))
+}
+
+fn serve_admin(listener: AdminListener, control: Control) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, control)))
 }
 

@@ -5,5 +5,6 @@ mod data_path;
 mod drain;
 mod faults;
 mod lifecycle;
+mod security;
 mod support;
 mod upgrade;

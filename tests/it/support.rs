@@ -72,8 +72,28 @@ impl Baton {
     /// Starts baton as an argument of `wrapper` (a command such as `prlimit --nofile=64:64`), and waits
     /// only for its admin API.
     pub fn spawn_under(config: &str, wrapper: &[&str]) -> Baton {
+        let mut baton = Baton::launch(&with_admin(config), wrapper, &[]);
+        baton.wait_admin();
+        baton
+    }
+
+    /// Waits for the admin API's TCP address in the log and keeps it.
+    pub fn wait_admin(&mut self) {
+        self.admin = wait_for("the admin API address in baton's log", || {
+            self.check_running();
+            self.log_entries()
+                .iter()
+                .find(|e| e["fields"]["message"] == "admin API listening")
+                .and_then(|e| e["fields"]["addr"].as_str().and_then(|a| a.parse().ok()))
+                .ok_or_else(|| "no line yet".to_owned())
+        });
+    }
+
+    /// Starts baton with exactly `config` (no admin table added) and `env` added to its environment, without
+    /// waiting for anything.
+    pub fn launch(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("baton.toml"), with_admin(config)).expect("write config");
+        std::fs::write(dir.path().join("baton.toml"), config).expect("write config");
         let baton = env!("CARGO_BIN_EXE_baton");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
@@ -87,6 +107,7 @@ impl Baton {
             .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("baton.toml"))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -102,24 +123,19 @@ impl Baton {
                 }
             });
         }
-        let mut baton = Baton {
+        Baton {
             child,
             dir,
             admin: "0.0.0.0:0".parse().expect("address"),
             log,
-        };
-        baton.admin = wait_for("the admin API address in baton's log", || {
-            if let Ok(Some(status)) = baton.child.try_wait() {
-                panic!("baton exited with {status} before listening:\n{}", baton.log_text());
-            }
-            baton
-                .log_entries()
-                .iter()
-                .find(|e| e["fields"]["message"] == "admin API listening")
-                .and_then(|e| e["fields"]["addr"].as_str().and_then(|a| a.parse().ok()))
-                .ok_or_else(|| "no line yet".to_owned())
-        });
-        baton
+        }
+    }
+
+    /// Panics, with the log, if baton has exited.
+    pub fn check_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("baton exited with {status}:\n{}", self.log_text());
+        }
     }
 
     /// baton's process id.
@@ -288,9 +304,29 @@ pub fn wait_gone(pids: impl IntoIterator<Item = u32>) {
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http(addr, "GET", path, &[])
+}
+
+/// An HTTP/1.1 request with `Connection: close` and extra `headers`; returns the status code and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(DEADLINE))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    exchange_raw(&mut stream, method, path, headers)
+}
+
+/// Sends one request on `stream` and reads the whole response.
+pub fn exchange_raw<S: Read + Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> std::io::Result<(u16, String)> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     parse_response(&response)

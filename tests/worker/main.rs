@@ -5,6 +5,7 @@
 //! - `GET /readyz`: 200 once ready (see `--ready-after`, `--never-ready`), else 503;
 //! - `GET /whoami`: `gen=G pid=P`;
 //! - `POST /echo` with a `Content-Length`: the body back, with `X-Generation` and `X-Pid` headers;
+//! - `GET /env`: its environment, a `NAME=value` line each;
 //! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
 //!
 //! HTTP connections are kept alive unless the request says `Connection: close`.
@@ -287,6 +288,11 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
                 format!("gen={} pid={}\n", worker.generation, worker.pid).into_bytes(),
             ),
             ("POST", "/echo") => ("200 OK", body),
+            ("GET", "/env") => {
+                let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}\n")).collect();
+                vars.sort();
+                ("200 OK", vars.concat().into_bytes())
+            }
             _ => ("404 Not Found", b"not found\n".to_vec()),
         };
         // A server shutting down gracefully closes the connection after the request in flight.
