@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 
 use crate::config::AdminAddr;
-use crate::control::{Command, Control};
+use crate::control::{Command, Control, ReloadScope};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,7 +177,14 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Full<B
             );
             response
         }
-        ("/v1/reload", &Method::POST) => reload(control).await,
+        ("/v1/reload", &Method::POST) => match request.uri().query().unwrap_or_default() {
+            "" | "upgrade=all" => reload(control, ReloadScope::All).await,
+            "upgrade=changed" => reload(control, ReloadScope::Changed).await,
+            other => error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query `{other}`: use upgrade=all or upgrade=changed"),
+            ),
+        },
         ("/healthz" | "/status" | "/v1/status" | "/metrics" | "/v1/reload", _) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} is not allowed on {path}"),
@@ -186,14 +193,13 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Full<B
     }
 }
 
-async fn reload(control: &Control) -> Response<Full<Bytes>> {
+async fn reload(control: &Control, scope: ReloadScope) -> Response<Full<Bytes>> {
     let (reply, outcome) = oneshot::channel();
-    if control
-        .commands
-        .send(Command::Reload { reply: Some(reply) })
-        .await
-        .is_err()
-    {
+    let command = Command::Reload {
+        scope,
+        reply: Some(reply),
+    };
+    if control.commands.send(command).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
     }
     match outcome.await {

@@ -238,6 +238,12 @@ impl Config {
 }
 
 impl ServiceConfig {
+    /// Whether `other` would start its workers differently: another command, backend, directory or
+    /// environment. Other settings apply to a running worker.
+    pub fn worker_differs(&self, other: &ServiceConfig) -> bool {
+        self.command != other.command || self.backend != other.backend || self.cwd != other.cwd || self.env != other.env
+    }
+
     /// The environment variable that tells the worker its private address.
     pub fn address_variable(&self) -> &'static str {
         match self.backend {

@@ -19,9 +19,22 @@ use crate::route::Upstream;
 pub enum Command {
     /// Re-read the configuration file and upgrade every service, like SIGHUP.
     Reload {
+        /// Which services get a new worker.
+        scope: ReloadScope,
         /// Told whether the new configuration applied, with the error when it did not.
         reply: Option<oneshot::Sender<Result<(), String>>>,
     },
+}
+
+/// Which services a reload upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReloadScope {
+    /// Every service, as SIGHUP does: the usual deploy replaces the server's files and then reloads.
+    #[default]
+    All,
+    /// Only services whose worker settings (command, backend, cwd, env) changed; the others keep their
+    /// worker and take the rest of their new settings as they are.
+    Changed,
 }
 
 /// What set an upgrade off.

@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminListener};
 use crate::config::{AdminAddr, AdminConfig, Config, ConfigError};
-use crate::control::{Command, Control, Directory, Trigger};
+use crate::control::{Command, Control, Directory, ReloadScope, Trigger};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
 use crate::service::{Context, ServiceCommand, ServiceHandle};
@@ -182,11 +182,11 @@ pub async fn run(
             () = &mut shutdown => break,
             Some(()) = reload.recv() => {
                 tracing::info!("SIGHUP: reloading {}", supervisor.config.path.display());
-                let _ = supervisor.reload(Trigger::Signal).await;
+                let _ = supervisor.reload(Trigger::Signal, ReloadScope::All).await;
             }
             Some(command) = commands.recv() => match command {
-                Command::Reload { reply } => {
-                    let result = supervisor.reload(Trigger::Api).await.map_err(|e| e.to_string());
+                Command::Reload { scope, reply } => {
+                    let result = supervisor.reload(Trigger::Api, scope).await.map_err(|e| chain(&e));
                     if let Some(reply) = reply {
                         let _ = reply.send(result);
                     }
@@ -219,8 +219,8 @@ impl Supervisor {
     }
 
     /// Reads the configuration file again and applies it whole, or rejects it whole.
-    async fn reload(&mut self, trigger: Trigger) -> Result<(), ReloadError> {
-        let result = self.try_reload(trigger).await;
+    async fn reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<(), ReloadError> {
+        let result = self.try_reload(trigger, scope).await;
         match &result {
             Ok(()) => tracing::info!(services = self.services.len(), "reload applied"),
             Err(e) => tracing::error!("reload rejected, running configuration kept: {}", chain(e)),
@@ -229,7 +229,7 @@ impl Supervisor {
         result
     }
 
-    async fn try_reload(&mut self, trigger: Trigger) -> Result<(), ReloadError> {
+    async fn try_reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<(), ReloadError> {
         let new = Config::load(&self.config.path)?;
         // Everything that can fail happens before anything running changes.
         let pool = bind_all(&new, &self.pool)?;
@@ -257,7 +257,10 @@ impl Supervisor {
                         config: Arc::clone(&self.config.services[&name]),
                         listeners: self.listeners_of(&name),
                     });
-                    handle.send(ServiceCommand::Upgrade(trigger));
+                    let changed = old.services[&name].worker_differs(&self.config.services[&name]);
+                    if scope == ReloadScope::All || changed {
+                        handle.send(ServiceCommand::Upgrade(trigger));
+                    }
                 }
                 None => {
                     tracing::info!(service = %name, "service added");
@@ -307,7 +310,13 @@ fn bind_all(
     for (name, service) in &config.services {
         for addr in &service.listen {
             let key = ListenKey::new(name, *addr);
-            let listener = match current.get(&key) {
+            // A fixed address may be one that an ephemeral entry bound: the socket is the same.
+            let bound = current.get(&key).or_else(|| {
+                (addr.port() != 0)
+                    .then(|| current.values().find(|l| l.local == *addr))
+                    .flatten()
+            });
+            let listener = match bound {
                 Some(listener) => Arc::clone(listener),
                 None => {
                     let listener = Listener::bind(*addr, service.backlog).map_err(|source| StartError::Bind {

@@ -258,3 +258,61 @@ fn services_are_added_and_removed_by_a_reload() {
     );
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn a_reload_of_changed_services_adds_removes_and_moves_and_keeps_unchanged_workers() {
+    let a = service("a", &["--port", "{port}"], "");
+    let b = service("b", &["--port", "{port}"], "");
+    let c = service("c", &["--port", "{port}"], "");
+    let baton = Baton::start(&format!("{a}{b}{c}"));
+    let a_pid = baton.worker_pid("a");
+    let c_pid = baton.worker_pid("c");
+    let c_addr = baton.addr("c");
+    // b gets a new command, c goes, d arrives on the very socket c had.
+    let b2 = service("b", &["--port", "{port}", "--ready-after", "1ms"], "");
+    let d = service("d", &["--port", "{port}"], "").replace("127.0.0.1:0", &c_addr.to_string());
+    baton.write_config(&format!("{a}{b2}{d}"));
+    let (code, body) = crate::support::http(baton.admin, "POST", "/v1/reload?upgrade=changed", &[]).expect("reload");
+    assert_eq!(code, 200, "{body}");
+    baton.wait_generation("b", 2);
+    wait_for("d to serve and c to be gone", || {
+        let status = baton.status();
+        if status["services"]["d"]["generation"] == 1 && status["services"]["c"].is_null() {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    });
+    assert_eq!(baton.worker_pid("a"), a_pid, "an unchanged service keeps its worker");
+    assert_eq!(baton.service("a")["generation"], 1);
+    assert_eq!(baton.addr("d"), c_addr, "the socket moved from c to d");
+    let (code, _) = http_get(c_addr, "/whoami").expect("d serves on c's old address");
+    assert_eq!(code, 200);
+    wait_gone([c_pid]);
+    let (code, body) = crate::support::http(baton.admin, "POST", "/v1/reload?upgrade=some", &[]).expect("reload");
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_worker_that_cannot_bind_its_port_fails_the_upgrade_at_once() {
+    // The worker is told a port that is taken: it exits at once, and the upgrade is reported failed
+    // without waiting for the readiness timeout.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    baton.write_config(&service("web", &["--port", &port], ""));
+    baton.signal(Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "failed", "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exited while starting"),
+        "{record}"
+    );
+    assert!(record["duration_ms"].as_u64().unwrap_or(u64::MAX) < 10_000, "{record}");
+    assert_eq!(baton.service("web")["generation"], 1);
+    assert_eq!(baton.stop().code(), Some(0));
+}
