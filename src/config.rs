@@ -105,6 +105,10 @@ pub struct ServiceConfig {
     pub backend: Backend,
     /// The worker's working directory; baton's own when unset.
     pub cwd: Option<PathBuf>,
+    /// The user the worker runs as (baton must run as root); baton's own when unset.
+    pub user: Option<String>,
+    /// The group the worker runs as; the user's primary group when unset.
+    pub group: Option<String>,
     /// Variables added to the worker's environment, placeholders not yet substituted.
     pub env: BTreeMap<String, String>,
     /// How long the old worker's connections may take to finish after a switch.
@@ -238,10 +242,15 @@ impl Config {
 }
 
 impl ServiceConfig {
-    /// Whether `other` would start its workers differently: another command, backend, directory or
-    /// environment. Other settings apply to a running worker.
+    /// Whether `other` would start its workers differently: another command, backend, directory,
+    /// environment, user or group. Other settings apply to a running worker.
     pub fn worker_differs(&self, other: &ServiceConfig) -> bool {
-        self.command != other.command || self.backend != other.backend || self.cwd != other.cwd || self.env != other.env
+        self.command != other.command
+            || self.backend != other.backend
+            || self.cwd != other.cwd
+            || self.env != other.env
+            || self.user != other.user
+            || self.group != other.group
     }
 
     /// The environment variable that tells the worker its private address.
@@ -284,6 +293,8 @@ struct RawService {
     command: Spanned<Vec<String>>,
     backend: Option<Spanned<String>>,
     cwd: Option<PathBuf>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
@@ -526,6 +537,12 @@ impl Validator<'_> {
             Some(v) if *v.get_ref() == 0 => Err(at(v.span(), format!("{key} must be at least 1"))),
             Some(v) => Ok(*v.get_ref()),
         };
+        let name_of = |key: &str, value: &Option<Spanned<String>>| match value {
+            Some(v) if v.get_ref().is_empty() || v.get_ref().contains(['\0', ':', '/']) => {
+                Err(at(v.span(), format!("{key} `{}` is not a valid name", v.get_ref())))
+            }
+            other => Ok(other.as_ref().map(|v| v.get_ref().clone())),
+        };
         let no_health = RawHealth::default();
         let h = raw.health.as_ref().unwrap_or(&no_health);
         let health = Health {
@@ -551,6 +568,8 @@ impl Validator<'_> {
             command,
             backend,
             cwd: raw.cwd.clone(),
+            user: name_of("user", &raw.user)?,
+            group: name_of("group", &raw.group)?,
             env,
             drain_timeout: duration("drain_timeout", &raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             stop_signal,
@@ -693,6 +712,8 @@ listen = ["127.0.0.1:8080", "[::1]:8080"]
 command = ["app", "--socket", "{socket}", "--gen", "{generation}"]
 backend = "unix"
 cwd = "/srv/api"
+user = "www-data"
+group = "www-data"
 env = { APP_ENV = "prod", NAME = "{service}" }
 drain_timeout = "5s"
 stop_signal = "SIGINT"
@@ -728,6 +749,8 @@ timeout = "3s"
         assert_eq!(api.listen.len(), 2);
         assert_eq!(api.backend, Backend::Unix);
         assert_eq!(api.cwd.as_deref(), Some(Path::new("/srv/api")));
+        assert_eq!(api.user.as_deref(), Some("www-data"));
+        assert_eq!(api.group.as_deref(), Some("www-data"));
         assert_eq!(api.env["APP_ENV"], "prod");
         assert_eq!(api.drain_timeout, Duration::from_secs(5));
         assert_eq!(api.stop_signal, Signal::SIGINT);
@@ -861,6 +884,117 @@ timeout = "3s"
     #[test]
     fn a_file_without_services_is_refused() {
         assert!(error("[admin]\nlisten = \"127.0.0.1:1\"\n").contains("no service is configured"));
+    }
+
+    /// Fuzzing the parser: a bounded run here (256 cases a property); a longer one with
+    /// `PROPTEST_CASES=100000 cargo test --lib config::tests::fuzz`.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::parse;
+
+        const FULL: &str = r#"[admin]
+listen = "127.0.0.1:9900"
+token_file = "/etc/token"
+
+[service.web]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+command = ["server", "{port}", "{generation}"]
+backend = "tcp"
+env = { A = "{service}" }
+drain_timeout = "30s"
+stop_signal = "SIGTERM"
+watchdog = "10s"
+max_draining = 3
+drain_policy = "wait"
+
+[service.web.health]
+failures = 3
+
+[service.web.readiness]
+path = "/readyz"
+interval = "100ms"
+"#;
+
+        /// Keys of the schema, with and without typos, at the places they may stand.
+        fn key() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "listen",
+                "command",
+                "backend",
+                "cwd",
+                "env",
+                "drain_timeout",
+                "stop_signal",
+                "stop_timeout",
+                "connect_timeout",
+                "backlog",
+                "watchdog",
+                "pending_timeout",
+                "max_connections",
+                "idle_timeout",
+                "half_close_timeout",
+                "drain_policy",
+                "max_draining",
+                "user",
+                "group",
+                "lisen",
+                "path",
+            ])
+        }
+
+        /// TOML values of every type, some fitting, most not.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("\"\"".to_owned()),
+                "[a-z0-9:.{}/ \\[\\]-]{0,24}".prop_map(|s| format!("{s:?}")),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|n| format!("{n:?}")),
+                any::<bool>().prop_map(|b| b.to_string()),
+                prop::collection::vec("[a-z0-9:.{}\\[\\]]{0,12}", 0..4).prop_map(|v| format!("{v:?}")),
+                Just("{ X = \"{port}\" }".to_owned()),
+                Just("\"-1s\"".to_owned()),
+                Just("\"18446744073709551616s\"".to_owned()),
+                Just("\"[::1]:0\"".to_owned()),
+                Just("\"unix:/x\"".to_owned()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_refused_or_accepted_without_a_panic(text in "\\PC{0,400}") {
+                let _ = parse(&text).map_err(|e| e.to_string());
+            }
+
+            #[test]
+            fn a_damaged_config_is_refused_or_accepted_without_a_panic(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), any::<char>()), 1..6)
+            ) {
+                let mut text: Vec<char> = FULL.chars().collect();
+                for (at, c) in edits {
+                    let i = at.index(text.len());
+                    text[i] = c;
+                }
+                let text: String = text.into_iter().collect();
+                let _ = parse(&text).map_err(|e| e.to_string());
+            }
+
+            #[test]
+            fn any_keys_and_values_are_refused_or_accepted_without_a_panic(
+                fields in prop::collection::vec((key(), value()), 0..10),
+                readiness in prop::collection::vec((key(), value()), 0..3),
+            ) {
+                let mut text = String::from("[service.web]\n");
+                for (key, value) in fields {
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+                text.push_str("[service.web.readiness]\n");
+                for (key, value) in readiness {
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+                let _ = parse(&text).map_err(|e| e.to_string());
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Group, Pid, Uid, User};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Backend, ServiceConfig, substitute};
@@ -47,6 +47,9 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The configured user or group does not exist, or baton may not switch to it.
+    #[error("{0}")]
+    Identity(String),
     /// The main thread no longer takes spawn requests: baton is exiting.
     #[error("baton is shutting down")]
     ShuttingDown,
@@ -190,13 +193,15 @@ impl Worker {
         spawner: &Spawner,
         runtime_dir: &Path,
     ) -> Result<Worker, SpawnError> {
+        let identity = identity(service)?;
         let (addr, address_text) = match service.backend {
             Backend::Tcp => {
                 let addr = reserve_loopback_port().map_err(SpawnError::Address)?;
                 (WorkerAddr::Tcp(addr), addr.port().to_string())
             }
             Backend::Unix => {
-                let path = runtime_dir.join(format!("{}-{generation}.sock", service.name));
+                let dir = socket_dir(runtime_dir, service, identity)?;
+                let path = dir.join(format!("{}-{generation}.sock", service.name));
                 if path.as_os_str().len() > MAX_SOCKET_PATH {
                     return Err(SpawnError::SocketPathTooLong(path));
                 }
@@ -227,6 +232,10 @@ impl Worker {
             .env("BATON_GENERATION", generation.to_string());
         if let Some(cwd) = &service.cwd {
             command.current_dir(cwd);
+        }
+        if let Some((uid, gid)) = identity {
+            // std drops the supplementary groups of root before it switches.
+            command.uid(uid.as_raw()).gid(gid.as_raw());
         }
         prepare_child(&mut command, spawner.worker_fd_limit);
         let mut child = spawner
@@ -339,6 +348,61 @@ impl Drop for Worker {
             let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
     }
+}
+
+/// The user and group a worker of `service` runs as, when they are not baton's own.
+fn identity(service: &ServiceConfig) -> Result<Option<(Uid, Gid)>, SpawnError> {
+    if service.user.is_none() && service.group.is_none() {
+        return Ok(None);
+    }
+    let failed = |message: String| SpawnError::Identity(message);
+    let (uid, user_gid) = match &service.user {
+        Some(name) => {
+            let user = User::from_name(name)
+                .map_err(|e| failed(format!("cannot look up user `{name}`: {e}")))?
+                .ok_or_else(|| failed(format!("no user `{name}`")))?;
+            (user.uid, user.gid)
+        }
+        None => (Uid::current(), Gid::current()),
+    };
+    let gid = match &service.group {
+        Some(name) => {
+            Group::from_name(name)
+                .map_err(|e| failed(format!("cannot look up group `{name}`: {e}")))?
+                .ok_or_else(|| failed(format!("no group `{name}`")))?
+                .gid
+        }
+        None => user_gid,
+    };
+    if !Uid::effective().is_root() && (uid != Uid::current() || gid != Gid::current()) {
+        return Err(failed(
+            "running a worker as another user or group needs baton to run as root".into(),
+        ));
+    }
+    Ok(Some((uid, gid)))
+}
+
+/// The directory for the Unix sockets of `service`: the runtime directory itself, or a subdirectory the
+/// worker's user owns when the worker runs as someone else.
+fn socket_dir(
+    runtime_dir: &Path,
+    service: &ServiceConfig,
+    identity: Option<(Uid, Gid)>,
+) -> Result<PathBuf, SpawnError> {
+    let Some((uid, gid)) = identity else {
+        return Ok(runtime_dir.to_owned());
+    };
+    let dir = runtime_dir.join(&service.name);
+    let prepare = || -> io::Result<()> {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        std::os::unix::fs::chown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+    };
+    prepare().map_err(SpawnError::Address)?;
+    Ok(dir)
 }
 
 /// Describes an exit status the way an operator reads it: "exit code 3", "killed by SIGKILL".

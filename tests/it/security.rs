@@ -211,3 +211,49 @@ fn resident_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
         .expect("VmRSS")
 }
+
+#[test]
+fn a_worker_runs_as_the_configured_user_and_group() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let (Ok(Some(user)), Ok(Some(group))) = (
+        nix::unistd::User::from_name("nobody"),
+        nix::unistd::Group::from_name("nogroup"),
+    ) else {
+        eprintln!("skipped: no user nobody or group nogroup");
+        return;
+    };
+    // Python's server from the system, in /, which every user may read.
+    let config = r#"
+[service.web]
+listen = ["127.0.0.1:0"]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+cwd = "/"
+user = "nobody"
+group = "nogroup"
+
+[service.web.readiness]
+path = "/"
+interval = "50ms"
+"#;
+    let baton = Baton::start(config);
+    let pid = baton.worker_pid("web");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let ids = |field: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    assert!(ids("Uid:").iter().all(|u| *u == user.uid.as_raw()), "{status}");
+    assert!(ids("Gid:").iter().all(|g| *g == group.gid.as_raw()), "{status}");
+    assert!(
+        ids("Groups:").is_empty(),
+        "root's supplementary groups are dropped: {status}"
+    );
+    assert_eq!(http_get(baton.addr("web"), "/").expect("GET /").0, 200);
+    assert_eq!(baton.stop().code(), Some(0));
+}
