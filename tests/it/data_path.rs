@@ -2,8 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
 
-use crate::support::{Baton, DEADLINE, next, service};
+use crate::support::{Baton, DEADLINE, next, resident_kib, service};
 
 fn echo_service(backend: &str) -> String {
     let address = if backend == "unix" { "{socket}" } else { "{port}" };
@@ -104,18 +105,95 @@ impl Checksum {
 
 #[test]
 fn a_worker_reset_resets_the_client() {
-    // The worker exits mid-connection (SIGKILL): the client must see the connection end, not hang.
     let baton = Baton::start(&echo_service("tcp"));
     let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
     stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    stream.write_all(b"ping").expect("write");
-    let mut buf = [0u8; 4];
-    stream.read_exact(&mut buf).expect("echo");
-    let pid = baton.service("echo")["pid"].as_u64().expect("pid") as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
-    let mut rest = Vec::new();
-    let _ = stream.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "nothing more arrives from a dead worker");
+    stream.write_all(b"RSET").expect("write");
+    let mut buf = [0u8; 16];
+    let error = stream
+        .read(&mut buf)
+        .expect_err("the worker's reset reaches the client as a reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    crate::support::wait_for("the reset to be counted", || {
+        let resets = baton.metric(r#"baton_connection_errors_total{kind="reset",service="echo",side="worker"}"#);
+        if resets >= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{resets}"))
+        }
+    });
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_client_reset_mid_transfer_resets_the_worker_side() {
+    let baton = Baton::start(&echo_service("tcp"));
+    let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(&[7u8; 100_000]).expect("write");
+    let mut buf = [0u8; 1000];
+    stream.read_exact(&mut buf).expect("the echo starts");
+    // Close with unread data and no linger: a reset.
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream);
+    let line = baton.wait_log_text("test worker: echo failed");
+    assert!(line.contains("reset") || line.contains("Broken pipe"), "{line}");
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_worker_half_close_lets_the_client_keep_sending_byte_exact() {
+    let baton = Baton::start(&echo_service("tcp"));
+    let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(b"HALF").expect("write");
+    let mut greeting = Vec::new();
+    stream.read_to_end(&mut greeting).expect("the worker's side ends");
+    assert_eq!(greeting, b"half-closed\n");
+    // The other direction still flows.
+    let mut rng = 7u64;
+    let data: Vec<u8> = (0..1_000_000).map(|_| next(&mut rng) as u8).collect();
+    stream.write_all(&data).expect("write after the worker's half-close");
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for &byte in &data {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    baton.wait_log_text(&format!("got {} bytes, fnv {hash:016x}", data.len()));
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_slow_reader_keeps_batons_memory_flat_through_a_gibibyte() {
+    const SIZE: u64 = 1 << 30;
+    let baton = Baton::start(&echo_service("tcp"));
+    let rss_before = resident_kib(baton.pid());
+    let mut stream = TcpStream::connect(baton.addr("echo")).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(format!("SEND {SIZE}\n").as_bytes()).expect("write");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut received = 0u64;
+    let mut peak = rss_before;
+    while received < SIZE {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "ended early at {received}");
+        received += n as u64;
+        // A slow reader: it stops for a moment every 64 MiB while the worker keeps pushing.
+        if received % (64 << 20) < n as u64 {
+            std::thread::sleep(Duration::from_millis(100));
+            peak = peak.max(resident_kib(baton.pid()));
+        }
+    }
+    assert_eq!(received, SIZE);
+    assert!(
+        peak < rss_before + 8 * 1024,
+        "baton grew from {rss_before} KiB to {peak} KiB: no backpressure"
+    );
+    eprintln!("1 GiB to a slow reader: baton's resident memory {rss_before} KiB before, {peak} KiB at most");
+    drop(stream);
+    assert_eq!(baton.stop().code(), Some(0));
 }
 
 #[test]

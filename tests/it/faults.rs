@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::support::{Baton, DEADLINE, KeepAlive, Load, http_get, service, wait_for, wait_gone};
+use crate::support::{Baton, DEADLINE, KeepAlive, Load, cpu_seconds, http_get, service, wait_for, wait_gone};
 
 /// Health probes every 50 ms; three failures in a row make a worker unhealthy.
 const FAST_HEALTH: &str = "[service.web.health]\ninterval = \"50ms\"\ntimeout = \"200ms\"\nfailures = 3\n";
@@ -184,13 +184,6 @@ fn a_crash_looping_worker_backs_off_and_baton_stays_responsive() {
         cpu
     );
     assert_eq!(baton.stop().code(), Some(0));
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat.rsplit_once(") ").expect("comm").1.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
-use crate::support::{Baton, DEADLINE, Load, exchange_raw, http, http_get, service, wait_for};
+use crate::support::{Baton, DEADLINE, Load, exchange_raw, http, http_get, resident_kib, service, wait_for};
 
 #[test]
 fn a_unix_admin_socket_is_private_serves_and_is_removed_at_exit() {
@@ -201,15 +201,6 @@ fn hostile_admin_requests_get_4xx_answers_and_baton_carries_on() {
         "resident memory grew from {rss_before} KiB to {rss_after} KiB"
     );
     assert_eq!(baton.stop().code(), Some(0));
-}
-
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

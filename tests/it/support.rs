@@ -180,6 +180,17 @@ impl Baton {
         })
     }
 
+    /// Waits for a line of baton's stderr (its log, or a worker's output) that contains `needle`.
+    pub fn wait_log_text(&self, needle: &str) -> String {
+        wait_for(&format!("a line with {needle:?}"), || {
+            let lines = self.log.lock().expect("log lock").clone();
+            lines
+                .into_iter()
+                .find(|l| l.contains(needle))
+                .ok_or_else(|| self.log_text())
+        })
+    }
+
     /// `GET /status`.
     pub fn status(&self) -> Value {
         let (code, body) = http_get(self.admin, "/status").expect("GET /status");
@@ -658,4 +669,22 @@ impl KeepAliveLoad {
         }
         self.report.lock().expect("report lock").clone()
     }
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS")
+}
+
+/// The CPU time process `pid` has used, user and system, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("comm").1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
 }

@@ -6,6 +6,10 @@
 //! - `GET /whoami`: `gen=G pid=P`;
 //! - `POST /echo` with a `Content-Length`: the body back, with `X-Generation` and `X-Pid` headers;
 //! - `GET /env`: its environment, a `NAME=value` line each;
+//! - `HALF`: `half-closed\n`, a half-close, then it reads until the client half-closes and prints on stderr
+//!   how many bytes it got and their FNV-1a hash;
+//! - `RSET`: a reset;
+//! - `SEND <n>\n`: `n` bytes, then a half-close;
 //! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
 //!
 //! HTTP connections are kept alive unless the request says `Connection: close`.
@@ -16,6 +20,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use socket2::SockRef;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -136,10 +142,7 @@ fn main() {
             let listener = UnixListener::bind(&path).expect("bind the Unix socket");
             for stream in listener.incoming().flatten() {
                 let worker = Arc::clone(&worker);
-                std::thread::spawn(move || {
-                    let shutdown = stream.try_clone().map(|s| move || s.shutdown(Shutdown::Write));
-                    serve(&worker, stream, shutdown.ok());
-                });
+                std::thread::spawn(move || serve(&worker, stream));
             }
         }
         (Some(port), None) => {
@@ -167,8 +170,7 @@ fn main() {
                     if args.graceful {
                         let _ = stream.set_read_timeout(Some(STOP_POLL));
                     }
-                    let shutdown = stream.try_clone().map(|s| move || s.shutdown(Shutdown::Write));
-                    serve(&worker, stream, shutdown.ok());
+                    serve(&worker, stream);
                 });
             }
         }
@@ -196,7 +198,7 @@ fn read<S: Read>(stream: &mut S, buf: &mut [u8], idle: bool) -> io::Result<usize
     }
 }
 
-fn serve<S: Read + Write>(worker: &Worker, mut stream: S, half_close: Option<impl FnOnce() -> io::Result<()>>) {
+fn serve<S: Read + Write + AsFd>(worker: &Worker, mut stream: S) {
     let mut pending = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     while pending.len() < 4 {
@@ -205,35 +207,110 @@ fn serve<S: Read + Write>(worker: &Worker, mut stream: S, half_close: Option<imp
                 if !pending.is_empty() {
                     let _ = stream.write_all(&pending);
                 }
-                if let Some(close) = half_close {
-                    let _ = close();
-                }
+                let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
                 return;
             }
             Ok(n) => pending.extend_from_slice(&chunk[..n]),
         }
     }
-    if pending.starts_with(b"GET ") || pending.starts_with(b"POST") {
-        let _ = http(worker, &mut stream, pending);
-        return;
+    match &pending[..4] {
+        b"GET " | b"POST" => {
+            let _ = http(worker, &mut stream, pending);
+        }
+        b"HALF" => half_close_first(&mut stream, &pending[4..]),
+        b"RSET" => {
+            let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+        b"SEND" => send(&mut stream, pending),
+        _ => echo(&mut stream, &pending),
     }
-    // Raw echo.
-    if stream.write_all(&pending).is_err() {
-        return;
-    }
-    loop {
-        match read(&mut stream, &mut chunk, false) {
-            Ok(0) => break,
-            Ok(n) => {
-                if stream.write_all(&chunk[..n]).is_err() {
-                    return;
-                }
+}
+
+/// Echoes every byte until the client half-closes, then half-closes back.
+fn echo<S: Read + Write + AsFd>(stream: &mut S, first: &[u8]) {
+    let mut chunk = [0u8; 64 * 1024];
+    let mut data = first.len();
+    let result = (|| {
+        stream.write_all(first)?;
+        loop {
+            let n = read(stream, &mut chunk, false)?;
+            if n == 0 {
+                return SockRef::from(&*stream).shutdown(Shutdown::Write);
             }
-            Err(_) => return,
+            stream.write_all(&chunk[..n])?;
+            data += n;
+        }
+    })();
+    if let Err(e) = result {
+        eprintln!("test worker: echo failed after {data} bytes: {e}");
+    }
+}
+
+/// Half-closes first, then reads until the client half-closes and reports what it got on stderr.
+fn half_close_first<S: Read + Write + AsFd>(stream: &mut S, first: &[u8]) {
+    let _ = stream.write_all(b"half-closed\n");
+    let _ = SockRef::from(&*stream).shutdown(Shutdown::Write);
+    let mut sum = Fnv::default();
+    sum.add(first);
+    let mut chunk = [0u8; 64 * 1024];
+    while let Ok(n) = read(stream, &mut chunk, false) {
+        if n == 0 {
+            break;
+        }
+        sum.add(&chunk[..n]);
+    }
+    eprintln!(
+        "test worker: after its half-close got {} bytes, fnv {:016x}",
+        sum.len, sum.hash
+    );
+}
+
+/// `SEND <n>\n`: writes `n` bytes, then half-closes.
+fn send<S: Read + Write + AsFd>(stream: &mut S, mut pending: Vec<u8>) {
+    let mut chunk = [0u8; 64 * 1024];
+    while !pending.contains(&b'\n') {
+        match read(stream, &mut chunk, false) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
         }
     }
-    if let Some(close) = half_close {
-        let _ = close();
+    let line = String::from_utf8_lossy(&pending);
+    let total: u64 = line[4..].trim().parse().unwrap_or(0);
+    for (i, byte) in chunk.iter_mut().enumerate() {
+        *byte = (i % 251) as u8;
+    }
+    let mut sent = 0u64;
+    while sent < total {
+        let n = (total - sent).min(chunk.len() as u64) as usize;
+        if stream.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        sent += n as u64;
+    }
+    let _ = SockRef::from(&*stream).shutdown(Shutdown::Write);
+}
+
+/// FNV-1a over a stream.
+struct Fnv {
+    hash: u64,
+    len: u64,
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv {
+            hash: 0xcbf2_9ce4_8422_2325,
+            len: 0,
+        }
+    }
+}
+
+impl Fnv {
+    fn add(&mut self, data: &[u8]) {
+        for &byte in data {
+            self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.len += data.len() as u64;
     }
 }
 
