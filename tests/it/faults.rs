@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::support::{Baton, DEADLINE, KeepAlive, Load, cpu_seconds, http_get, service, wait_for, wait_gone};
+use crate::support::{
+    Baton, DEADLINE, KeepAlive, Load, close_wait_sockets, cpu_seconds, http_get, service, wait_for, wait_gone,
+};
 
 /// Health probes every 50 ms; three failures in a row make a worker unhealthy.
 const FAST_HEALTH: &str = "[service.web.health]\ninterval = \"50ms\"\ntimeout = \"200ms\"\nfailures = 3\n";
@@ -294,7 +296,7 @@ fn two_hundred_idle_connections_are_reaped_at_idle_timeout_while_a_busy_client_s
 
 #[test]
 fn a_half_closed_connection_left_silent_is_closed_after_the_linger_bound() {
-    let baton = Baton::start(&web(&["--ignore-eof"], "half_close_timeout = \"500ms\""));
+    let baton = Baton::start(&web(&["--ignore-eof"], "half_close_timeout = \"2s\""));
     let addr = baton.addr("web");
     // Raw echo: the client half-closes but never reads; the worker echoes and half-closes back, so both
     // directions end. This one must finish normally.
@@ -313,6 +315,13 @@ fn a_half_closed_connection_left_silent_is_closed_after_the_linger_bound() {
         .expect("write");
     stream.shutdown(Shutdown::Write).expect("half-close");
     let started = Instant::now();
+    // Until the bound, baton's side of the client connection waits in CLOSE_WAIT.
+    wait_for("baton's client socket in CLOSE_WAIT", || {
+        match close_wait_sockets(baton.pid()) {
+            0 => Err("none".to_owned()),
+            _ => Ok(()),
+        }
+    });
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read until closed");
     assert!(
@@ -323,6 +332,12 @@ fn a_half_closed_connection_left_silent_is_closed_after_the_linger_bound() {
         let count =
             baton.metric(r#"baton_connection_errors_total{kind="half_close_timeout",service="web",side="worker"}"#);
         if count >= 1.0 { Ok(()) } else { Err(format!("{count}")) }
+    });
+    wait_for("no socket of baton's in CLOSE_WAIT", || {
+        match close_wait_sockets(baton.pid()) {
+            0 => Ok(()),
+            n => Err(format!("{n} in CLOSE_WAIT")),
+        }
     });
     eprintln!(
         "half-closed connection closed {} ms after the client's FIN",
