@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, ORIGIN, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -138,6 +138,11 @@ where
 
 /// Checks the bearer token, when one is configured, on every request but `/healthz`.
 async fn authorized(request: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+    // Browsers send Origin with every cross-site POST; scripts and the CLI do not. Refusing it keeps a web
+    // page from reloading baton through a visitor's loopback.
+    if request.method() == Method::POST && request.headers().contains_key(ORIGIN) {
+        return error(StatusCode::FORBIDDEN, "requests from a web page are refused".into());
+    }
     if request.uri().path() != "/healthz" {
         if let Some(token) = control.token.load().as_deref() {
             let presented = request

@@ -51,6 +51,9 @@ pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
 /// Consecutive good probes that make an unhealthy worker healthy again.
 pub const DEFAULT_HEALTH_SUCCESSES: u32 = 2;
 
+/// The longest duration any setting takes (a year), so that deadlines computed from it cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The placeholders a `command` argument or `env` value may hold.
 const PLACEHOLDERS: [&str; 4] = ["{port}", "{socket}", "{service}", "{generation}"];
 
@@ -469,8 +472,13 @@ impl Validator<'_> {
         }
         let duration = |key: &str, value: &Option<Spanned<String>>, default: Duration| match value {
             None => Ok(default),
-            Some(v) => humantime::parse_duration(v.get_ref())
-                .map_err(|e| at(v.span(), format!("{key} `{}` is not a duration: {e}", v.get_ref()))),
+            Some(v) => match humantime::parse_duration(v.get_ref()) {
+                Ok(d) if d > MAX_DURATION => {
+                    Err(at(v.span(), format!("{key} `{}` is longer than a year", v.get_ref())))
+                }
+                Ok(d) => Ok(d),
+                Err(e) => Err(at(v.span(), format!("{key} `{}` is not a duration: {e}", v.get_ref()))),
+            },
         };
         let stop_signal = match &raw.stop_signal {
             None => DEFAULT_STOP_SIGNAL,
@@ -796,6 +804,15 @@ timeout = "3s"
             "{message}"
         );
         assert!(message.contains("^^^^^^^^^^^^^^"), "{message}");
+    }
+
+    #[test]
+    fn a_duration_beyond_a_year_is_refused() {
+        let message = error(&format!("{MINIMAL}watchdog = \"10000000000000000000s\"\n"));
+        assert!(
+            message.contains("service `web`: watchdog `10000000000000000000s` is longer than a year"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -100,8 +100,13 @@ async fn connect(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let (snapshot, guard) = Route::pick(route);
+        // A first dial has its whole connect_timeout; a redial must end by the deadline.
+        let mut connect_timeout = snapshot.settings.connect_timeout;
+        if outcome == Outcome::ConnectFailed {
+            connect_timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
         let wait_until = match guard {
-            Some(guard) => match dial(&guard.upstream().addr, snapshot.settings.connect_timeout).await {
+            Some(guard) => match dial(&guard.upstream().addr, connect_timeout).await {
                 Ok(worker) => return Ok((snapshot, guard, worker)),
                 Err(error) => {
                     let upstream = guard.upstream();
@@ -207,7 +212,10 @@ async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: 
                 return Outcome::IdleTimeout;
             }
             () = guard.upstream().cut() => {
+                // A reset, not a FIN, so that neither side takes the cut for a complete stream.
                 metrics.drain_cut.inc();
+                reset(client);
+                reset(worker);
                 return Outcome::Cut;
             }
         }
@@ -289,6 +297,8 @@ async fn copy<R: Socket, W: Socket>(
         };
         match src.try_read(buf) {
             Ok(0) => {
+                // The half-close timeout counts from here.
+                activity.touch();
                 // A peer that is gone already does not need our FIN.
                 let _ = SockRef::from(dst).shutdown(Shutdown::Write);
                 return Ok(total);

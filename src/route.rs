@@ -197,10 +197,15 @@ impl Upstream {
         self.state.load(Ordering::Acquire) & DRAINING != 0
     }
 
+    /// Refuses new guards from now on.
+    pub fn begin_drain(&self) {
+        self.state.fetch_or(DRAINING, Ordering::AcqRel);
+    }
+
     /// Refuses new guards and waits until the open connections have closed, or until `timeout`, when it
     /// cuts the ones left. Returns the number of connections that were cut.
     pub async fn drain(&self, timeout: Duration) -> usize {
-        self.state.fetch_or(DRAINING, Ordering::AcqRel);
+        self.begin_drain();
         let closed = async {
             while self.connections() > 0 {
                 self.idle.notified().await;
@@ -217,6 +222,11 @@ impl Upstream {
     /// Closes this worker's remaining connections now.
     pub fn cut_now(&self) {
         self.cut.cancel();
+    }
+
+    /// Whether this worker's connections have been cut.
+    pub fn is_cut(&self) -> bool {
+        self.cut.is_cancelled()
     }
 
     /// Resolves when this worker's remaining connections must close.
@@ -252,9 +262,9 @@ impl Route {
             }
             // Draining already: a service stores the new route before it drains the old worker, so the next
             // load sees the new one. A route still naming the draining worker has nowhere else to go.
-            let current = route.load();
+            let current = route.load_full();
             if current.upstream.as_ref().is_none_or(|u| Arc::ptr_eq(u, &upstream)) {
-                return (snapshot, None);
+                return (current, None);
             }
         }
     }

@@ -269,8 +269,12 @@ impl Service {
                 }
                 () = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
                     let (_, trigger) = self.restart.take().expect("guarded");
-                    self.context.metrics.restart(&self.config.name, trigger.label());
-                    self.follow_up = Some(trigger);
+                    // An upgrade in flight replaces the worker already; should it fail, the failure
+                    // schedules the next restart.
+                    if upgrade.is_none() {
+                        self.context.metrics.restart(&self.config.name, trigger.label());
+                        self.follow_up = Some(trigger);
+                    }
                 }
                 Some(done) = self.drains.join_next() => {
                     if let Ok(generation) = done {
@@ -510,6 +514,10 @@ impl Service {
     /// The active worker exited on its own.
     fn active_exited(&mut self, status: std::process::ExitStatus) {
         let Some(active) = self.active.take() else { return };
+        if active.since.elapsed() >= RESTART_STABLE_AFTER {
+            // It ran well for long: this crash starts the backoff afresh.
+            self.restart_backoff = RESTART_BACKOFF_MIN;
+        }
         if let Some(watch) = self.watch.take() {
             self.active = Some(active);
             let reason = format!("exited ({})", describe(status));
@@ -528,13 +536,15 @@ impl Service {
     fn drain(&mut self, old: Active) {
         let Active { worker, upstream, .. } = old;
         let config = Arc::clone(&self.config);
-        if !self.shutting_down && self.draining.len() >= config.max_draining as usize {
-            let oldest = &self.draining[0];
-            tracing::warn!(
-                service = %config.name, generation = oldest.generation, pid = oldest.pid,
-                connections = oldest.connections(), "too many draining workers: cutting the oldest"
-            );
-            oldest.cut_now();
+        let mut live = self.draining.iter().filter(|d| !d.is_cut());
+        if !self.shutting_down && live.clone().count() >= config.max_draining as usize {
+            if let Some(oldest) = live.next() {
+                tracing::warn!(
+                    service = %config.name, generation = oldest.generation, pid = oldest.pid,
+                    connections = oldest.connections(), "too many draining workers: cutting the oldest"
+                );
+                oldest.cut_now();
+            }
         }
         self.draining.push(Arc::clone(&upstream));
         self.drains.spawn(async move {
@@ -544,6 +554,8 @@ impl Service {
                 connections = upstream.connections(), policy = ?config.drain_policy, "draining"
             );
             if config.drain_policy == DrainPolicy::Signal {
+                // No connection may pick this worker once it has been told to stop.
+                upstream.begin_drain();
                 worker.begin_stop(config.stop_signal);
             }
             let cut = upstream.drain(config.drain_timeout).await;

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -141,12 +142,19 @@ impl SpawnerLoop {
         let _context = runtime.enter();
         while let Ok(SpawnerMessage::Spawn { command, reply }) = self.requests.recv() {
             let child = tokio::process::Command::from(*command).spawn();
-            let _ = reply.send(child);
+            // Nobody waits for this worker any more (its upgrade was abandoned): it must not live on.
+            if let Err(Ok(mut child)) = reply.send(child) {
+                if let Some(pid) = child.id() {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                let _ = child.start_kill();
+            }
         }
     }
 }
 
-/// Where workers' Unix sockets live: a directory only baton's user can enter, removed when dropped.
+/// Where workers' Unix sockets live: a directory of baton's, with one subdirectory per service that only the
+/// service's worker user may enter; removed when dropped.
 #[derive(Debug)]
 pub struct RuntimeDir {
     dir: tempfile::TempDir,
@@ -159,7 +167,11 @@ impl RuntimeDir {
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new().prefix("baton-").tempdir_in(base)?;
+        // Others may pass through to a worker's own socket directory, never list or create anything.
+        let dir = tempfile::Builder::new()
+            .prefix("baton-")
+            .permissions(std::fs::Permissions::from_mode(0o711))
+            .tempdir_in(base)?;
         Ok(RuntimeDir { dir })
     }
 
@@ -200,7 +212,7 @@ impl Worker {
                 (WorkerAddr::Tcp(addr), addr.port().to_string())
             }
             Backend::Unix => {
-                let dir = socket_dir(runtime_dir, service, identity)?;
+                let dir = socket_dir(runtime_dir, service, identity.as_ref())?;
                 let path = dir.join(format!("{}-{generation}.sock", service.name));
                 if path.as_os_str().len() > MAX_SOCKET_PATH {
                     return Err(SpawnError::SocketPathTooLong(path));
@@ -233,11 +245,7 @@ impl Worker {
         if let Some(cwd) = &service.cwd {
             command.current_dir(cwd);
         }
-        if let Some((uid, gid)) = identity {
-            // std drops the supplementary groups of root before it switches.
-            command.uid(uid.as_raw()).gid(gid.as_raw());
-        }
-        prepare_child(&mut command, spawner.worker_fd_limit);
+        prepare_child(&mut command, identity, spawner.worker_fd_limit);
         let mut child = spawner
             .spawn(command)
             .await?
@@ -350,20 +358,28 @@ impl Drop for Worker {
     }
 }
 
+/// Who a worker runs as, when it is not baton's own user.
+#[derive(Debug, Clone)]
+struct Identity {
+    uid: Uid,
+    gid: Gid,
+    /// Supplementary groups: the user's, as login would give them.
+    groups: Vec<Gid>,
+}
+
 /// The user and group a worker of `service` runs as, when they are not baton's own.
-fn identity(service: &ServiceConfig) -> Result<Option<(Uid, Gid)>, SpawnError> {
+fn identity(service: &ServiceConfig) -> Result<Option<Identity>, SpawnError> {
     if service.user.is_none() && service.group.is_none() {
         return Ok(None);
     }
     let failed = |message: String| SpawnError::Identity(message);
-    let (uid, user_gid) = match &service.user {
-        Some(name) => {
-            let user = User::from_name(name)
+    let user = match &service.user {
+        Some(name) => Some(
+            User::from_name(name)
                 .map_err(|e| failed(format!("cannot look up user `{name}`: {e}")))?
-                .ok_or_else(|| failed(format!("no user `{name}`")))?;
-            (user.uid, user.gid)
-        }
-        None => (Uid::current(), Gid::current()),
+                .ok_or_else(|| failed(format!("no user `{name}`")))?,
+        ),
+        None => None,
     };
     let gid = match &service.group {
         Some(name) => {
@@ -372,34 +388,43 @@ fn identity(service: &ServiceConfig) -> Result<Option<(Uid, Gid)>, SpawnError> {
                 .ok_or_else(|| failed(format!("no group `{name}`")))?
                 .gid
         }
-        None => user_gid,
+        None => user.as_ref().map_or_else(Gid::current, |u| u.gid),
     };
-    if !Uid::effective().is_root() && (uid != Uid::current() || gid != Gid::current()) {
+    let uid = user.as_ref().map_or_else(Uid::current, |u| u.uid);
+    if !Uid::effective().is_root() {
+        if uid == Uid::current() && gid == Gid::current() {
+            // Already who the worker should be.
+            return Ok(None);
+        }
         return Err(failed(
             "running a worker as another user or group needs baton to run as root".into(),
         ));
     }
-    Ok(Some((uid, gid)))
+    let groups = match &user {
+        Some(user) => {
+            let name = std::ffi::CString::new(user.name.as_str())
+                .map_err(|_| failed(format!("user name `{}` holds a NUL", user.name)))?;
+            nix::unistd::getgrouplist(&name, gid)
+                .map_err(|e| failed(format!("cannot list the groups of `{}`: {e}", user.name)))?
+        }
+        None => vec![gid],
+    };
+    Ok(Some(Identity { uid, gid, groups }))
 }
 
-/// The directory for the Unix sockets of `service`: the runtime directory itself, or a subdirectory the
-/// worker's user owns when the worker runs as someone else.
-fn socket_dir(
-    runtime_dir: &Path,
-    service: &ServiceConfig,
-    identity: Option<(Uid, Gid)>,
-) -> Result<PathBuf, SpawnError> {
-    let Some((uid, gid)) = identity else {
-        return Ok(runtime_dir.to_owned());
-    };
+/// The directory for the Unix sockets of `service`: a subdirectory of the runtime directory that only the
+/// worker's user may enter.
+fn socket_dir(runtime_dir: &Path, service: &ServiceConfig, identity: Option<&Identity>) -> Result<PathBuf, SpawnError> {
     let dir = runtime_dir.join(&service.name);
     let prepare = || -> io::Result<()> {
         match std::fs::create_dir(&dir) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
-        std::os::unix::fs::chown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        if let Some(identity) = identity {
+            std::os::unix::fs::chown(&dir, Some(identity.uid.as_raw()), Some(identity.gid.as_raw()))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
     };
     prepare().map_err(SpawnError::Address)?;
     Ok(dir)
@@ -426,22 +451,29 @@ fn reserve_loopback_port() -> io::Result<std::net::SocketAddr> {
     listener.local_addr()
 }
 
-/// Makes the child receive SIGKILL when baton's spawning thread ends (and exit at once if baton has already
-/// gone by the time the child runs), and gives it `fd_limit` back.
+/// Prepares the forked child before it execs: switches to `identity` (supplementary groups, group, user),
+/// gives it `fd_limit` back, and makes it receive SIGKILL when baton's spawning thread ends, exiting at once
+/// if baton has already gone by then. The death signal is set last: a change of credentials clears it.
 #[allow(unsafe_code)]
-fn prepare_child(command: &mut std::process::Command, fd_limit: Option<FdLimit>) {
+fn prepare_child(command: &mut std::process::Command, identity: Option<Identity>, fd_limit: Option<FdLimit>) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2), getppid(2) and
-    // setrlimit(2), which are async-signal-safe; it allocates nothing (errors are raw errnos) and takes no lock.
+    // SAFETY: the closure runs in the forked child before exec and calls only setgroups(2), setgid(2),
+    // setuid(2), setrlimit(2), prctl(2) and getppid(2), which are async-signal-safe; everything it uses was
+    // computed before the fork, it allocates nothing (errors are raw errnos) and takes no lock.
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // The parent died between fork and prctl: the signal will never come.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            if let Some(identity) = &identity {
+                nix::unistd::setgroups(&identity.groups)?;
+                nix::unistd::setgid(identity.gid)?;
+                nix::unistd::setuid(identity.uid)?;
             }
             if let Some(FdLimit { soft, hard }) = fd_limit {
                 nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)?;
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent died before prctl: the signal will never come.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
             }
             Ok(())
         });
