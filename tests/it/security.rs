@@ -254,3 +254,21 @@ interval = "50ms"
     assert_eq!(http_get(baton.addr("web"), "/").expect("GET /").0, 200);
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn an_admin_client_that_never_finishes_its_headers_is_dropped() {
+    let baton = Baton::start(&service("web", &["--port", "{port}"], ""));
+    let mut stream = TcpStream::connect(baton.admin).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(b"GET /status HTTP/1.1\r\nHost: te").expect("write");
+    // baton gives up on the request after its header timeout and closes the connection.
+    let mut response = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut response) {
+        let hung = matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        assert!(!hung, "the connection was never closed");
+    }
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(http_get(baton.admin, "/healthz").expect("healthz").0, 200);
+    assert_eq!(baton.stop().code(), Some(0));
+}
