@@ -11,8 +11,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, ORIGIN, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -20,9 +21,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::config::AdminAddr;
-use crate::control::{Command, Control, ReloadScope};
+use crate::control::{ActionError, Command, Control, ReloadScope, UpgradeResult};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,7 +141,7 @@ where
 }
 
 /// Checks the bearer token, when one is configured, on every request but `/healthz`.
-async fn authorized(request: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
+async fn authorized(request: Request<Incoming>, control: &Control) -> Response<Body> {
     // Browsers send Origin with every cross-site POST; scripts and the CLI do not. Refusing it keeps a web
     // page from reloading baton through a visitor's loopback.
     if request.method() == Method::POST && request.headers().contains_key(ORIGIN) {
@@ -168,56 +172,207 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn route(request: Request<Incoming>, control: &Control) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let method = request.method();
-    match (path, method) {
-        ("/healthz", &Method::GET) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        ("/status" | "/v1/status", &Method::GET) => json(StatusCode::OK, &control.status()),
-        ("/metrics", &Method::GET) => {
-            let mut response = Response::new(Full::new(Bytes::from(control.metrics_text())));
+/// The body of every admin response: whole, or the event stream.
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let query = match Query::parse(request.uri().query()) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let bad_request = |message: String| error(StatusCode::BAD_REQUEST, message);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (segments.as_slice(), &method) {
+        (["healthz"], &Method::GET) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (["status"] | ["v1", "status"], &Method::GET) => json(StatusCode::OK, &control.status()),
+        (["metrics"], &Method::GET) => {
+            let mut response = Response::new(Full::new(Bytes::from(control.metrics_text())).boxed());
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             response
         }
-        ("/v1/reload", &Method::POST) => match request.uri().query().unwrap_or_default() {
-            "" | "upgrade=all" => reload(control, ReloadScope::All).await,
-            "upgrade=changed" => reload(control, ReloadScope::Changed).await,
-            other => error(
-                StatusCode::BAD_REQUEST,
-                format!("unknown query `{other}`: use upgrade=all or upgrade=changed"),
-            ),
+        (["v1", "events"], &Method::GET) => match query.only(&["service"]) {
+            Ok(()) => events(control, query.get("service")),
+            Err(message) => bad_request(message),
         },
-        ("/healthz" | "/status" | "/v1/status" | "/metrics" | "/v1/reload", _) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} is not allowed on {path}"),
-        ),
+        (["v1", "reload"], &Method::POST) => {
+            let scope = match query.get("upgrade") {
+                None | Some("all") => ReloadScope::All,
+                Some("changed") => ReloadScope::Changed,
+                Some(other) => {
+                    return bad_request(format!(
+                        "upgrade={other} is unknown: use upgrade=all or upgrade=changed"
+                    ));
+                }
+            };
+            match query.only(&["upgrade", "wait"]).and_then(|()| query.wait()) {
+                Ok(_) if has_body(&request) => bad_request(format!("{path} takes no request body")),
+                Ok(wait) => reload(control, scope, wait).await,
+                Err(message) => bad_request(message),
+            }
+        }
+        (["v1", "services", name, action @ ("upgrade" | "rollback")], &Method::POST) => {
+            if !control.directory.borrow().contains_key(*name) {
+                return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
+            }
+            match query.only(&["wait"]).and_then(|()| query.wait()) {
+                Ok(_) if has_body(&request) => bad_request(format!("{path} takes no request body")),
+                Ok(wait) => action_on(control, name, action, wait).await,
+                Err(message) => bad_request(message),
+            }
+        }
+        (["healthz"] | ["status"] | ["v1", "status"] | ["metrics"] | ["v1", "events"], _) => {
+            not_allowed(&method, &path, "GET")
+        }
+        (["v1", "reload"] | ["v1", "services", _, "upgrade" | "rollback"], _) => not_allowed(&method, &path, "POST"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
-async fn reload(control: &Control, scope: ReloadScope) -> Response<Full<Bytes>> {
+/// The parameters of a query string, `a=b&c=d`.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: Option<&str>) -> Result<Query, String> {
+        let mut pairs = Vec::new();
+        for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if key.is_empty() || key.len() > 64 || value.len() > 256 {
+                return Err(format!("malformed query parameter `{pair}`"));
+            }
+            pairs.push((key.to_owned(), value.to_owned()));
+        }
+        Ok(Query(pairs))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Refuses parameters other than `allowed`.
+    fn only(&self, allowed: &[&str]) -> Result<(), String> {
+        match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            None => Ok(()),
+            Some((key, _)) => Err(format!("unknown query parameter `{key}`")),
+        }
+    }
+
+    /// `wait=true` (the default) or `wait=false`.
+    fn wait(&self) -> Result<bool, String> {
+        match self.get("wait") {
+            None | Some("true" | "1") => Ok(true),
+            Some("false" | "0") => Ok(false),
+            Some(other) => Err(format!("wait={other} is not a boolean: use wait=true or wait=false")),
+        }
+    }
+}
+
+fn has_body(request: &Request<Incoming>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        || headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+fn not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {path}: use {allowed}"),
+    );
+    response
+        .headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+/// `POST /v1/services/{name}/upgrade|rollback`: the outcome as JSON, 200 when the new worker took over (or the
+/// rollback happened), 502 when the upgrade failed or was rolled back, 409 when there is nothing to roll back.
+async fn action_on(control: &Control, name: &str, action: &str, wait: bool) -> Response<Body> {
     let (reply, outcome) = oneshot::channel();
-    let command = Command::Reload {
-        scope,
-        reply: Some(reply),
+    let service = name.to_owned();
+    let command = match action {
+        "upgrade" => Command::Upgrade { service, reply },
+        _ => Command::Rollback { service, reply },
     };
     if control.commands.send(command).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
     }
+    if !wait {
+        return json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"service": name, "action": action, "accepted": true}),
+        );
+    }
     match outcome.await {
-        Ok(Ok(())) => json(StatusCode::OK, &serde_json::json!({"result": "applied"})),
+        Ok(Ok(record)) => {
+            let status = match (action, record.result) {
+                ("rollback", _) | (_, UpgradeResult::Success) => StatusCode::OK,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            json(status, &record)
+        }
+        Ok(Err(ActionError::NotFound(name))) => error(StatusCode::NOT_FOUND, format!("no service `{name}`")),
+        Ok(Err(e @ ActionError::Conflict(_))) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(ActionError::ShuttingDown)) | Err(_) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into())
+        }
+    }
+}
+
+async fn reload(control: &Control, scope: ReloadScope, wait: bool) -> Response<Body> {
+    let (reply, outcome) = oneshot::channel();
+    let command = Command::Reload { scope, wait, reply };
+    if control.commands.send(command).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
+    }
+    match outcome.await {
+        Ok(Ok(services)) => json(
+            StatusCode::OK,
+            &serde_json::json!({"result": "applied", "services": services}),
+        ),
         Ok(Err(message)) => error(StatusCode::BAD_REQUEST, message),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
     }
 }
 
-fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+/// `GET /v1/events`: newline-delimited JSON, one event a line, from now on; the first line says the stream
+/// is live. A listener too slow to keep up gets a `lagged` event with the number it missed.
+fn events(control: &Control, service: Option<&str>) -> Response<Body> {
+    let receiver = control.events.subscribe();
+    let service = service.map(|s| format!("\"service\":{}", serde_json::Value::from(s)));
+    let first = serde_json::json!({"event": "subscribed", "time": crate::control::unix_now()}).to_string();
+    let live = BroadcastStream::new(receiver).filter_map(move |item| match item {
+        Ok(line) => match &service {
+            Some(service) if !line.contains(service.as_str()) => None,
+            _ => Some(line.to_string()),
+        },
+        Err(BroadcastStreamRecvError::Lagged(missed)) => {
+            Some(serde_json::json!({"event": "lagged", "missed": missed}).to_string())
+        }
+    });
+    let lines = tokio_stream::once(first)
+        .chain(live)
+        .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(line + "\n"))));
+    let mut response = Response::new(StreamBody::new(lines).boxed());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    response
+        .headers_mut()
+        .insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
     let mut text = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
     text.push(b'\n');
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -225,7 +380,7 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
     response
 }
 
-fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, message: String) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message }))
 }
 

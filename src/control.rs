@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::metrics::{Metrics, ServiceGauges};
 use crate::route::Upstream;
@@ -21,9 +21,58 @@ pub enum Command {
     Reload {
         /// Which services get a new worker.
         scope: ReloadScope,
-        /// Told whether the new configuration applied, with the error when it did not.
-        reply: Option<oneshot::Sender<Result<(), String>>>,
+        /// Whether the reply waits for the upgrades the reload starts.
+        wait: bool,
+        /// Told whether the new configuration applied (with the outcome per service), or why not.
+        reply: oneshot::Sender<Result<ReloadReport, String>>,
     },
+    /// Upgrade one service.
+    Upgrade {
+        /// The service.
+        service: String,
+        /// Told the outcome once the upgrade (with its watchdog window) is over.
+        reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
+    },
+    /// Switch one service back to its previous worker, while that one is still warm.
+    Rollback {
+        /// The service.
+        service: String,
+        /// Told the outcome.
+        reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
+    },
+}
+
+/// Why an action on a service was not carried out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ActionError {
+    /// No such service.
+    #[error("no service `{0}`")]
+    NotFound(String),
+    /// The action does not fit the service's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// baton stopped before the action ended.
+    #[error("baton is shutting down")]
+    ShuttingDown,
+}
+
+/// The outcome of a reload, per service.
+pub type ReloadReport = BTreeMap<String, ServiceOutcome>;
+
+/// What a reload did to one service.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceOutcome {
+    /// The service was upgraded (or added); here is how that went.
+    Upgraded(Box<UpgradeRecord>),
+    /// An upgrade was started; the reply did not wait for it.
+    Started,
+    /// The service keeps its worker.
+    Unchanged,
+    /// The service was removed and drains.
+    Removed,
+    /// baton stopped before the upgrade ended.
+    Abandoned,
 }
 
 /// Which services a reload upgrades.
@@ -110,31 +159,100 @@ impl UpgradeResult {
 /// The record of a finished upgrade.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpgradeRecord {
+    /// The service.
+    pub service: String,
     /// What set it off.
     pub trigger: Trigger,
     /// How it ended.
     pub result: UpgradeResult,
     /// Generation serving before, if any.
     pub old_generation: Option<u64>,
+    /// Process id of the worker serving before, if any.
+    pub old_pid: Option<u32>,
     /// Generation of the new worker.
     pub new_generation: u64,
     /// Process id of the new worker, if it started.
     pub new_pid: Option<u32>,
-    /// Milliseconds from spawn to ready (or to failure).
+    /// Milliseconds from the start of the upgrade to ready (or to failure).
     pub duration_ms: u64,
+    /// The time of each phase.
+    pub phases: PhaseTimes,
     /// Why it failed.
     pub error: Option<String>,
     /// Unix time, in seconds, of its end.
     pub finished_at: f64,
 }
 
+/// Milliseconds spent in each phase of an upgrade; a phase not reached is absent.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PhaseTimes {
+    /// From the start to a running process.
+    pub spawn_ms: Option<u64>,
+    /// From a running process to a ready one.
+    pub ready_ms: Option<u64>,
+    /// The watchdog window, from the switch to its end (or the rollback).
+    pub watch_ms: Option<u64>,
+}
+
+/// Lifecycle events, as lines of JSON, for `/v1/events` and whoever else listens.
+#[derive(Debug, Clone)]
+pub struct Events {
+    sender: broadcast::Sender<Arc<str>>,
+}
+
+/// How many events a slow listener may fall behind before it misses some.
+pub const EVENTS_BACKLOG: usize = 1024;
+
+impl Events {
+    /// A new, empty event bus.
+    pub fn new() -> Events {
+        Events {
+            sender: broadcast::channel(EVENTS_BACKLOG).0,
+        }
+    }
+
+    /// Publishes event `kind` about `service` (empty for the daemon itself), with `fields` (a JSON object).
+    pub fn emit(&self, service: &str, kind: &str, fields: serde_json::Value) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let mut event = serde_json::Map::new();
+        event.insert("time".into(), unix_now().into());
+        event.insert("event".into(), kind.into());
+        if !service.is_empty() {
+            event.insert("service".into(), service.into());
+        }
+        if let serde_json::Value::Object(fields) = fields {
+            event.extend(fields);
+        }
+        let line = serde_json::Value::Object(event).to_string();
+        let _ = self.sender.send(Arc::from(line));
+    }
+
+    /// A listener that gets every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.sender.subscribe()
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events::new()
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 impl UpgradeRecord {
     /// Stamps `finished_at` with the current time.
     pub fn now(mut self) -> Self {
-        self.finished_at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        self.finished_at = unix_now();
         self
     }
 }
@@ -289,6 +407,8 @@ pub struct Control {
     pub started: std::time::Instant,
     /// The bearer token requests must present, when one is configured.
     pub token: Arc<arc_swap::ArcSwapOption<String>>,
+    /// Lifecycle events.
+    pub events: Events,
 }
 
 impl Control {

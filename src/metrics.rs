@@ -5,7 +5,10 @@
 //! just before a scrape, never counted up and down per connection.
 
 use prometheus::core::Collector;
-use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 /// Connections accepted on a service's public sockets.
 pub const CONNECTIONS_ACCEPTED: &str = "baton_connections_accepted_total";
@@ -19,6 +22,14 @@ pub const CONNECTIONS_REJECTED: &str = "baton_connections_rejected_total";
 pub const CONNECTION_ERRORS: &str = "baton_connection_errors_total";
 /// Bytes copied, by direction.
 pub const BYTES: &str = "baton_bytes_total";
+/// How long connections lasted, from accept to close.
+pub const CONNECTION_DURATION: &str = "baton_connection_duration_seconds";
+/// How long dialling the worker took.
+pub const WORKER_CONNECT_DURATION: &str = "baton_worker_connect_duration_seconds";
+/// How long new workers took from spawn to ready.
+pub const UPGRADE_READY: &str = "baton_upgrade_ready_seconds";
+/// How long old workers took to drain, from the start of the drain to their stop.
+pub const DRAIN_DURATION: &str = "baton_drain_duration_seconds";
 /// Finished upgrades, by trigger and result.
 pub const UPGRADES: &str = "baton_upgrades_total";
 /// 1 while an upgrade of the service runs.
@@ -52,6 +63,10 @@ pub struct Metrics {
     rejected: IntCounterVec,
     errors: IntCounterVec,
     bytes: IntCounterVec,
+    connection_duration: HistogramVec,
+    connect_duration: HistogramVec,
+    ready_duration: HistogramVec,
+    drain_duration: HistogramVec,
     upgrades: IntCounterVec,
     upgrade_in_progress: IntGaugeVec,
     generation: IntGaugeVec,
@@ -95,6 +110,10 @@ pub struct ServiceMetrics {
     pub health_failed: IntCounter,
     /// Connections cut when their worker's drain timed out.
     pub drain_cut: IntCounter,
+    /// `baton_connection_duration_seconds{service}`.
+    pub connection_duration: Histogram,
+    /// `baton_worker_connect_duration_seconds{service}`.
+    pub worker_connect_duration: Histogram,
     errors: IntCounterVec,
     name: String,
 }
@@ -124,6 +143,12 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("metric options are valid");
+            register(&registry, metric.clone());
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["service"])
+                .expect("metric options are valid");
             register(&registry, metric.clone());
             metric
         };
@@ -162,6 +187,30 @@ impl Metrics {
                 BYTES,
                 "Bytes copied between clients and workers.",
                 &["service", "direction"],
+            ),
+            connection_duration: histogram(
+                CONNECTION_DURATION,
+                "How long connections lasted, from accept to close.",
+                &[
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+                ],
+            ),
+            connect_duration: histogram(
+                WORKER_CONNECT_DURATION,
+                "How long dialling the worker's private socket took.",
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            ready_duration: histogram(
+                UPGRADE_READY,
+                "How long new workers took from spawn to ready.",
+                &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            drain_duration: histogram(
+                DRAIN_DURATION,
+                "How long old workers took from the start of their drain to their stop.",
+                &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
             ),
             upgrades: counter(
                 UPGRADES,
@@ -242,6 +291,8 @@ impl Metrics {
             health_ok: self.health.with_label_values(&[name, "success"]),
             health_failed: self.health.with_label_values(&[name, "failure"]),
             drain_cut: self.rejected.with_label_values(&[name, "drain_timeout"]),
+            connection_duration: self.connection_duration.with_label_values(&[name]),
+            worker_connect_duration: self.connect_duration.with_label_values(&[name]),
             errors: self.errors.clone(),
             name: name.to_owned(),
         }
@@ -250,6 +301,20 @@ impl Metrics {
     /// Records a restart of a service's worker.
     pub fn restart(&self, service: &str, reason: &str) {
         self.restarts.with_label_values(&[service, reason]).inc();
+    }
+
+    /// Records how long a new worker took to become ready.
+    pub fn worker_ready(&self, service: &str, took: std::time::Duration) {
+        self.ready_duration
+            .with_label_values(&[service])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records how long an old worker took to drain and stop.
+    pub fn drained(&self, service: &str, took: std::time::Duration) {
+        self.drain_duration
+            .with_label_values(&[service])
+            .observe(took.as_secs_f64());
     }
 
     /// Records the end of an upgrade.

@@ -77,10 +77,12 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         }
     };
     let _ = client.set_nodelay(true);
-    match &worker {
+    let outcome = match &worker {
         WorkerStream::Tcp(worker) => relay(&client, worker, &snapshot, &guard).await,
         WorkerStream::Unix(worker) => relay(&client, worker, &snapshot, &guard).await,
-    }
+    };
+    metrics.connection_duration.observe(accepted.elapsed().as_secs_f64());
+    outcome
 }
 
 /// Finds a worker and dials it. While the service has no ready worker, or its worker refuses (it may have
@@ -106,7 +108,13 @@ async fn connect(
             connect_timeout = connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
         let wait_until = match guard {
-            Some(guard) => match dial(&guard.upstream().addr, connect_timeout).await {
+            Some(guard) => match dial(
+                &guard.upstream().addr,
+                connect_timeout,
+                &metrics.worker_connect_duration,
+            )
+            .await
+            {
                 Ok(worker) => return Ok((snapshot, guard, worker)),
                 Err(error) => {
                     let upstream = guard.upstream();
@@ -149,7 +157,8 @@ impl Drop for Pending<'_> {
     }
 }
 
-async fn dial(addr: &WorkerAddr, timeout: Duration) -> io::Result<WorkerStream> {
+async fn dial(addr: &WorkerAddr, timeout: Duration, took: &prometheus::Histogram) -> io::Result<WorkerStream> {
+    let started = Instant::now();
     let connect = async {
         match addr {
             WorkerAddr::Tcp(addr) => {
@@ -160,9 +169,13 @@ async fn dial(addr: &WorkerAddr, timeout: Duration) -> io::Result<WorkerStream> 
             WorkerAddr::Unix(path) => Ok(WorkerStream::Unix(UnixStream::connect(path).await?)),
         }
     };
-    tokio::time::timeout(timeout, connect)
+    let result = tokio::time::timeout(timeout, connect)
         .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    if result.is_ok() {
+        took.observe(started.elapsed().as_secs_f64());
+    }
+    result
 }
 
 async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: &Guard) -> Outcome {

@@ -20,13 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{DrainPolicy, ServiceConfig};
-use crate::control::{Phase, ServiceState, Trigger, UpgradeRecord, UpgradeResult, millis};
+use crate::control::{
+    ActionError, Events, Phase, PhaseTimes, ServiceState, Trigger, UpgradeRecord, UpgradeResult, millis,
+};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{ReadinessError, probe, wait_ready};
@@ -38,14 +41,18 @@ use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between two restarts.
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a draining worker's progress is published.
+pub const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How long a worker must run before a crash restarts it after [`RESTART_BACKOFF_MIN`] again.
 pub const RESTART_STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// What the supervisor asks of a service.
 #[derive(Debug)]
 pub enum ServiceCommand {
-    /// Start a new worker generation and switch to it.
-    Upgrade(Trigger),
+    /// Start a new worker generation and switch to it; the waiter, if any, is told the outcome.
+    Upgrade(Trigger, Option<Waiter>),
+    /// Switch back to the previous worker while it is warm.
+    Rollback(oneshot::Sender<Result<UpgradeRecord, ActionError>>),
     /// Use this configuration and these public sockets from now on (the next worker gets the new command).
     Reconfigure {
         /// The service's new stanza.
@@ -54,6 +61,9 @@ pub enum ServiceCommand {
         listeners: Vec<Arc<Listener>>,
     },
 }
+
+/// Told the outcome of an upgrade once its watchdog window is over.
+pub type Waiter = oneshot::Sender<UpgradeRecord>;
 
 /// The supervisor's side of a running service.
 #[derive(Debug)]
@@ -75,15 +85,19 @@ pub struct Context {
     pub metrics: Metrics,
     /// Permits for proxied connections, shared by every service (see `listener::connection_budget`).
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// Lifecycle events.
+    pub events: Events,
 }
 
 impl ServiceHandle {
-    /// Starts the service's task, which spawns the first worker at once. `started` is told how that went.
+    /// Starts the service's task, which spawns the first worker at once. `started` is told how that went,
+    /// and `waiter` gets its record.
     pub fn start(
         config: Arc<ServiceConfig>,
         listeners: Vec<Arc<Listener>>,
         context: Context,
         started: oneshot::Sender<Result<(), String>>,
+        waiter: Option<Waiter>,
     ) -> ServiceHandle {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
@@ -110,6 +124,8 @@ impl ServiceHandle {
             state: Arc::new(state_tx),
             upgrading: false,
             follow_up: None,
+            waiters: waiter.into_iter().collect(),
+            follow_up_waiters: Vec::new(),
             started: Some(started),
             restart_backoff: RESTART_BACKOFF_MIN,
             restart: None,
@@ -164,6 +180,7 @@ impl Active {
 #[derive(Debug)]
 struct Watch {
     previous: Active,
+    since: Instant,
     until: Instant,
     /// The upgrade being watched; its result is known when the window ends.
     record: UpgradeRecord,
@@ -182,8 +199,19 @@ enum UpgradeError {
     },
 }
 
-/// An upgrade in flight: yields its trigger, generation, duration, and the ready worker or the failure.
-type UpgradeFuture = Pin<Box<dyn Future<Output = (Trigger, u64, Duration, Result<Worker, UpgradeError>)> + Send>>;
+/// An upgrade in flight, up to a ready worker or a failure.
+type UpgradeFuture = Pin<Box<dyn Future<Output = Attempt> + Send>>;
+
+/// How the first steps of an upgrade went.
+struct Attempt {
+    trigger: Trigger,
+    generation: u64,
+    /// From the start to a running process, if it got that far.
+    spawn: Option<Duration>,
+    /// From the start to ready or to the failure.
+    total: Duration,
+    result: Result<Worker, UpgradeError>,
+}
 
 /// A health probe in flight: yields the generation probed and whether it answered.
 type ProbeFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
@@ -213,6 +241,10 @@ struct Service {
     upgrading: bool,
     /// A request that came during an upgrade, to run after it.
     follow_up: Option<Trigger>,
+    /// Told the outcome of the upgrade in flight.
+    waiters: Vec<Waiter>,
+    /// Told the outcome of the follow-up.
+    follow_up_waiters: Vec<Waiter>,
     /// Told how the first upgrade went.
     started: Option<oneshot::Sender<Result<(), String>>>,
     restart_backoff: Duration,
@@ -229,6 +261,7 @@ impl Service {
             // Requests that came during the last upgrade or its watchdog window run now, as one.
             if upgrade.is_none() && self.watch.is_none() {
                 if let Some(trigger) = self.follow_up.take() {
+                    self.waiters = std::mem::take(&mut self.follow_up_waiters);
                     upgrade = Some(self.begin_upgrade(trigger));
                 }
             }
@@ -240,14 +273,20 @@ impl Service {
             let watch_until = self.watch.as_ref().map(|w| w.until);
             let restart_at = self.restart.map(|(at, _)| at);
             tokio::select! {
-                (trigger, generation, took, result) = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
+                attempt = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
                     upgrade = None;
                     self.upgrading = false;
-                    self.finish_upgrade(trigger, generation, took, result);
+                    self.finish_upgrade(attempt);
                 }
                 command = commands.recv() => match command {
                     // An upgrade lasts until its watchdog window closes; requests meanwhile coalesce.
-                    Some(ServiceCommand::Upgrade(trigger)) => self.follow_up = Some(trigger),
+                    Some(ServiceCommand::Upgrade(trigger, waiter)) => {
+                        self.follow_up = Some(trigger);
+                        self.follow_up_waiters.extend(waiter);
+                    }
+                    Some(ServiceCommand::Rollback(reply)) => {
+                        let _ = reply.send(self.rollback());
+                    }
                     Some(ServiceCommand::Reconfigure { config, listeners }) => self.reconfigure(config, listeners),
                     None => break,
                 },
@@ -299,13 +338,33 @@ impl Service {
         let state = Arc::clone(&self.state);
         self.state.send_modify(|s| s.phase = Phase::Spawning);
         tracing::info!(service = %config.name, generation, trigger = trigger.label(), "upgrade started");
+        let events = &self.context.events;
+        events.emit(
+            &config.name,
+            "upgrade_started",
+            json!({"generation": generation, "trigger": trigger}),
+        );
         Box::pin(async move {
             let started = Instant::now();
+            let mut spawn = None;
             let result = async {
                 let worker = Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await?;
+                spawn = Some(started.elapsed());
                 state.send_modify(|s| s.phase = Phase::WaitingReady);
+                context.events.emit(
+                    &config.name,
+                    "spawned",
+                    json!({"generation": generation, "pid": worker.pid, "worker": worker.addr.to_string()}),
+                );
                 match wait_ready(&worker, &config.readiness).await {
-                    Ok(_) => Ok(worker),
+                    Ok(took) => {
+                        context.events.emit(
+                            &config.name,
+                            "ready",
+                            json!({"generation": generation, "pid": worker.pid, "ready_ms": millis(took)}),
+                        );
+                        Ok(worker)
+                    }
                     Err(source) => {
                         let pid = worker.pid;
                         worker.kill().await;
@@ -314,27 +373,41 @@ impl Service {
                 }
             }
             .await;
-            (trigger, generation, started.elapsed(), result)
+            Attempt {
+                trigger,
+                generation,
+                spawn,
+                total: started.elapsed(),
+                result,
+            }
         })
     }
 
     /// Switches to a ready worker, or records why there is none.
-    fn finish_upgrade(
-        &mut self,
-        trigger: Trigger,
-        generation: u64,
-        took: Duration,
-        result: Result<Worker, UpgradeError>,
-    ) {
+    fn finish_upgrade(&mut self, attempt: Attempt) {
+        let Attempt {
+            trigger,
+            generation,
+            spawn,
+            total: took,
+            result,
+        } = attempt;
         let name = self.config.name.clone();
         let old_generation = self.active.as_ref().map(|a| a.worker.generation);
         let mut record = UpgradeRecord {
+            service: name.clone(),
             trigger,
             result: UpgradeResult::Success,
             old_generation,
+            old_pid: self.active.as_ref().map(|a| a.worker.pid),
             new_generation: generation,
             new_pid: None,
             duration_ms: millis(took),
+            phases: PhaseTimes {
+                spawn_ms: spawn.map(millis),
+                ready_ms: spawn.map(|s| millis(took.saturating_sub(s))),
+                watch_ms: None,
+            },
             error: None,
             finished_at: 0.0,
         };
@@ -346,9 +419,11 @@ impl Service {
                     "worker ready: switched"
                 );
                 record.new_pid = Some(worker.pid);
+                self.context.metrics.worker_ready(&name, took);
                 self.switch(worker, record);
             }
             Err(error) => {
+                record.phases.ready_ms = None;
                 record.new_pid = match &error {
                     UpgradeError::NotReady { pid, .. } => Some(*pid),
                     UpgradeError::Spawn(_) => None,
@@ -375,6 +450,11 @@ impl Service {
     /// Points new connections at `worker`. The worker it replaces is kept warm for the watchdog window, or
     /// drained at once when there is no window.
     fn switch(&mut self, worker: Worker, record: UpgradeRecord) {
+        self.context.events.emit(
+            &self.config.name,
+            "switched",
+            json!({"generation": worker.generation, "pid": worker.pid, "old_generation": record.old_generation}),
+        );
         let previous = self.active.replace(Active::new(worker));
         // A replacement that was due is moot now.
         self.restart = None;
@@ -387,8 +467,15 @@ impl Service {
         }
         match previous {
             Some(previous) if !self.config.watchdog.is_zero() => {
+                self.context.events.emit(
+                    &self.config.name,
+                    "watching",
+                    json!({"generation": record.new_generation, "previous_generation": previous.worker.generation,
+                           "watchdog_ms": millis(self.config.watchdog)}),
+                );
                 self.watch = Some(Watch {
                     previous,
+                    since: Instant::now(),
                     until: Instant::now() + self.config.watchdog,
                     record,
                 });
@@ -398,7 +485,9 @@ impl Service {
                 self.drain(previous);
                 self.record(record);
             }
-            None => self.record(record),
+            None => {
+                self.record(record);
+            }
         }
         if !self.accepting {
             self.accepting = true;
@@ -409,10 +498,14 @@ impl Service {
     }
 
     /// Closes the watchdog window: keep the new worker (`Success`), or go back to the previous one.
-    fn end_watch(&mut self, watch: Watch, result: UpgradeResult, reason: Option<String>) {
+    fn end_watch(&mut self, watch: Watch, result: UpgradeResult, reason: Option<String>) -> UpgradeRecord {
         let Watch {
-            previous, mut record, ..
+            previous,
+            mut record,
+            since,
+            ..
         } = watch;
+        record.phases.watch_ms = Some(millis(since.elapsed()));
         if result == UpgradeResult::RolledBack {
             let restored = previous.worker.generation;
             let failed = self.active.replace(Active {
@@ -429,6 +522,11 @@ impl Service {
                 self.config.name, record.new_generation
             );
             tracing::error!(service = %self.config.name, generation = record.new_generation, restored, "{error}");
+            self.context.events.emit(
+                &self.config.name,
+                "rolled_back",
+                json!({"generation": record.new_generation, "restored_generation": restored, "reason": reason}),
+            );
             record.error = Some(error);
             if let Some(failed) = failed {
                 self.drain(failed);
@@ -437,11 +535,23 @@ impl Service {
             self.drain(previous);
         }
         record.result = result;
-        self.record(record);
+        self.record(record)
+    }
+
+    /// Switches back to the previous worker at an operator's request, while the watchdog window is open.
+    fn rollback(&mut self) -> Result<UpgradeRecord, ActionError> {
+        match self.watch.take() {
+            Some(watch) => Ok(self.end_watch(watch, UpgradeResult::RolledBack, Some("rollback requested".into()))),
+            None => Err(ActionError::Conflict(format!(
+                "service `{}`: nothing to roll back to: no previous worker is kept warm (the watchdog window \
+                 is over, disabled, or no upgrade happened)",
+                self.config.name
+            ))),
+        }
     }
 
     /// Records the end of an upgrade and tells whoever waits for it.
-    fn record(&mut self, record: UpgradeRecord) {
+    fn record(&mut self, record: UpgradeRecord) -> UpgradeRecord {
         self.context
             .metrics
             .upgrade_finished(&self.config.name, record.trigger.label(), record.result.label());
@@ -451,7 +561,17 @@ impl Service {
                 _ => Ok(()),
             });
         }
-        self.publish(Some(record.now()));
+        let record = record.now();
+        self.context.events.emit(
+            &self.config.name,
+            "upgrade_finished",
+            serde_json::to_value(&record).unwrap_or_default(),
+        );
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(record.clone());
+        }
+        self.publish(Some(record.clone()));
+        record
     }
 
     /// The next health probe of the active worker, if there is one to probe.
@@ -485,6 +605,9 @@ impl Service {
             if !active.healthy && active.successes >= health.successes {
                 active.healthy = true;
                 tracing::info!(service = %self.config.name, generation, "worker healthy again");
+                self.context
+                    .events
+                    .emit(&self.config.name, "healthy", json!({"generation": generation}));
                 self.publish(None);
             }
             return;
@@ -498,12 +621,16 @@ impl Service {
         active.healthy = false;
         let failures = active.failures;
         tracing::warn!(service = %self.config.name, generation, failures, "worker unhealthy");
+        self.context.events.emit(
+            &self.config.name,
+            "unhealthy",
+            json!({"generation": generation, "failures": failures}),
+        );
         match self.watch.take() {
-            Some(watch) => self.end_watch(
-                watch,
-                UpgradeResult::RolledBack,
-                Some(format!("failed {failures} health checks")),
-            ),
+            Some(watch) => {
+                let reason = format!("failed {failures} health checks");
+                self.end_watch(watch, UpgradeResult::RolledBack, Some(reason));
+            }
             None => {
                 self.schedule_restart(Trigger::Unhealthy);
                 self.publish(None);
@@ -514,6 +641,11 @@ impl Service {
     /// The active worker exited on its own.
     fn active_exited(&mut self, status: std::process::ExitStatus) {
         let Some(active) = self.active.take() else { return };
+        self.context.events.emit(
+            &self.config.name,
+            "worker_exited",
+            json!({"generation": active.worker.generation, "pid": active.worker.pid, "status": describe(status)}),
+        );
         if active.since.elapsed() >= RESTART_STABLE_AFTER {
             // It ran well for long: this crash starts the backoff afresh.
             self.restart_backoff = RESTART_BACKOFF_MIN;
@@ -547,27 +679,55 @@ impl Service {
             }
         }
         self.draining.push(Arc::clone(&upstream));
+        let metrics = self.context.metrics.clone();
+        let events = self.context.events.clone();
         self.drains.spawn(async move {
             let started = Instant::now();
+            let (generation, pid) = (worker.generation, worker.pid);
             tracing::info!(
-                service = %config.name, generation = worker.generation, pid = worker.pid,
+                service = %config.name, generation, pid,
                 connections = upstream.connections(), policy = ?config.drain_policy, "draining"
+            );
+            events.emit(
+                &config.name,
+                "drain_started",
+                json!({"generation": generation, "pid": pid, "connections": upstream.connections(),
+                       "drain_timeout_ms": millis(config.drain_timeout)}),
             );
             if config.drain_policy == DrainPolicy::Signal {
                 // No connection may pick this worker once it has been told to stop.
                 upstream.begin_drain();
                 worker.begin_stop(config.stop_signal);
             }
-            let cut = upstream.drain(config.drain_timeout).await;
+            let deadline = started + config.drain_timeout;
+            let drained = upstream.drain(config.drain_timeout);
+            tokio::pin!(drained);
+            let mut progress = tokio::time::interval_at(started + DRAIN_PROGRESS_EVERY, DRAIN_PROGRESS_EVERY);
+            let cut = loop {
+                tokio::select! {
+                    cut = &mut drained => break cut,
+                    _ = progress.tick() => events.emit(
+                        &config.name,
+                        "drain_progress",
+                        json!({"generation": generation, "connections": upstream.connections(),
+                               "deadline_in_ms": millis(deadline.saturating_duration_since(Instant::now()))}),
+                    ),
+                }
+            };
             if cut > 0 {
                 tracing::warn!(
                     service = %config.name, generation = worker.generation, pid = worker.pid, cut,
                     "drain timeout: closed the connections left"
                 );
             }
-            let generation = worker.generation;
-            let pid = worker.pid;
             let status = worker.stop(config.stop_signal, config.stop_timeout).await;
+            metrics.drained(&config.name, started.elapsed());
+            events.emit(
+                &config.name,
+                "worker_stopped",
+                json!({"generation": generation, "pid": pid, "status": describe(status), "cut": cut,
+                       "drain_ms": millis(started.elapsed())}),
+            );
             tracing::info!(
                 service = %config.name, generation, pid, drain_ms = millis(started.elapsed()),
                 status = %describe(status), "old worker stopped"
@@ -594,6 +754,11 @@ impl Service {
         tracing::warn!(
             service = %self.config.name, wait_ms = millis(wait), reason = trigger.label(),
             "replacing the worker"
+        );
+        self.context.events.emit(
+            &self.config.name,
+            "restart_scheduled",
+            json!({"in_ms": millis(wait), "reason": trigger}),
         );
         self.restart = Some((Instant::now() + wait, trigger));
     }

@@ -11,6 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use serde_json::json;
 use tokio::signal::unix::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -18,10 +19,12 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminListener};
 use crate::config::{AdminAddr, AdminConfig, Config, ConfigError};
-use crate::control::{Command, Control, Directory, ReloadScope, Trigger};
+use crate::control::{
+    ActionError, Command, Control, Directory, Events, ReloadReport, ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
+};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
-use crate::service::{Context, ServiceCommand, ServiceHandle};
+use crate::service::{Context, ServiceCommand, ServiceHandle, Waiter};
 use crate::worker::{RuntimeDir, Spawner};
 
 /// Why baton could not start.
@@ -115,6 +118,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let metrics = Metrics::new();
+    let events = Events::new();
     let (fd_limit, _) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
     let budget = connection_budget(fd_limit);
@@ -131,6 +135,7 @@ pub async fn run(
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
         token,
+        events: events.clone(),
     };
     let admin = serve_admin(admin_listener, control.clone());
     let mut supervisor = Supervisor {
@@ -140,6 +145,7 @@ pub async fn run(
             runtime_dir,
             metrics,
             connections: Arc::new(tokio::sync::Semaphore::new(budget)),
+            events,
         },
         pool,
         services: BTreeMap::new(),
@@ -151,7 +157,7 @@ pub async fn run(
     let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
     let mut first = Vec::new();
     for name in names {
-        first.push((name.clone(), supervisor.start_service(&name)));
+        first.push((name.clone(), supervisor.start_service(&name, None)));
     }
     supervisor.publish_directory();
     let first_workers = async {
@@ -185,12 +191,25 @@ pub async fn run(
                 let _ = supervisor.reload(Trigger::Signal, ReloadScope::All).await;
             }
             Some(command) = commands.recv() => match command {
-                Command::Reload { scope, reply } => {
-                    let result = supervisor.reload(Trigger::Api, scope).await.map_err(|e| chain(&e));
-                    if let Some(reply) = reply {
-                        let _ = reply.send(result);
+                Command::Reload { scope, wait, reply } => {
+                    match supervisor.reload(Trigger::Api, scope).await {
+                        Ok(outcomes) => {
+                            tokio::spawn(async move {
+                                let _ = reply.send(Ok(gather(outcomes, wait).await));
+                            });
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(chain(&error)));
+                        }
                     }
                 }
+                Command::Upgrade { service, reply } => supervisor.upgrade(&service, reply),
+                Command::Rollback { service, reply } => match supervisor.services.get(&service) {
+                    Some(handle) => handle.send(ServiceCommand::Rollback(reply)),
+                    None => {
+                        let _ = reply.send(Err(ActionError::NotFound(service)));
+                    }
+                },
             },
             Some(_) = supervisor.retiring.join_next(), if !supervisor.retiring.is_empty() => {}
         }
@@ -201,11 +220,11 @@ pub async fn run(
 
 impl Supervisor {
     /// Starts service `name` of the current configuration on the sockets of the pool.
-    fn start_service(&mut self, name: &str) -> oneshot::Receiver<Result<(), String>> {
+    fn start_service(&mut self, name: &str, waiter: Option<Waiter>) -> oneshot::Receiver<Result<(), String>> {
         let config = Arc::clone(&self.config.services[name]);
         let listeners = self.listeners_of(name);
         let (started, outcome) = oneshot::channel();
-        let handle = ServiceHandle::start(config, listeners, self.context.clone(), started);
+        let handle = ServiceHandle::start(config, listeners, self.context.clone(), started, waiter);
         self.services.insert(name.to_owned(), handle);
         outcome
     }
@@ -219,17 +238,30 @@ impl Supervisor {
     }
 
     /// Reads the configuration file again and applies it whole, or rejects it whole.
-    async fn reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<(), ReloadError> {
+    async fn reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<Vec<(String, Pending)>, ReloadError> {
         let result = self.try_reload(trigger, scope).await;
         match &result {
-            Ok(()) => tracing::info!(services = self.services.len(), "reload applied"),
-            Err(e) => tracing::error!("reload rejected, running configuration kept: {}", chain(e)),
+            Ok(_) => {
+                tracing::info!(services = self.services.len(), "reload applied");
+                self.context.events.emit("", "reload", json!({"result": "applied"}));
+            }
+            Err(e) => {
+                let error = chain(e);
+                tracing::error!("reload rejected, running configuration kept: {error}");
+                self.context
+                    .events
+                    .emit("", "reload", json!({"result": "rejected", "error": error}));
+            }
         }
         self.context.metrics.reload(result.is_ok());
         result
     }
 
-    async fn try_reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<(), ReloadError> {
+    async fn try_reload(
+        &mut self,
+        trigger: Trigger,
+        scope: ReloadScope,
+    ) -> Result<Vec<(String, Pending)>, ReloadError> {
         let new = Config::load(&self.config.path)?;
         // Everything that can fail happens before anything running changes.
         let pool = bind_all(&new, &self.pool)?;
@@ -244,13 +276,16 @@ impl Supervisor {
         if let Some(listener) = admin_listener {
             self.admin = serve_admin(listener, self.control.clone());
         }
+        let mut outcomes = Vec::new();
         for name in old.services.keys().filter(|n| !self.config.services.contains_key(*n)) {
             let handle = self.services.remove(name).expect("a configured service runs");
             tracing::info!(service = %name, "service removed: draining");
             self.retiring.spawn(handle.shutdown());
+            outcomes.push((name.clone(), Pending::Done(ServiceOutcome::Removed)));
         }
         let names: Vec<String> = self.config.services.keys().cloned().collect();
         for name in names {
+            let (waiter, outcome) = oneshot::channel();
             match self.services.get(&name) {
                 Some(handle) => {
                     handle.send(ServiceCommand::Reconfigure {
@@ -259,22 +294,39 @@ impl Supervisor {
                     });
                     let changed = old.services[&name].worker_differs(&self.config.services[&name]);
                     if scope == ReloadScope::All || changed {
-                        handle.send(ServiceCommand::Upgrade(trigger));
+                        handle.send(ServiceCommand::Upgrade(trigger, Some(waiter)));
+                        outcomes.push((name, Pending::Waiting(outcome)));
+                    } else {
+                        outcomes.push((name, Pending::Done(ServiceOutcome::Unchanged)));
                     }
                 }
                 None => {
                     tracing::info!(service = %name, "service added");
-                    let started = self.start_service(&name);
+                    let started = self.start_service(&name, Some(waiter));
                     tokio::spawn(async move {
                         if let Ok(Err(error)) = started.await {
-                            tracing::error!("{error}: the service accepts no connection until a reload starts it");
+                            tracing::error!("{error}: retrying with a backoff");
                         }
                     });
+                    outcomes.push((name, Pending::Waiting(outcome)));
                 }
             }
         }
         self.publish_directory();
-        Ok(())
+        Ok(outcomes)
+    }
+
+    /// Upgrades service `name` at an API request; `reply` gets the outcome.
+    fn upgrade(&self, name: &str, reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>) {
+        let Some(handle) = self.services.get(name) else {
+            let _ = reply.send(Err(ActionError::NotFound(name.to_owned())));
+            return;
+        };
+        let (waiter, outcome) = oneshot::channel();
+        handle.send(ServiceCommand::Upgrade(Trigger::Api, Some(waiter)));
+        tokio::spawn(async move {
+            let _ = reply.send(outcome.await.map_err(|_| ActionError::ShuttingDown));
+        });
     }
 
     fn publish_directory(&self) {
@@ -361,6 +413,30 @@ fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
 
 fn serve_admin(listener: AdminListener, control: Control) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, control)))
+}
+
+/// A service's part of a reload: known at once, or when its upgrade ends.
+#[derive(Debug)]
+enum Pending {
+    Done(ServiceOutcome),
+    Waiting(oneshot::Receiver<UpgradeRecord>),
+}
+
+/// The report of a reload: with `wait`, each upgrade's outcome once it is known.
+async fn gather(outcomes: Vec<(String, Pending)>, wait: bool) -> ReloadReport {
+    let mut report = ReloadReport::new();
+    for (name, pending) in outcomes {
+        let outcome = match pending {
+            Pending::Done(outcome) => outcome,
+            Pending::Waiting(_) if !wait => ServiceOutcome::Started,
+            Pending::Waiting(record) => match record.await {
+                Ok(record) => ServiceOutcome::Upgraded(Box::new(record)),
+                Err(_) => ServiceOutcome::Abandoned,
+            },
+        };
+        report.insert(name, outcome);
+    }
+    report
 }
 
 /// An error with its causes, joined by ": ".

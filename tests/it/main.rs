@@ -1,5 +1,6 @@
 //! Integration tests: the real `baton` binary in front of real worker processes, on loopback only.
 
+mod admin;
 mod cli;
 mod data_path;
 mod drain;

@@ -111,7 +111,17 @@ impl Worker {
 }
 
 fn main() {
-    let args = Args::parse();
+    // `--behaviour-file PATH`: when PATH exists, the words in it are more arguments. A test changes how the
+    // next generation behaves by writing the file, as a deploy replaces files on disk.
+    let mut argv: Vec<String> = std::env::args().collect();
+    if let Some(i) = argv.iter().position(|a| a == "--behaviour-file") {
+        let path = argv.get(i + 1).cloned().unwrap_or_default();
+        argv.drain(i..(i + 2).min(argv.len()));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            argv.extend(text.split_whitespace().map(str::to_owned));
+        }
+    }
+    let args = Args::parse_from(argv);
     if args.ignore_sigterm || args.graceful {
         // Blocked before any thread starts, so every thread inherits the mask and SIGTERM stays pending forever.
         let mut set = nix::sys::signal::SigSet::empty();
