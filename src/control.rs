@@ -272,6 +272,8 @@ pub struct ServiceState {
     pub healthy: bool,
     /// When the next restart of a dead or unhealthy worker is due.
     pub restart_at: Option<tokio::time::Instant>,
+    /// When the active worker took the traffic.
+    pub active_since: Option<tokio::time::Instant>,
     /// The public addresses actually bound.
     pub listen: Vec<SocketAddr>,
     /// The last finished upgrade.
@@ -288,6 +290,7 @@ impl ServiceState {
             draining: Vec::new(),
             healthy: false,
             restart_at: None,
+            active_since: None,
             listen,
             last_upgrade: None,
         }
@@ -317,6 +320,7 @@ impl ServiceState {
             pid: self.active.as_ref().map(|a| a.pid),
             worker: self.active.as_ref().map(|a| a.addr.to_string()),
             phase: self.phase,
+            worker_uptime_seconds: self.active_since.map(|since| since.elapsed().as_secs_f64()),
             active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
             listen: self.listen.clone(),
             healthy: self.healthy,
@@ -341,6 +345,8 @@ pub struct ServiceView {
     pub worker: Option<String>,
     /// The current step.
     pub phase: Phase,
+    /// Seconds since the active worker took the traffic.
+    pub worker_uptime_seconds: Option<f64>,
     /// Connections open to it.
     pub active_connections: usize,
     /// The public addresses actually bound.

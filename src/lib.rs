@@ -16,9 +16,11 @@
 //! - [`proxy`]: one connection: dial, copy both ways, half-close, reset.
 //! - [`control`]: commands and published state shared by the supervisor and the admin API.
 //! - [`admin`]: the admin HTTP API.
+//! - [`cli`]: the operator's commands, clients of the admin API.
 //! - [`metrics`]: the Prometheus registry; every metric name.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod listener;

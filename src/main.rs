@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use baton::cli;
 use baton::config::Config;
 use baton::worker::Spawner;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -47,6 +48,50 @@ enum Command {
         #[arg(long, short, default_value = "conf/baton.toml")]
         config: PathBuf,
     },
+    /// Show every service: generation, pid, phase, uptime, connections, health.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the JSON of the admin API instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upgrade a service to a new worker and follow it to the end.
+    Upgrade {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The service.
+        service: String,
+    },
+    /// Switch a service back to its previous worker, while it is still warm.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The service.
+        service: String,
+    },
+    /// Re-read the configuration file and upgrade the services, like SIGHUP.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Upgrade only the services whose worker settings changed.
+        #[arg(long)]
+        changed: bool,
+    },
+}
+
+/// Where the admin API is.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The configuration file that names the admin API.
+    #[arg(long, short, default_value = "conf/baton.toml")]
+    config: PathBuf,
+    /// The admin API's address (host:port or unix:/path), instead of the configuration's.
+    #[arg(long)]
+    admin: Option<String>,
+    /// A file holding the admin token, instead of the configuration's token_file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -69,6 +114,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { EXIT_USAGE } else { 0 });
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        // Only the daemon handles these signals; a command that talks to it stops on Ctrl-C.
+        let _ = handled.thread_unblock();
+    }
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -87,6 +136,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Status { admin, json } => client(admin, |client| async move { cli::status(&client, json).await }),
+        Command::Upgrade { admin, service } => {
+            client(admin, |client| async move { cli::upgrade(&client, &service).await })
+        }
+        Command::Rollback { admin, service } => {
+            client(admin, |client| async move { cli::rollback(&client, &service).await })
+        }
+        Command::Reload { admin, changed } => {
+            client(admin, |client| async move { cli::reload(&client, changed).await })
+        }
         Command::Run { config } => match run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Config(e)) => {
@@ -99,6 +158,36 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+    }
+}
+
+/// Runs one client command against the admin API; its errors are one line on stderr.
+fn client<F, Fut>(admin: AdminArgs, command: F) -> ExitCode
+where
+    F: FnOnce(cli::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), cli::CliError>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = cli::Client::locate(&admin.config, admin.admin.as_deref(), admin.token_file)?;
+        command(client).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(cli::CliError::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {}", baton::supervisor::chain(&e));
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -823,6 +823,7 @@ impl Service {
             s.previous = self.watch.as_ref().map(|w| Arc::clone(&w.previous.upstream));
             s.draining = self.draining.clone();
             s.restart_at = self.restart.map(|(at, _)| at);
+            s.active_since = self.active.as_ref().map(|a| a.since);
             s.listen = self
                 .listeners
                 .iter()

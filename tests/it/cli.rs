@@ -68,3 +68,105 @@ fn a_public_port_in_use_stops_start_up_naming_service_and_address() {
         "{stderr}"
     );
 }
+
+fn admin_command(baton: &crate::support::Baton, args: &[&str]) -> std::process::Output {
+    let admin = baton.admin.to_string();
+    let mut all = vec![args[0], "--admin", admin.as_str()];
+    all.extend_from_slice(&args[1..]);
+    baton_cli(&all)
+}
+
+fn baton_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .output()
+        .expect("run baton")
+}
+
+#[test]
+fn status_shows_a_table_or_json() {
+    let baton = crate::support::Baton::start(&service("web", &["--port", "{port}"], ""));
+    let output = admin_command(&baton, &["status"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("SERVICE") && lines[0].contains("GEN") && lines[0].contains("HEALTH"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("web") && lines[1].contains("idle") && lines[1].contains("healthy"),
+        "{table}"
+    );
+    let output = admin_command(&baton, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json["services"]["web"]["generation"], 1);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn upgrade_follows_every_step_and_exits_zero_on_success_and_one_on_failure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let behaviour = dir.path().join("behaviour");
+    let path = behaviour.to_str().expect("utf-8 path");
+    let config = service(
+        "web",
+        &["--port", "{port}", "--behaviour-file", path],
+        "watchdog = \"300ms\"",
+    )
+    .replace("interval = \"10ms\"", "interval = \"10ms\"\ntimeout = \"500ms\"");
+    let baton = crate::support::Baton::start(&config);
+    let output = admin_command(&baton, &["upgrade", "web"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for step in [
+        "upgrade started: generation 2",
+        "spawned generation 2, pid",
+        "ready in",
+        "switched: new connections go to generation 2",
+        "watching for 300 ms, generation 1 kept warm",
+        "draining generation 1",
+        "old worker stopped: generation 1",
+        "upgrade of web: success (generation 2 serving)",
+    ] {
+        assert!(stdout.contains(step), "no {step:?} in:\n{stdout}");
+    }
+    std::fs::write(&behaviour, "--never-ready").expect("write");
+    let output = admin_command(&baton, &["upgrade", "web"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("upgrade of web: failed:") && stderr.contains("not ready after 500ms"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    let output = admin_command(&baton, &["rollback", "web"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nothing to roll back to"));
+    std::fs::remove_file(&behaviour).expect("remove");
+    let output = admin_command(&baton, &["reload"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("web: success, generation 4"));
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn an_unreachable_admin_api_is_one_clear_line() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let output = baton_cli(&["status", "--admin", &addr]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("error: admin API not reachable at {addr}: ")),
+        "{stderr}"
+    );
+    let output = baton_cli(&["status", "--config", "/nonexistent/baton.toml"]);
+    assert_eq!(output.status.code(), Some(78));
+}
