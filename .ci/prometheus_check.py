@@ -271,7 +271,7 @@ def main():
         print(f"traffic: {counts['ok']} requests answered, {counts['failed']} failed")
         for failure in failed:
             print(f"FAILED: {failure}")
-        print(f"prometheus check: {passed} passed, {len(failed)} failed")
+        print(f"prometheus: {passed} passed, {len(failed)} failed")
         return 1 if failed else 0
     finally:
         for process in processes:

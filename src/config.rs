@@ -112,6 +112,8 @@ pub struct ServiceConfig {
     pub user: Option<String>,
     /// The group the worker runs as; the user's primary group when unset.
     pub group: Option<String>,
+    /// Where the worker's stdout and stderr go.
+    pub output: Output,
     /// Variables added to the worker's environment, placeholders not yet substituted.
     pub env: BTreeMap<String, String>,
     /// How long the old worker's connections may take to finish after a switch.
@@ -142,6 +144,15 @@ pub struct ServiceConfig {
     pub max_draining: u32,
     /// How the active worker is watched.
     pub health: Health,
+}
+
+/// Where a worker's stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Into baton's log, line by line, tagged with service, generation and pid.
+    Log,
+    /// Straight to baton's own stdout and stderr.
+    Inherit,
 }
 
 /// When a draining worker is signalled.
@@ -298,6 +309,7 @@ struct RawService {
     cwd: Option<PathBuf>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    output: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
@@ -527,6 +539,19 @@ impl Validator<'_> {
             let span = raw.connect_timeout.as_ref().map_or(span, |s| s.span());
             return Err(at(span, "connect_timeout must be greater than zero".into()));
         }
+        let output = match raw.output.as_ref() {
+            None => Output::Log,
+            Some(o) => match o.get_ref().as_str() {
+                "log" => Output::Log,
+                "inherit" => Output::Inherit,
+                other => {
+                    return Err(at(
+                        o.span(),
+                        format!("output `{other}` is unknown: use \"log\" or \"inherit\""),
+                    ));
+                }
+            },
+        };
         let drain_policy = match raw.drain_policy.as_ref() {
             None => DrainPolicy::Wait,
             Some(p) => match p.get_ref().as_str() {
@@ -578,6 +603,7 @@ impl Validator<'_> {
             cwd: raw.cwd.clone(),
             user: name_of("user", &raw.user)?,
             group: name_of("group", &raw.group)?,
+            output,
             env,
             drain_timeout: duration("drain_timeout", &raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             stop_signal,
@@ -722,6 +748,7 @@ backend = "unix"
 cwd = "/srv/api"
 user = "www-data"
 group = "www-data"
+output = "inherit"
 env = { APP_ENV = "prod", NAME = "{service}" }
 drain_timeout = "5s"
 stop_signal = "SIGINT"
@@ -759,6 +786,7 @@ timeout = "3s"
         assert_eq!(api.cwd.as_deref(), Some(Path::new("/srv/api")));
         assert_eq!(api.user.as_deref(), Some("www-data"));
         assert_eq!(api.group.as_deref(), Some("www-data"));
+        assert_eq!(api.output, Output::Inherit);
         assert_eq!(api.env["APP_ENV"], "prod");
         assert_eq!(api.drain_timeout, Duration::from_secs(5));
         assert_eq!(api.stop_signal, Signal::SIGINT);

@@ -19,7 +19,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Group, Pid, Uid, User};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Backend, ServiceConfig, substitute};
+use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::route::WorkerAddr;
 
 /// Variables of baton's own that a worker must never inherit.
@@ -234,6 +234,9 @@ impl Worker {
             .args(service.command[1..].iter().map(|a| fill(a)))
             .stdin(Stdio::null())
             .process_group(0);
+        if service.output == Output::Log {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         for variable in PRIVATE_VARIABLES {
             command.env_remove(variable);
         }
@@ -251,6 +254,12 @@ impl Worker {
             .await?
             .map_err(|source| SpawnError::Exec { program, source })?;
         let pid = child.id().expect("a child not yet waited for has a pid");
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(forward_output(stdout, service.name.clone(), generation, pid, "stdout"));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_output(stderr, service.name.clone(), generation, pid, "stderr"));
+        }
         let (exit_tx, exit) = watch::channel(None);
         let stopping = Arc::new(AtomicBool::new(false));
         let name = service.name.clone();
@@ -428,6 +437,46 @@ fn socket_dir(runtime_dir: &Path, service: &ServiceConfig, identity: Option<&Ide
     };
     prepare().map_err(SpawnError::Address)?;
     Ok(dir)
+}
+
+/// The longest line of worker output logged whole; a longer one is logged in pieces of this size.
+pub const MAX_OUTPUT_LINE: usize = 16 * 1024;
+
+/// Logs what a worker writes on `stream`, line by line, tagged with its service, generation and pid.
+async fn forward_output(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    service: String,
+    generation: u64,
+    pid: u32,
+    name: &'static str,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = Vec::new();
+    let emit = |line: &[u8]| {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        tracing::info!(target: "baton::worker::output", service = %service, generation, pid, stream = name, "{text}");
+    };
+    loop {
+        let buffer = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buffer) => buffer,
+        };
+        let newline = buffer.iter().position(|b| *b == b'\n');
+        let take = newline
+            .map_or(buffer.len(), |i| i + 1)
+            .min(MAX_OUTPUT_LINE - line.len());
+        line.extend_from_slice(&buffer[..take]);
+        reader.consume(take);
+        if line.ends_with(b"\n") || line.len() >= MAX_OUTPUT_LINE {
+            emit(&line);
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(&line);
+    }
 }
 
 /// Describes an exit status the way an operator reads it: "exit code 3", "killed by SIGKILL".

@@ -211,6 +211,7 @@ fn python_http_server_is_proxied_and_upgraded() {
 [service.web]
 listen = ["127.0.0.1:0"]
 command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+watchdog = "1s"
 
 [service.web.readiness]
 path = "/"
@@ -222,6 +223,22 @@ interval = "50ms"
     assert_eq!(code, 200);
     assert!(body.contains("Directory listing"), "{body}");
     let first = baton.service("web")["pid"].as_u64().expect("pid") as u32;
+    // The server's request log reaches baton's log, tagged.
+    let line = wait_for("the worker's request log in baton's log", || {
+        baton
+            .log_entries()
+            .into_iter()
+            .find(|e| {
+                e["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("\"GET / HTTP/1.1\" 200"))
+            })
+            .ok_or_else(|| baton.log_text())
+    });
+    assert_eq!(line["fields"]["service"], "web", "{line}");
+    assert_eq!(line["fields"]["generation"], 1, "{line}");
+    assert_eq!(line["fields"]["stream"], "stderr", "{line}");
+    assert_eq!(line["fields"]["pid"], first, "{line}");
     baton.signal(Signal::SIGHUP);
     baton.wait_generation("web", 2);
     let (code, _) = http_get(addr, "/").expect("GET / after the upgrade");
@@ -314,5 +331,27 @@ fn a_worker_that_cannot_bind_its_port_fails_the_upgrade_at_once() {
     );
     assert!(record["duration_ms"].as_u64().unwrap_or(u64::MAX) < 10_000, "{record}");
     assert_eq!(baton.service("web")["generation"], 1);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn with_output_inherit_a_workers_lines_pass_through_untouched() {
+    let config = r#"
+[service.web]
+listen = ["127.0.0.1:0"]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+output = "inherit"
+
+[service.web.readiness]
+path = "/"
+interval = "50ms"
+"#;
+    let baton = Baton::start(config);
+    assert_eq!(http_get(baton.addr("web"), "/").expect("GET /").0, 200);
+    let line = baton.wait_log_text("\"GET / HTTP/1.1\" 200");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&line).is_err(),
+        "not wrapped in the log: {line}"
+    );
     assert_eq!(baton.stop().code(), Some(0));
 }
