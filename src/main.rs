@@ -41,6 +41,9 @@ enum Command {
         /// The configuration file.
         #[arg(long, short, default_value = "conf/baton.toml")]
         config: PathBuf,
+        /// Threads that carry connections (default: one per CPU).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
     },
     /// Validate a configuration file without binding or starting anything.
     Check {
@@ -146,7 +149,7 @@ fn main() -> ExitCode {
         Command::Reload { admin, changed } => {
             client(admin, |client| async move { cli::reload(&client, changed).await })
         }
-        Command::Run { config } => match run(&config) {
+        Command::Run { config, threads } => match run(&config, threads) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Config(e)) => {
                 eprintln!("error: {e}");
@@ -204,8 +207,12 @@ impl From<anyhow::Error> for Failure {
 }
 
 /// Runs the daemon on a runtime whose tasks run on worker threads, while the main thread forks workers.
-fn run(config_path: &Path) -> Result<(), Failure> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = builder
         .enable_all()
         .thread_name("baton")
         .build()

@@ -24,6 +24,10 @@ use crate::route::{Guard, Route, WorkerAddr};
 /// Bytes read from one side before they are written to the other.
 pub const BUFFER_SIZE: usize = 64 * 1024;
 
+/// The buffer a direction starts with; it grows to [`BUFFER_SIZE`] once a read fills it. Most exchanges
+/// (and every close) fit, so a burst of short connections never allocates the large buffers.
+pub const FIRST_BUFFER_SIZE: usize = 4 * 1024;
+
 /// The longest pause between two dials of a worker that refused a connection, while the connection may
 /// still wait for the route to change.
 pub const REDIAL_PAUSE: Duration = Duration::from_millis(100);
@@ -187,12 +191,14 @@ async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: 
         (worker, Side::Worker),
         &metrics.bytes_to_worker,
         &activity,
+        None,
     );
     let to_client = copy(
         (worker, Side::Worker),
         (client, Side::Client),
         &metrics.bytes_to_client,
         &activity,
+        Some(guard),
     );
     tokio::pin!(to_worker, to_client);
     let (mut to_worker_done, mut to_client_done) = (false, false);
@@ -290,12 +296,14 @@ struct Failure {
 }
 
 /// Copies `src` to `dst` until `src` ends, then shuts down writing on `dst`. The buffer is allocated only
-/// once `src` has something to read, so an idle connection holds none.
+/// once `src` has something to read, so an idle connection holds none. `first_read`, if given, is told of the
+/// first bytes read.
 async fn copy<R: Socket, W: Socket>(
     (src, src_side): (&R, Side),
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
     activity: &Activity,
+    mut first_read: Option<&Guard>,
 ) -> Result<u64, Failure> {
     let read_failed = |error| Failure { side: src_side, error };
     let mut total = 0u64;
@@ -305,7 +313,7 @@ async fn copy<R: Socket, W: Socket>(
             Some(buf) => buf,
             None => {
                 src.readable().await.map_err(read_failed)?;
-                buffer.insert(vec![0; BUFFER_SIZE].into_boxed_slice())
+                buffer.insert(vec![0; FIRST_BUFFER_SIZE].into_boxed_slice())
             }
         };
         match src.try_read(buf) {
@@ -318,13 +326,27 @@ async fn copy<R: Socket, W: Socket>(
             }
             Ok(n) => {
                 activity.touch();
+                // The worker's first byte shows that it has accepted the connection.
+                if let Some(guard) = first_read.take() {
+                    guard.answered();
+                }
                 write_all(dst, &buf[..n])
                     .await
                     .map_err(|error| Failure { side: dst_side, error })?;
                 counter.inc_by(n as u64);
                 total += n as u64;
+                if n == buf.len() && buf.len() < BUFFER_SIZE {
+                    // A bulk transfer: larger reads, fewer system calls.
+                    buffer = Some(vec![0; BUFFER_SIZE].into_boxed_slice());
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => src.readable().await.map_err(read_failed)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if total == 0 {
+                    // Woken for nothing before any data: an idle connection keeps no buffer.
+                    buffer = None;
+                }
+                src.readable().await.map_err(read_failed)?
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_failed(e)),
         }

@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ServiceMetrics;
 
+/// How often [`Upstream::settle`] looks at the unanswered connections.
+const SETTLE_POLL: Duration = Duration::from_millis(5);
+
 /// Bit of [`Upstream::state`] set once the worker drains: no new guard may be taken.
 const DRAINING: usize = 1 << (usize::BITS - 1);
 
@@ -147,12 +150,16 @@ pub struct Upstream {
     idle: Notify,
     /// Cancelled when the drain deadline passes: the remaining connections close.
     cut: CancellationToken,
+    /// Connections that have not yet had a byte from the worker: the worker may not have accepted them yet.
+    unanswered: AtomicUsize,
 }
 
 /// Proof that a connection counts against its worker; dropping it lets the worker drain.
 #[derive(Debug)]
 pub struct Guard {
     upstream: Arc<Upstream>,
+    /// Whether a byte has come from the worker on this connection.
+    answered: std::sync::atomic::AtomicBool,
 }
 
 impl Upstream {
@@ -165,6 +172,7 @@ impl Upstream {
             state: AtomicUsize::new(0),
             idle: Notify::new(),
             cut: CancellationToken::new(),
+            unanswered: AtomicUsize::new(0),
         }
     }
 
@@ -175,8 +183,10 @@ impl Upstream {
             self.release();
             return None;
         }
+        self.unanswered.fetch_add(1, Ordering::AcqRel);
         Some(Guard {
             upstream: Arc::clone(self),
+            answered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -200,6 +210,22 @@ impl Upstream {
     /// Refuses new guards from now on.
     pub fn begin_drain(&self) {
         self.state.fetch_or(DRAINING, Ordering::AcqRel);
+    }
+
+    /// Connections the worker has not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.unanswered.load(Ordering::Acquire)
+    }
+
+    /// Refuses new guards, then waits until every connection has had a byte from the worker (so the worker
+    /// has accepted it), or until `timeout`. A worker told to stop closes its listening socket, which would
+    /// reset the connections still in its queue.
+    pub async fn settle(&self, timeout: Duration) {
+        self.begin_drain();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.unanswered() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
     }
 
     /// Refuses new guards and waits until the open connections have closed, or until `timeout`, when it
@@ -240,10 +266,18 @@ impl Guard {
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
     }
+
+    /// Notes that the worker has sent a byte on this connection.
+    pub fn answered(&self) {
+        if !self.answered.swap(true, Ordering::AcqRel) {
+            self.upstream.unanswered.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        self.answered();
         self.upstream.release();
     }
 }
@@ -317,6 +351,30 @@ mod tests {
         };
         assert_eq!(worker.drain(Duration::from_secs(5)).await, 1);
         cut.await.expect("the connection was told to close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_waits_until_the_worker_has_answered_every_connection() {
+        let worker = upstream();
+        let guard = worker.acquire().expect("guard");
+        let settle = tokio::spawn({
+            let worker = Arc::clone(&worker);
+            async move { worker.settle(Duration::from_secs(60)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!settle.is_finished(), "a connection is still unanswered");
+        assert!(worker.acquire().is_none(), "no new connection once settling");
+        guard.answered();
+        settle.await.expect("settled");
+        assert_eq!(worker.connections(), 1, "answered connections stay open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_gives_up_at_its_deadline() {
+        let worker = upstream();
+        let _guard = worker.acquire().expect("guard");
+        worker.settle(Duration::from_secs(1)).await;
+        assert_eq!(worker.unanswered(), 1);
     }
 
     #[test]

@@ -695,8 +695,9 @@ impl Service {
                        "drain_timeout_ms": millis(config.drain_timeout)}),
             );
             if config.drain_policy == DrainPolicy::Signal {
-                // No connection may pick this worker once it has been told to stop.
-                upstream.begin_drain();
+                // No connection may pick this worker once it has been told to stop, and every connection
+                // that picked it must be in its hands, not in its listen queue.
+                upstream.settle(config.drain_timeout).await;
                 worker.begin_stop(config.stop_signal);
             }
             let deadline = started + config.drain_timeout;

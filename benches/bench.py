@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of baton against HAProxy (mode tcp) and nginx (stream), with direct as the ceiling.
+
+One upstream serves them all: nginx for small static HTTP responses and iperf3 for bulk. (baton runs its own
+copies as its workers, with the same configuration, since baton starts its workers itself.) Targets are
+measured interleaved, round after round, and each figure is reported as the median with the min-max of the
+rounds. Everything runs on loopback; every process is stopped at the end.
+
+    python3 benches/bench.py              # the whole run, markdown on stdout
+    python3 benches/bench.py --quick      # one short round, to try the harness
+
+Needs: wrk, iperf3, haproxy, nginx with libnginx-mod-stream (Debian packages), and a release build of
+baton (`cargo build --release`). Run as root so that the descriptor limits can be raised for 10,000 idle
+connections.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATON = os.path.join(ROOT, "target", "release", "baton")
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+TICKS = os.sysconf("SC_CLK_TCK")
+# Idle connections for the memory figure: 10,000, or fewer when the descriptor limit cannot hold them (a proxy
+# holds two descriptors per connection).
+IDLE_CONNECTIONS = 10_000
+# The descriptor limit every process gets, and the connections a proxy can hold with it.
+FD_LIMIT, MAX_CONNECTIONS = 20_000, 9_000
+BODY = b"x" * 1024
+
+
+def free_port():
+    """A port for a peer's configuration file. (Peers need fixed ports; baton itself reports what it bound.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=15.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+def children(pid):
+    """`pid` and all its descendants."""
+    found = [pid]
+    for task in os.listdir("/proc"):
+        if not task.isdigit():
+            continue
+        try:
+            with open(f"/proc/{task}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.extend(children(int(task)))
+    return found
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICKS
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Target:
+    """A proxy (or none) in front of the upstream: its web and bulk ports and the processes that make it."""
+
+    def __init__(self, name, web_port, bulk_port, pids, with_children):
+        self.name, self.web_port, self.bulk_port, self.pids = name, web_port, bulk_port, pids
+        # HAProxy's and nginx's work happens in child processes; baton's children are its workers, the
+        # upstream, which is not counted.
+        self.with_children = with_children
+
+    def proxy_pids(self):
+        if not self.with_children:
+            return list(self.pids)
+        return [p for pid in self.pids for p in children(pid)]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="baton-bench-")
+        # nginx's workers run as an unprivileged user and must read the page.
+        os.chmod(self.dir, 0o755)
+        self.processes = []
+
+    def start(self, argv, **kwargs):
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=kwargs.pop("stderr", subprocess.DEVNULL), **kwargs)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    # --- the upstream and the targets ---------------------------------------------------------------------
+
+    def nginx_upstream_conf(self, port_expr):
+        return f"""
+worker_processes 1;
+worker_rlimit_nofile {FD_LIMIT};
+pid {self.dir}/nginx-$$.pid;
+error_log stderr error;
+daemon off;
+events {{ worker_connections {MAX_CONNECTIONS}; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port_expr} backlog=4096;
+        location / {{ root {self.dir}/www; }}
+    }}
+}}
+"""
+
+    def setup(self):
+        os.makedirs(f"{self.dir}/www")
+        with open(f"{self.dir}/www/index.html", "wb") as f:
+            f.write(BODY)
+        up_web, up_bulk = free_port(), free_port()
+        with open(f"{self.dir}/upstream.conf", "w") as f:
+            f.write(self.nginx_upstream_conf(up_web).replace("$$", "upstream"))
+        self.start(["nginx", "-c", f"{self.dir}/upstream.conf"])
+        self.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(up_bulk)])
+        wait_port(up_web)
+        wait_port(up_bulk)
+        self.targets = {"direct": Target("direct", up_web, up_bulk, [], False)}
+        self.targets["baton"] = self.start_baton()
+        self.targets["haproxy"] = self.start_haproxy(up_web, up_bulk)
+        self.targets["nginx"] = self.start_nginx_stream(up_web, up_bulk)
+
+    def start_baton(self):
+        # baton starts its own workers: the same nginx configuration, on the port baton gives it.
+        with open(f"{self.dir}/worker.conf.in", "w") as f:
+            f.write(self.nginx_upstream_conf("PORT").replace("$$", "worker-PORT"))
+        worker = ["sh", "-c", f"sed s/PORT/$PORT/g {self.dir}/worker.conf.in > {self.dir}/worker-$PORT.conf && "
+                              f"exec nginx -c {self.dir}/worker-$PORT.conf"]
+        config = f"""
+[admin]
+listen = "127.0.0.1:0"
+
+[service.web]
+listen = ["127.0.0.1:0"]
+command = {json.dumps(worker)}
+watchdog = "0s"
+drain_timeout = "5s"
+drain_policy = "signal"
+stop_signal = "SIGQUIT"
+idle_timeout = "0s"
+
+[service.web.readiness]
+path = "/index.html"
+interval = "10ms"
+
+[service.web.health]
+interval = "1h"
+
+[service.bulk]
+listen = ["127.0.0.1:0"]
+command = ["iperf3", "-s", "-B", "127.0.0.1", "-p", "{{port}}"]
+watchdog = "0s"
+idle_timeout = "0s"
+
+[service.bulk.health]
+interval = "1h"
+"""
+        with open(f"{self.dir}/baton.toml", "w") as f:
+            f.write(config)
+        log = open(f"{self.dir}/baton.log", "w+")
+        argv = [BATON, "--log-format", "json", "run", "--config", f"{self.dir}/baton.toml"]
+        if self.args.baton_threads:
+            argv += ["--threads", str(self.args.baton_threads)]
+        process = self.start(argv, stderr=log, env={**os.environ, "RUST_LOG": "warn,baton::supervisor=info"})
+        end = time.monotonic() + 30
+        admin = None
+        while time.monotonic() < end and admin is None:
+            log.seek(0)
+            match = re.search(r'"admin API listening","addr":"([^"]+)"', log.read())
+            admin = match and match.group(1)
+            time.sleep(0.05)
+        if not admin:
+            raise SystemExit("baton did not start: see " + log.name)
+        self.baton_admin = f"http://{admin}"
+        while True:
+            status = json.load(urllib.request.urlopen(self.baton_admin + "/status"))["services"]
+            if all(s["generation"] for s in status.values()):
+                break
+            time.sleep(0.05)
+        port = lambda name: int(status[name]["listen"][0].rsplit(":", 1)[1])
+        return Target("baton", port("web"), port("bulk"), [process.pid], False)
+
+    def start_haproxy(self, up_web, up_bulk):
+        web, bulk = free_port(), free_port()
+        with open(f"{self.dir}/haproxy.cfg", "w") as f:
+            f.write(f"""
+global
+    maxconn {MAX_CONNECTIONS}
+    nbthread {self.args.peer_threads}
+    stats socket {self.dir}/haproxy.sock mode 600 expose-fd listeners level admin
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend web
+    bind 127.0.0.1:{web}
+    default_backend web
+backend web
+    server up 127.0.0.1:{up_web}
+frontend bulk
+    bind 127.0.0.1:{bulk}
+    default_backend bulk
+backend bulk
+    server up 127.0.0.1:{up_bulk}
+""")
+        process = self.start(["haproxy", "-W", "-db", "-f", f"{self.dir}/haproxy.cfg"])
+        wait_port(web)
+        self.haproxy_master = process.pid
+        return Target("haproxy", web, bulk, [process.pid], True)
+
+    def start_nginx_stream(self, up_web, up_bulk):
+        web, bulk = free_port(), free_port()
+        with open(f"{self.dir}/stream.conf", "w") as f:
+            f.write(f"""
+load_module {NGINX_STREAM_MODULE};
+worker_processes {self.args.peer_threads};
+worker_rlimit_nofile {FD_LIMIT};
+pid {self.dir}/stream.pid;
+error_log stderr error;
+daemon off;
+events {{ worker_connections {MAX_CONNECTIONS}; }}
+stream {{
+    tcp_nodelay on;
+    proxy_timeout 300s;
+    server {{ listen 127.0.0.1:{web} backlog=4096; proxy_pass 127.0.0.1:{up_web}; }}
+    server {{ listen 127.0.0.1:{bulk}; proxy_pass 127.0.0.1:{up_bulk}; }}
+}}
+""")
+        process = self.start(["nginx", "-c", f"{self.dir}/stream.conf"])
+        wait_port(web)
+        return Target("nginx", web, bulk, [process.pid], True)
+
+    # --- the loads ----------------------------------------------------------------------------------------
+
+    def wrk(self, target, extra, connections=50, script=None):
+        argv = ["wrk", "-t2", f"-c{connections}", f"-d{self.args.duration}s", "--latency", "--timeout", "10s"]
+        if script:
+            argv += ["-s", script]
+        argv += extra + [f"http://127.0.0.1:{target.web_port}/index.html"]
+        pids = target.proxy_pids()
+        cpu = cpu_seconds(pids)
+        out = subprocess.run(argv, capture_output=True, text=True).stdout
+        cpu = cpu_seconds(pids) - cpu
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
+        errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        errors += int(non2xx.group(1)) if non2xx else 0
+        return {
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": latency_ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+            "p99": latency_ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+            "errors": errors,
+            "cpu_us_per_request": 1e6 * cpu / max(requests, 1) if target.pids else None,
+        }
+
+    def iperf(self, target, streams):
+        pids = target.proxy_pids()
+        cpu = cpu_seconds(pids)
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(target.bulk_port), "-t",
+                              str(self.args.duration), "-P", str(streams), "-J"], capture_output=True, text=True)
+        cpu = cpu_seconds(pids) - cpu
+        report = json.loads(out.stdout)
+        if "error" in report:
+            raise SystemExit(f"iperf3 through {target.name}: {report['error']}")
+        received = report["end"]["sum_received"]
+        gigabytes = received["bytes"] / 1e9
+        return {
+            "gbps": received["bits_per_second"] / 1e9,
+            "cpu_s_per_gb": cpu / gigabytes if target.pids else None,
+        }
+
+    def idle_memory(self, target):
+        """Resident memory of the proxy per idle connection, with IDLE_CONNECTIONS open."""
+        pids = target.proxy_pids()
+        before = rss_kib(pids)
+        sockets = []
+        for _ in range(IDLE_CONNECTIONS):
+            sockets.append(socket.create_connection(("127.0.0.1", target.web_port)))
+        # Let the proxy accept and dial them all: wait until its resident memory stops growing.
+        last, steady = -1, 0
+        while steady < 5:
+            time.sleep(0.2)
+            now = rss_kib(target.proxy_pids())
+            steady = steady + 1 if now == last else 0
+            last = now
+        after = rss_kib(target.proxy_pids())
+        for s in sockets:
+            s.close()
+        return {"kib_per_idle_connection": (after - before) / IDLE_CONNECTIONS, "rss_mib": after / 1024}
+
+    def under_upgrades(self, target, trigger):
+        """The keep-alive and new-connection loads while `trigger` upgrades/reloads every second."""
+        stop = threading.Event()
+        count = [0]
+
+        def upgrades():
+            while not stop.wait(1.0):
+                trigger()
+                count[0] += 1
+
+        thread = threading.Thread(target=upgrades, daemon=True)
+        thread.start()
+        keep = self.wrk(target, [])
+        fresh = self.wrk(target, ["-H", "Connection: close"])
+        stop.set()
+        thread.join()
+        return {"keepalive": keep, "newconn": fresh, "upgrades": count[0]}
+
+    def baton_upgrade(self):
+        request = urllib.request.Request(self.baton_admin + "/v1/services/web/upgrade?wait=false", method="POST")
+        urllib.request.urlopen(request).read()
+
+    def haproxy_reload(self):
+        os.kill(self.haproxy_master, signal.SIGUSR2)
+
+
+def latency_ms(text):
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def summary(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def cell(stats, digits=1):
+    if stats is None:
+        return "-"
+    median, low, high = stats
+    if low == high:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def machine():
+    def version(argv):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "not found"
+
+    baton_version = version([BATON, "--version"])
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return [
+        f"- CPUs: {os.cpu_count()} ({cpu}), kernel {platform.release()}",
+        f"- {baton_version}; {version(['haproxy', '-v'])}; {version(['nginx', '-v'])}",
+        f"- {version(['wrk', '--version'])}; {version(['iperf3', '--version'])}",
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load")
+    parser.add_argument("--peer-threads", type=int, default=1, help="HAProxy nbthread, nginx worker_processes")
+    parser.add_argument("--baton-threads", type=int, default=1, help="baton --threads")
+    parser.add_argument("--quick", action="store_true", help="one round of 2 s loads")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 2
+    if not os.path.exists(BATON):
+        raise SystemExit("build baton first: cargo build --release")
+    global IDLE_CONNECTIONS
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    IDLE_CONNECTIONS = min(IDLE_CONNECTIONS, (hard - 2048) // 2 // 1000 * 1000)
+    global FD_LIMIT, MAX_CONNECTIONS
+    FD_LIMIT, MAX_CONNECTIONS = hard, (hard - 1024) // 2
+
+    bench = Bench(args)
+    results = {}
+    try:
+        bench.setup()
+        names = list(bench.targets)
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names):] + names[:round_ % len(names)]
+            print(f"round {round_ + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+            for name in order:
+                target = bench.targets[name]
+                r = results.setdefault(name, {})
+                r.setdefault("keepalive", []).append(bench.wrk(target, []))
+                r.setdefault("newconn", []).append(bench.wrk(target, ["-H", "Connection: close"]))
+                r.setdefault("moderate", []).append(
+                    bench.wrk(target, [], connections=20, script=f"{ROOT}/benches/paced.lua"))
+                r.setdefault("bulk1", []).append(bench.iperf(target, 1))
+                r.setdefault("bulk4", []).append(bench.iperf(target, 4))
+        for name in names:
+            if name != "direct":
+                print(f"idle connections through {name}", file=sys.stderr)
+                results[name]["idle"] = [bench.idle_memory(bench.targets[name])]
+        print("upgrades under load", file=sys.stderr)
+        results["baton"]["upgrade"] = [bench.under_upgrades(bench.targets["baton"], bench.baton_upgrade)]
+        results["haproxy"]["upgrade"] = [bench.under_upgrades(bench.targets["haproxy"], bench.haproxy_reload)]
+    finally:
+        bench.stop_all()
+    report(results, args)
+
+
+def report(results, args):
+    names = [n for n in ["direct", "baton", "haproxy", "nginx"] if n in results]
+
+    def stat(name, load, key):
+        runs = results.get(name, {}).get(load, [])
+        return summary([run.get(key) if not isinstance(run.get(key), dict) else None for run in runs])
+
+    def nested(name, load, sub, key):
+        runs = results.get(name, {}).get(load, [])
+        return summary([run[sub][key] for run in runs if sub in run])
+
+    def ratio(load, key, sub=None):
+        get = (lambda n: nested(n, load, sub, key)) if sub else (lambda n: stat(n, load, key))
+        b, h = get("baton"), get("haproxy")
+        if not b or not h or not h[0]:
+            return "-"
+        return f"{b[0] / h[0]:.2f}×"
+
+    rows = [
+        ("keep-alive requests/s", "keepalive", "rps", 0),
+        ("keep-alive p50 ms", "keepalive", "p50", 3),
+        ("keep-alive p99 ms", "keepalive", "p99", 3),
+        ("new-connection requests/s", "newconn", "rps", 0),
+        ("new-connection p99 ms", "newconn", "p99", 3),
+        ("moderate rate p50 ms", "moderate", "p50", 3),
+        ("moderate rate p99 ms", "moderate", "p99", 3),
+        ("bulk 1 stream Gbit/s", "bulk1", "gbps", 2),
+        ("bulk 4 streams Gbit/s", "bulk4", "gbps", 2),
+        ("CPU µs per keep-alive request", "keepalive", "cpu_us_per_request", 2),
+        ("CPU µs per new-connection request", "newconn", "cpu_us_per_request", 2),
+        ("CPU s per GB (1 stream)", "bulk1", "cpu_s_per_gb", 3),
+        (f"resident KiB per idle connection ({IDLE_CONNECTIONS:,})", "idle", "kib_per_idle_connection", 2),
+        ("errors (all loads above)", None, None, 0),
+    ]
+    print(f"Loads of {args.duration} s, {args.rounds} round(s), interleaved; median (min–max). "
+          f"Proxies on {args.peer_threads} thread(s) (baton {args.baton_threads}); upstream: nginx 1 worker, iperf3.\n")
+    print("| metric | " + " | ".join(names) + " | baton / haproxy |")
+    print("|---" * (len(names) + 2) + "|")
+    for label, load, key, digits in rows:
+        if load is None:
+            cells = []
+            for name in names:
+                total = sum(run.get("errors", 0) for l in ("keepalive", "newconn", "moderate")
+                            for run in results.get(name, {}).get(l, []))
+                cells.append(str(total))
+            print(f"| {label} | " + " | ".join(cells) + " | |")
+            continue
+        cells = [cell(stat(name, load, key), digits) for name in names]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio(load, key)} |")
+    print()
+    print("Upgrade window: the same loads while baton upgrades its worker every second (HAProxy: a reload every "
+          "second); errors and p99 against the steady state above.\n")
+    print("| load | target | upgrades | errors | requests/s | p99 ms | p99 / steady p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("baton", "haproxy"):
+        for run in results.get(name, {}).get("upgrade", []):
+            for load, label in (("keepalive", "keep-alive"), ("newconn", "new connection")):
+                steady = stat(name, load, "p99")
+                p99 = run[load]["p99"]
+                relative = f"{p99 / steady[0]:.2f}" if steady and steady[0] else "-"
+                print(f"| {label} | {name} | {run['upgrades']} | {run[load]['errors']} | "
+                      f"{run[load]['rps']:.0f} | {p99:.3f} | {relative} |")
+    print()
+    print("Machine:")
+    for line in machine():
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
