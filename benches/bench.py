@@ -417,7 +417,9 @@ def main():
     parser.add_argument("--peer-threads", type=int, default=1, help="HAProxy nbthread, nginx worker_processes")
     parser.add_argument("--baton-threads", type=int, default=1, help="baton --threads")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s loads")
+    parser.add_argument("--baton", default=BATON, help="the baton binary (default: the release build)")
     args = parser.parse_args()
+    globals()["BATON"] = args.baton
     if args.quick:
         args.rounds, args.duration = 1, 2
     if not os.path.exists(BATON):

@@ -15,6 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
@@ -81,9 +82,10 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         }
     };
     let _ = client.set_nodelay(true);
-    let outcome = match &worker {
-        WorkerStream::Tcp(worker) => relay(&client, worker, &snapshot, &guard).await,
-        WorkerStream::Unix(worker) => relay(&client, worker, &snapshot, &guard).await,
+    let mut client = client;
+    let outcome = match worker {
+        WorkerStream::Tcp(mut worker) => relay(&mut client, &mut worker, &snapshot, &guard).await,
+        WorkerStream::Unix(mut worker) => relay(&mut client, &mut worker, &snapshot, &guard).await,
     };
     metrics.connection_duration.observe(accepted.elapsed().as_secs_f64());
     outcome
@@ -182,19 +184,24 @@ async fn dial(addr: &WorkerAddr, timeout: Duration, took: &prometheus::Histogram
     result
 }
 
-async fn relay<W: Socket>(client: &TcpStream, worker: &W, route: &Route, guard: &Guard) -> Outcome {
+async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route, guard: &Guard) -> Outcome {
     let metrics = &route.shared.metrics;
     let settings = &route.settings;
     let activity = Activity::new();
+    // Borrowed halves: their reads know that a short read drained the socket, so the next read waits for
+    // readiness instead of probing with a system call that would only say EWOULDBLOCK.
+    let (client_read, client_write) = client.halves();
+    let (worker_read, worker_write) = worker.halves();
+    let (client, worker): (&TcpStream, &W) = (client_write.as_ref(), worker_write.as_ref());
     let to_worker = copy(
-        (client, Side::Client),
+        (client_read, Side::Client),
         (worker, Side::Worker),
         &metrics.bytes_to_worker,
         &activity,
         None,
     );
     let to_client = copy(
-        (worker, Side::Worker),
+        (worker_read, Side::Worker),
         (client, Side::Client),
         &metrics.bytes_to_client,
         &activity,
@@ -298,25 +305,42 @@ struct Failure {
 /// Copies `src` to `dst` until `src` ends, then shuts down writing on `dst`. The buffer is allocated only
 /// once `src` has something to read, so an idle connection holds none. `first_read`, if given, is told of the
 /// first bytes read.
-async fn copy<R: Socket, W: Socket>(
-    (src, src_side): (&R, Side),
+async fn copy<H, R, W>(
+    (mut half, src_side): (H, Side),
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
     activity: &Activity,
     mut first_read: Option<&Guard>,
-) -> Result<u64, Failure> {
+) -> Result<u64, Failure>
+where
+    H: AsyncRead + Unpin + AsRef<R>,
+    R: Socket,
+    W: Socket,
+{
     let read_failed = |error| Failure { side: src_side, error };
     let mut total = 0u64;
     let mut buffer: Option<Box<[u8]>> = None;
     loop {
-        let buf = match &mut buffer {
-            Some(buf) => buf,
+        let read = match &mut buffer {
+            // Until data comes, the buffer is allocated only once there is something to read, and given back
+            // if the wake-up was for nothing, so an idle connection holds none.
             None => {
+                let src = half.as_ref();
                 src.readable().await.map_err(read_failed)?;
-                buffer.insert(vec![0; FIRST_BUFFER_SIZE].into_boxed_slice())
+                let buf = buffer.insert(vec![0; FIRST_BUFFER_SIZE].into_boxed_slice());
+                match src.try_read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && total == 0 => {
+                        buffer = None;
+                        continue;
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+                    other => other,
+                }
             }
+            Some(buf) => half.read(buf).await,
         };
-        match src.try_read(buf) {
+        let buf = buffer.as_deref().unwrap_or_default();
+        match read {
             Ok(0) => {
                 // The half-close timeout counts from here.
                 activity.touch();
@@ -339,13 +363,6 @@ async fn copy<R: Socket, W: Socket>(
                     // A bulk transfer: larger reads, fewer system calls.
                     buffer = Some(vec![0; BUFFER_SIZE].into_boxed_slice());
                 }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if total == 0 {
-                    // Woken for nothing before any data: an idle connection keeps no buffer.
-                    buffer = None;
-                }
-                src.readable().await.map_err(read_failed)?
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_failed(e)),
@@ -373,6 +390,16 @@ fn reset(socket: &impl AsFd) {
 
 /// The non-blocking socket operations the copy loop needs, for both TCP and Unix sockets.
 trait Socket: AsFd + Sync {
+    /// The borrowed read half.
+    type Read<'a>: AsyncRead + Unpin + Send + AsRef<Self>
+    where
+        Self: 'a;
+    /// The borrowed write half.
+    type Write<'a>: AsRef<Self> + Send
+    where
+        Self: 'a;
+    /// Splits the socket into halves usable at once on one task.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
@@ -380,8 +407,13 @@ trait Socket: AsFd + Sync {
 }
 
 macro_rules! socket {
-    ($type:ty) => {
+    ($type:ty, $module:ident) => {
         impl Socket for $type {
+            type Read<'a> = tokio::net::$module::ReadHalf<'a>;
+            type Write<'a> = tokio::net::$module::WriteHalf<'a>;
+            fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+                self.split()
+            }
             fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::readable(self)
             }
@@ -398,5 +430,5 @@ macro_rules! socket {
     };
 }
 
-socket!(TcpStream);
-socket!(UnixStream);
+socket!(TcpStream, tcp);
+socket!(UnixStream, unix);
