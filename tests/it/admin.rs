@@ -6,15 +6,7 @@ use std::sync::mpsc;
 
 use serde_json::Value;
 
-use crate::support::{Baton, DEADLINE, http, service, wait_for};
-
-const FAST_HEALTH: &str = "[service.web.health]\ninterval = \"50ms\"\ntimeout = \"200ms\"\nfailures = 3\n";
-
-fn web(args: &[&str], extra: &str) -> String {
-    let mut argv = vec!["--port", "{port}"];
-    argv.extend_from_slice(args);
-    service("web", &argv, extra)
-}
+use crate::support::{Baton, DEADLINE, FAST_HEALTH, http, wait_for, web};
 
 /// `POST path` on the admin API; the status code and the JSON answer.
 fn post(baton: &Baton, path: &str) -> (u16, Value) {

@@ -69,18 +69,11 @@ fn a_public_port_in_use_stops_start_up_naming_service_and_address() {
     );
 }
 
-fn admin_command(baton: &crate::support::Baton, args: &[&str]) -> std::process::Output {
-    let admin = baton.admin.to_string();
+fn admin_command(daemon: &crate::support::Baton, args: &[&str]) -> std::process::Output {
+    let admin = daemon.admin.to_string();
     let mut all = vec![args[0], "--admin", admin.as_str()];
     all.extend_from_slice(&args[1..]);
-    baton_cli(&all)
-}
-
-fn baton_cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .output()
-        .expect("run baton")
+    baton(&all)
 }
 
 #[test]
@@ -159,7 +152,7 @@ fn an_unreachable_admin_api_is_one_clear_line() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = closed.local_addr().expect("addr").to_string();
     drop(closed);
-    let output = baton_cli(&["status", "--admin", &addr]);
+    let output = baton(&["status", "--admin", &addr]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -167,6 +160,6 @@ fn an_unreachable_admin_api_is_one_clear_line() {
         stderr.starts_with(&format!("error: admin API not reachable at {addr}: ")),
         "{stderr}"
     );
-    let output = baton_cli(&["status", "--config", "/nonexistent/baton.toml"]);
+    let output = baton(&["status", "--config", "/nonexistent/baton.toml"]);
     assert_eq!(output.status.code(), Some(78));
 }

@@ -8,18 +8,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::support::{
-    Baton, DEADLINE, KeepAlive, Load, close_wait_sockets, cpu_seconds, http_get, service, wait_for, wait_gone,
+    Baton, DEADLINE, FAST_HEALTH, KeepAlive, Load, close_wait_sockets, cpu_seconds, http_get, service, wait_for,
+    wait_gone, web,
 };
 
 /// Health probes every 50 ms; three failures in a row make a worker unhealthy.
-const FAST_HEALTH: &str = "[service.web.health]\ninterval = \"50ms\"\ntimeout = \"200ms\"\nfailures = 3\n";
-
-fn web(args: &[&str], extra: &str) -> String {
-    let mut argv = vec!["--port", "{port}"];
-    argv.extend_from_slice(args);
-    service("web", &argv, extra)
-}
-
 #[test]
 fn a_new_worker_that_turns_unhealthy_is_rolled_back() {
     let watched = format!("watchdog = \"10s\"\n{FAST_HEALTH}");

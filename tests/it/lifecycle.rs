@@ -86,12 +86,11 @@ fn sighups_during_an_upgrade_coalesce_into_one_follow_up() {
     baton.wait_idle();
     let service = baton.service("web");
     assert_eq!(service["generation"], 3, "{service}");
-    let upgrades = baton
-        .log_entries()
-        .iter()
-        .filter(|e| e["fields"]["message"] == "upgrade started")
-        .count();
-    assert_eq!(upgrades, 3, "the start, one upgrade, one follow-up");
+    assert_eq!(
+        baton.count_log("upgrade started"),
+        3,
+        "the start, one upgrade, one follow-up"
+    );
     assert_eq!(baton.stop().code(), Some(0));
 }
 
@@ -146,12 +145,11 @@ fn a_storm_of_sighups_under_load_makes_one_upgrade_and_one_follow_up() {
         }
     });
     assert_eq!(record["result"], "success", "{record}");
-    let upgrades = baton
-        .log_entries()
-        .iter()
-        .filter(|e| e["fields"]["message"] == "upgrade started")
-        .count();
-    assert_eq!(upgrades, 3, "the start, one upgrade, one follow-up");
+    assert_eq!(
+        baton.count_log("upgrade started"),
+        3,
+        "the start, one upgrade, one follow-up"
+    );
     assert!(most_alive <= 3, "{most_alive} generations alive at once");
     load.wait_ok(50);
     let report = load.stop();

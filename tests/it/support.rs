@@ -34,6 +34,25 @@ pub fn service(name: &str, args: &[&str], extra: &str) -> String {
     )
 }
 
+/// Health probes every 50 ms; three failures in a row make a worker unhealthy.
+pub const FAST_HEALTH: &str = "[service.web.health]\ninterval = \"50ms\"\ntimeout = \"200ms\"\nfailures = 3\n";
+
+/// Service `web` running the test worker on `{port}` with more `args`.
+pub fn web(args: &[&str], extra: &str) -> String {
+    let mut argv = vec!["--port", "{port}"];
+    argv.extend_from_slice(args);
+    service("web", &argv, extra)
+}
+
+/// Service `web` running Python's `http.server`, ready on `/`, with `extra` keys.
+pub fn python_web(extra: &str) -> String {
+    format!(
+        "[service.web]\nlisten = [\"127.0.0.1:0\"]\n\
+         command = [\"python3\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n{extra}\n\
+         [service.web.readiness]\npath = \"/\"\ninterval = \"50ms\"\n"
+    )
+}
+
 /// Polls `check` until it returns `Some`, or panics after [`DEADLINE`] with `what` and the last value seen.
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + DEADLINE;
@@ -163,6 +182,14 @@ impl Baton {
     pub fn log_entries(&self) -> Vec<Value> {
         let lines = self.log.lock().expect("log lock").clone();
         lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// How many log entries have exactly `message`.
+    pub fn count_log(&self, message: &str) -> usize {
+        self.log_entries()
+            .iter()
+            .filter(|e| e["fields"]["message"] == message)
+            .count()
     }
 
     /// The log so far, as text.

@@ -2,7 +2,7 @@
 
 use nix::sys::signal::Signal;
 
-use crate::support::{Baton, KeepAlive, Load, gone, http_get, service, wait_for, wait_gone};
+use crate::support::{Baton, KeepAlive, Load, gone, http_get, python_web, service, wait_for, wait_gone};
 
 const UPGRADES: u64 = 50;
 const CLIENTS: usize = 16;
@@ -207,17 +207,7 @@ fn an_invalid_config_at_sighup_keeps_the_running_one() {
 
 #[test]
 fn python_http_server_is_proxied_and_upgraded() {
-    let config = r#"
-[service.web]
-listen = ["127.0.0.1:0"]
-command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
-watchdog = "1s"
-
-[service.web.readiness]
-path = "/"
-interval = "50ms"
-"#;
-    let baton = Baton::start(config);
+    let baton = Baton::start(&python_web("watchdog = \"1s\""));
     let addr = baton.addr("web");
     let (code, body) = http_get(addr, "/").expect("GET /");
     assert_eq!(code, 200);
@@ -336,17 +326,7 @@ fn a_worker_that_cannot_bind_its_port_fails_the_upgrade_at_once() {
 
 #[test]
 fn with_output_inherit_a_workers_lines_pass_through_untouched() {
-    let config = r#"
-[service.web]
-listen = ["127.0.0.1:0"]
-command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
-output = "inherit"
-
-[service.web.readiness]
-path = "/"
-interval = "50ms"
-"#;
-    let baton = Baton::start(config);
+    let baton = Baton::start(&python_web("output = \"inherit\""));
     assert_eq!(http_get(baton.addr("web"), "/").expect("GET /").0, 200);
     let line = baton.wait_log_text("\"GET / HTTP/1.1\" 200");
     assert!(
