@@ -31,7 +31,7 @@ pub enum CliError {
     #[error("--admin `{0}` is not an address like 127.0.0.1:9900 or unix:/path")]
     BadAddress(String),
     /// Nobody answers at the admin address.
-    #[error("admin API not reachable at {addr}: {source}")]
+    #[error("admin API not reachable at {addr}")]
     Unreachable {
         /// Where it was looked for.
         addr: AdminAddr,
@@ -48,7 +48,7 @@ pub enum CliError {
         message: String,
     },
     /// The token file could not be read.
-    #[error("token file {}: {source}", path.display())]
+    #[error("token file {}", path.display())]
     Token {
         /// The file.
         path: PathBuf,

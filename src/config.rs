@@ -203,7 +203,7 @@ pub struct Readiness {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The configuration file.
         path: PathBuf,

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", baton::supervisor::chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         Command::Run { config, threads } => match run(&config, threads) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Config(e)) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", baton::supervisor::chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
             Err(Failure::Runtime(e)) => {
@@ -184,7 +184,7 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(cli::CliError::Config(e)) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", baton::supervisor::chain(&e));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(e) => {
