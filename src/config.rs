@@ -444,19 +444,12 @@ impl Validator<'_> {
                 "command is empty: give the worker's argv".into(),
             ));
         }
-        let backend = match raw.backend.as_ref() {
-            None => Backend::Tcp,
-            Some(b) => match b.get_ref().as_str() {
-                "tcp" => Backend::Tcp,
-                "unix" => Backend::Unix,
-                other => {
-                    return Err(at(
-                        b.span(),
-                        format!("backend `{other}` is unknown: use \"tcp\" or \"unix\""),
-                    ));
-                }
-            },
-        };
+        let backend = choice(
+            "backend",
+            &raw.backend,
+            &[("tcp", Backend::Tcp), ("unix", Backend::Unix)],
+        )
+        .map_err(|(span, message)| at(span, message))?;
         let wrong_placeholder = match backend {
             Backend::Tcp => "{socket}",
             Backend::Unix => "{port}",
@@ -492,6 +485,14 @@ impl Validator<'_> {
                 Err(e) => Err(at(v.span(), format!("{key} `{}` is not a duration: {e}", v.get_ref()))),
             },
         };
+        let positive = |key: &str, value: &Option<Spanned<String>>, default: Duration| {
+            let d = duration(key, value, default)?;
+            if d.is_zero() {
+                let at_value = value.as_ref().map_or(span.clone(), |v| v.span());
+                return Err(at(at_value, format!("{key} must be greater than zero")));
+            }
+            Ok(d)
+        };
         let stop_signal = match &raw.stop_signal {
             None => DEFAULT_STOP_SIGNAL,
             Some(s) => parse_signal(s.get_ref()).ok_or_else(|| {
@@ -525,46 +526,22 @@ impl Validator<'_> {
         }
         let readiness = Readiness {
             path: r.path.as_ref().map(|p| p.get_ref().clone()),
-            interval: duration("readiness.interval", &r.interval, DEFAULT_READINESS_INTERVAL)?,
+            interval: positive("readiness.interval", &r.interval, DEFAULT_READINESS_INTERVAL)?,
             timeout: duration("readiness.timeout", &r.timeout, DEFAULT_READINESS_TIMEOUT)?,
         };
-        if readiness.interval.is_zero() {
-            return Err(at(
-                r.interval.as_ref().map_or(span.clone(), |s| s.span()),
-                "readiness.interval must be greater than zero".into(),
-            ));
-        }
-        let connect_timeout = duration("connect_timeout", &raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
-        if connect_timeout.is_zero() {
-            let span = raw.connect_timeout.as_ref().map_or(span, |s| s.span());
-            return Err(at(span, "connect_timeout must be greater than zero".into()));
-        }
-        let output = match raw.output.as_ref() {
-            None => Output::Log,
-            Some(o) => match o.get_ref().as_str() {
-                "log" => Output::Log,
-                "inherit" => Output::Inherit,
-                other => {
-                    return Err(at(
-                        o.span(),
-                        format!("output `{other}` is unknown: use \"log\" or \"inherit\""),
-                    ));
-                }
-            },
-        };
-        let drain_policy = match raw.drain_policy.as_ref() {
-            None => DrainPolicy::Wait,
-            Some(p) => match p.get_ref().as_str() {
-                "wait" => DrainPolicy::Wait,
-                "signal" => DrainPolicy::Signal,
-                other => {
-                    return Err(at(
-                        p.span(),
-                        format!("drain_policy `{other}` is unknown: use \"wait\" or \"signal\""),
-                    ));
-                }
-            },
-        };
+        let connect_timeout = positive("connect_timeout", &raw.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
+        let output = choice(
+            "output",
+            &raw.output,
+            &[("log", Output::Log), ("inherit", Output::Inherit)],
+        )
+        .map_err(|(span, message)| at(span, message))?;
+        let drain_policy = choice(
+            "drain_policy",
+            &raw.drain_policy,
+            &[("wait", DrainPolicy::Wait), ("signal", DrainPolicy::Signal)],
+        )
+        .map_err(|(span, message)| at(span, message))?;
         let count = |key: &str, value: &Option<Spanned<u32>>, default: u32| match value {
             None => Ok(default),
             Some(v) if *v.get_ref() == 0 => Err(at(v.span(), format!("{key} must be at least 1"))),
@@ -579,22 +556,11 @@ impl Validator<'_> {
         let no_health = RawHealth::default();
         let h = raw.health.as_ref().unwrap_or(&no_health);
         let health = Health {
-            interval: duration("health.interval", &h.interval, DEFAULT_HEALTH_INTERVAL)?,
-            timeout: duration("health.timeout", &h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
+            interval: positive("health.interval", &h.interval, DEFAULT_HEALTH_INTERVAL)?,
+            timeout: positive("health.timeout", &h.timeout, DEFAULT_HEALTH_TIMEOUT)?,
             failures: count("health.failures", &h.failures, DEFAULT_HEALTH_FAILURES)?,
             successes: count("health.successes", &h.successes, DEFAULT_HEALTH_SUCCESSES)?,
         };
-        for (key, value, spanned) in [
-            ("health.interval", health.interval, &h.interval),
-            ("health.timeout", health.timeout, &h.timeout),
-        ] {
-            if value.is_zero() {
-                return Err(at(
-                    spanned.as_ref().map_or(span.clone(), |s| s.span()),
-                    format!("{key} must be greater than zero"),
-                ));
-            }
-        }
         Ok(ServiceConfig {
             name: name.to_owned(),
             listen,
@@ -658,6 +624,28 @@ impl Validator<'_> {
             column,
             message,
             snippet,
+        }
+    }
+}
+
+/// One of `options` by its name, the first option when `value` is unset; an unknown name is the error's
+/// span and message.
+fn choice<T: Copy>(
+    key: &str,
+    value: &Option<Spanned<String>>,
+    options: &[(&str, T)],
+) -> Result<T, (Range<usize>, String)> {
+    let Some(value) = value else {
+        return Ok(options[0].1);
+    };
+    match options.iter().find(|(name, _)| *name == value.get_ref()) {
+        Some((_, choice)) => Ok(*choice),
+        None => {
+            let names: Vec<String> = options.iter().map(|(name, _)| format!("\"{name}\"")).collect();
+            Err((
+                value.span(),
+                format!("{key} `{}` is unknown: use {}", value.get_ref(), names.join(" or ")),
+            ))
         }
     }
 }

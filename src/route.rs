@@ -202,11 +202,6 @@ impl Upstream {
         self.state.load(Ordering::Acquire) & !DRAINING
     }
 
-    /// Whether [`Upstream::drain`] was called.
-    pub fn is_draining(&self) -> bool {
-        self.state.load(Ordering::Acquire) & DRAINING != 0
-    }
-
     /// Refuses new guards from now on.
     pub fn begin_drain(&self) {
         self.state.fetch_or(DRAINING, Ordering::AcqRel);
