@@ -6,16 +6,18 @@
 
 use std::future::Future;
 use std::io;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
-use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use socket2::{Domain, Protocol, SockRef, Type};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
@@ -81,7 +83,7 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
             return outcome;
         }
     };
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY comes from the listening socket.
     let mut client = client;
     let outcome = match worker {
         WorkerStream::Tcp(mut worker) => relay(&mut client, &mut worker, &snapshot, &guard).await,
@@ -167,11 +169,7 @@ async fn dial(addr: &WorkerAddr, timeout: Duration, took: &prometheus::Histogram
     let started = Instant::now();
     let connect = async {
         match addr {
-            WorkerAddr::Tcp(addr) => {
-                let stream = TcpStream::connect(addr).await?;
-                let _ = stream.set_nodelay(true);
-                Ok(WorkerStream::Tcp(stream))
-            }
+            WorkerAddr::Tcp(addr) => Ok(WorkerStream::Tcp(connect_tcp(*addr).await?)),
             WorkerAddr::Unix(path) => Ok(WorkerStream::Unix(UnixStream::connect(path).await?)),
         }
     };
@@ -182,6 +180,30 @@ async fn dial(addr: &WorkerAddr, timeout: Duration, took: &prometheus::Histogram
         took.observe(started.elapsed().as_secs_f64());
     }
     result
+}
+
+/// Dials `addr` with TCP_NODELAY. A connection refused or reset shows in the readiness that ends the
+/// handshake, so SO_ERROR is read only then.
+async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+    }
+    Ok(stream)
 }
 
 async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route, guard: &Guard) -> Outcome {
@@ -217,14 +239,21 @@ async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route,
             (true, false) => settings.idle_timeout.min(settings.half_close_timeout),
         };
         tokio::select! {
+            // The first end is passed on with a FIN; after the second, dropping the sockets closes both.
             result = &mut to_worker, if !to_worker_done => match result {
                 Ok(_) if to_client_done => return Outcome::Completed,
-                Ok(_) => to_worker_done = true,
+                Ok(_) => {
+                    half_close(worker);
+                    to_worker_done = true;
+                }
                 Err(failure) => break failure,
             },
             result = &mut to_client, if !to_client_done => match result {
                 Ok(_) if to_worker_done => return Outcome::Completed,
-                Ok(_) => to_client_done = true,
+                Ok(_) => {
+                    half_close(client);
+                    to_client_done = true;
+                }
                 Err(failure) => break failure,
             },
             () = activity.silent_for(silence), if !silence.is_zero() => {
@@ -302,9 +331,9 @@ struct Failure {
     error: io::Error,
 }
 
-/// Copies `src` to `dst` until `src` ends, then shuts down writing on `dst`. The buffer is allocated only
-/// once `src` has something to read, so an idle connection holds none. `first_read`, if given, is told of the
-/// first bytes read.
+/// Copies `src` to `dst` until `src` ends; the caller passes the end on. A buffer is held only while data
+/// moves: it is allocated when `src` becomes readable and given back once `src` is drained, so an idle
+/// connection, fresh or kept alive, holds none. `first_read`, if given, is told of the first bytes read.
 async fn copy<H, R, W>(
     (mut half, src_side): (H, Side),
     (dst, dst_side): (&W, Side),
@@ -319,53 +348,52 @@ where
 {
     let read_failed = |error| Failure { side: src_side, error };
     let mut total = 0u64;
-    let mut buffer: Option<Box<[u8]>> = None;
+    let mut size = FIRST_BUFFER_SIZE;
+    let mut buffer: Option<Vec<u8>> = None;
     loop {
-        let read = match &mut buffer {
-            // Until data comes, the buffer is allocated only once there is something to read, and given back
-            // if the wake-up was for nothing, so an idle connection holds none.
+        let buf = match &mut buffer {
+            Some(buf) => buf,
             None => {
-                let src = half.as_ref();
-                src.readable().await.map_err(read_failed)?;
-                let buf = buffer.insert(vec![0; FIRST_BUFFER_SIZE].into_boxed_slice());
-                match src.try_read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && total == 0 => {
-                        buffer = None;
-                        continue;
-                    }
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-                    other => other,
-                }
-            }
-            Some(buf) => half.read(buf).await,
-        };
-        let buf = buffer.as_deref().unwrap_or_default();
-        match read {
-            Ok(0) => {
-                // The half-close timeout counts from here.
-                activity.touch();
-                // A peer that is gone already does not need our FIN.
-                let _ = SockRef::from(dst).shutdown(Shutdown::Write);
-                return Ok(total);
-            }
-            Ok(n) => {
-                activity.touch();
-                // The worker's first byte shows that it has accepted the connection.
-                if let Some(guard) = first_read.take() {
-                    guard.answered();
-                }
-                write_all(dst, &buf[..n])
+                // Waits through the task's budget too: a task that has used it up yields here.
+                std::future::poll_fn(|cx| half.as_ref().poll_read_ready(cx))
                     .await
-                    .map_err(|error| Failure { side: dst_side, error })?;
-                counter.inc_by(n as u64);
-                total += n as u64;
-                if n == buf.len() && buf.len() < BUFFER_SIZE {
-                    // A bulk transfer: larger reads, fewer system calls.
-                    buffer = Some(vec![0; BUFFER_SIZE].into_boxed_slice());
-                }
+                    .map_err(read_failed)?;
+                buffer.insert(Vec::with_capacity(size))
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(read_failed(e)),
+        };
+        // One poll of the half's read: a short read tells tokio the socket is drained, so this returns
+        // Pending without a system call once there is nothing left. Pending drops the buffer; the wait
+        // above then either parks the task or, if the budget ran out, yields it.
+        let mut read = ReadBuf::uninit(buf.spare_capacity_mut());
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut half).poll_read(cx, &mut read))).await;
+        let n = match polled {
+            Poll::Pending => {
+                buffer = None;
+                continue;
+            }
+            Poll::Ready(Ok(())) => read.filled().len(),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Poll::Ready(Err(e)) => return Err(read_failed(e)),
+        };
+        activity.touch();
+        if n == 0 {
+            return Ok(total);
+        }
+        // The worker's first byte shows that it has accepted the connection.
+        if let Some(guard) = first_read.take() {
+            guard.answered();
+        }
+        write_all(dst, read.filled())
+            .await
+            .map_err(|error| Failure { side: dst_side, error })?;
+        counter.inc_by(n as u64);
+        total += n as u64;
+        if n == size && size < BUFFER_SIZE {
+            // A bulk transfer: larger reads, fewer system calls.
+            size = BUFFER_SIZE;
+            buffer = Some(Vec::with_capacity(size));
+        } else if n < FIRST_BUFFER_SIZE {
+            size = FIRST_BUFFER_SIZE;
         }
     }
 }
@@ -381,6 +409,12 @@ async fn write_all<W: Socket>(dst: &W, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shuts down writing on `socket`: its peer reads the end of the stream. A peer that is gone already does not
+/// need the FIN.
+fn half_close(socket: &impl AsFd) {
+    let _ = SockRef::from(socket).shutdown(Shutdown::Write);
 }
 
 /// Closes `socket` with a reset when it is dropped, so its peer learns that the other side failed.
@@ -400,9 +434,8 @@ trait Socket: AsFd + Sync {
         Self: 'a;
     /// Splits the socket into halves usable at once on one task.
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
 }
 
@@ -414,14 +447,11 @@ macro_rules! socket {
             fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
                 self.split()
             }
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$type>::readable(self)
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_read_ready(self, cx)
             }
             fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::writable(self)
-            }
-            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-                <$type>::try_read(self, buf)
             }
             fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
                 <$type>::try_write(self, buf)
