@@ -140,6 +140,8 @@ pub struct ServiceConfig {
     pub half_close_timeout: Duration,
     /// When the draining worker gets `stop_signal`.
     pub drain_policy: DrainPolicy,
+    /// Whether bytes a worker closed on without reading go to the current worker on a new connection.
+    pub resend_unanswered: bool,
     /// Old workers that may drain at once; the oldest is cut to make room.
     pub max_draining: u32,
     /// How the active worker is watched.
@@ -324,6 +326,7 @@ struct RawService {
     idle_timeout: Option<Spanned<String>>,
     half_close_timeout: Option<Spanned<String>>,
     drain_policy: Option<Spanned<String>>,
+    resend_unanswered: Option<bool>,
     max_draining: Option<Spanned<u32>>,
     health: Option<RawHealth>,
 }
@@ -587,6 +590,7 @@ impl Validator<'_> {
                 DEFAULT_HALF_CLOSE_TIMEOUT,
             )?,
             drain_policy,
+            resend_unanswered: raw.resend_unanswered.unwrap_or(true),
             max_draining: count("max_draining", &raw.max_draining, DEFAULT_MAX_DRAINING)?,
             health,
         })
@@ -717,6 +721,7 @@ command = ["server", "{port}"]
         assert_eq!(web.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(web.half_close_timeout, DEFAULT_HALF_CLOSE_TIMEOUT);
         assert_eq!(web.drain_policy, DrainPolicy::Wait);
+        assert!(web.resend_unanswered);
         assert_eq!(web.max_draining, DEFAULT_MAX_DRAINING);
         assert_eq!(web.health.failures, DEFAULT_HEALTH_FAILURES);
         assert_eq!(web.health.successes, DEFAULT_HEALTH_SUCCESSES);
@@ -749,6 +754,7 @@ max_connections = 100
 idle_timeout = "5m"
 half_close_timeout = "10s"
 drain_policy = "signal"
+resend_unanswered = false
 max_draining = 1
 
 [service.api.health]
@@ -790,6 +796,7 @@ timeout = "3s"
         assert_eq!(api.idle_timeout, Duration::from_secs(300));
         assert_eq!(api.half_close_timeout, Duration::from_secs(10));
         assert_eq!(api.drain_policy, DrainPolicy::Signal);
+        assert!(!api.resend_unanswered);
         assert_eq!(api.max_draining, 1);
         assert_eq!(
             api.health,
@@ -968,6 +975,7 @@ interval = "100ms"
                 "idle_timeout",
                 "half_close_timeout",
                 "drain_policy",
+                "resend_unanswered",
                 "max_draining",
                 "user",
                 "group",

@@ -18,6 +18,8 @@ pub const CONNECTIONS_ACTIVE: &str = "baton_connections_active";
 pub const CONNECTIONS_PENDING: &str = "baton_connections_pending";
 /// Connections closed by baton before reaching a worker, by reason.
 pub const CONNECTIONS_REJECTED: &str = "baton_connections_rejected_total";
+/// Connections moved to another worker with the bytes their worker closed on without reading.
+pub const CONNECTIONS_RESENT: &str = "baton_connections_resent_total";
 /// Connection failures, by the side that failed and kind.
 pub const CONNECTION_ERRORS: &str = "baton_connection_errors_total";
 /// Bytes copied, by direction.
@@ -61,6 +63,7 @@ pub struct Metrics {
     active: IntGaugeVec,
     pending: IntGaugeVec,
     rejected: IntCounterVec,
+    resent: IntCounterVec,
     errors: IntCounterVec,
     bytes: IntCounterVec,
     connection_duration: HistogramVec,
@@ -110,6 +113,8 @@ pub struct ServiceMetrics {
     pub health_failed: IntCounter,
     /// Connections cut when their worker's drain timed out.
     pub drain_cut: IntCounter,
+    /// `baton_connections_resent_total{service}`.
+    pub resent: IntCounter,
     /// `baton_connection_duration_seconds{service}`.
     pub connection_duration: Histogram,
     /// `baton_worker_connect_duration_seconds{service}`.
@@ -177,6 +182,12 @@ impl Metrics {
                 CONNECTIONS_REJECTED,
                 "Connections closed by baton before reaching a worker, by reason.",
                 &["service", "reason"],
+            ),
+            resent: counter(
+                CONNECTIONS_RESENT,
+                "Connections moved to the current worker with the unanswered bytes that their worker closed on \
+                 without reading.",
+                &["service"],
             ),
             errors: counter(
                 CONNECTION_ERRORS,
@@ -291,6 +302,7 @@ impl Metrics {
             health_ok: self.health.with_label_values(&[name, "success"]),
             health_failed: self.health.with_label_values(&[name, "failure"]),
             drain_cut: self.rejected.with_label_values(&[name, "drain_timeout"]),
+            resent: self.resent.with_label_values(&[name]),
             connection_duration: self.connection_duration.with_label_values(&[name]),
             worker_connect_duration: self.connect_duration.with_label_values(&[name]),
             errors: self.errors.clone(),
@@ -445,6 +457,7 @@ mod tests {
         let text = metrics.encode();
         for needle in [
             "baton_connections_accepted_total{service=\"web\"} 1",
+            "baton_connections_resent_total{service=\"web\"} 0",
             "baton_worker_generation{service=\"web\"} 3",
             "baton_upgrades_total{result=\"success\",service=\"web\",trigger=\"signal\"} 1",
             "baton_connection_errors_total{kind=\"connect\",service=\"web\",side=\"worker\"} 1",

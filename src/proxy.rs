@@ -10,7 +10,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +30,12 @@ pub const BUFFER_SIZE: usize = 64 * 1024;
 /// The buffer a direction starts with; it grows to [`BUFFER_SIZE`] once a read fills it. Most exchanges
 /// (and every close) fit, so a burst of short connections never allocates the large buffers.
 pub const FIRST_BUFFER_SIZE: usize = 4 * 1024;
+
+/// The most unanswered bytes a connection keeps to resend (see [`Tail`]).
+pub const RESEND_LIMIT: usize = 64 * 1024;
+
+/// How long the FIN of a draining worker waits for a request from the client already on its way.
+pub const END_HOLD: Duration = Duration::from_millis(25);
 
 /// The longest pause between two dials of a worker that refused a connection, while the connection may
 /// still wait for the route to change.
@@ -85,9 +91,45 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
     };
     // TCP_NODELAY comes from the listening socket.
     let mut client = client;
-    let outcome = match worker {
-        WorkerStream::Tcp(mut worker) => relay(&mut client, &mut worker, &snapshot, &guard).await,
-        WorkerStream::Unix(mut worker) => relay(&mut client, &mut worker, &snapshot, &guard).await,
+    let (mut snapshot, mut guard, mut worker) = (snapshot, guard, worker);
+    let mut tail = Tail::new(first.settings.resend_unanswered);
+    let outcome = loop {
+        let relayed = match &mut worker {
+            WorkerStream::Tcp(worker) => relay(&mut client, worker, &snapshot, &guard, &mut tail).await,
+            WorkerStream::Unix(worker) => relay(&mut client, worker, &snapshot, &guard, &mut tail).await,
+        };
+        if let Relayed::Ended(outcome) = relayed {
+            break outcome;
+        }
+        // The worker closed without reading what it was last sent, after it had answered what came before:
+        // the current worker gets those bytes on a new connection, and the client never sees the close.
+        let gone = guard.upstream().generation;
+        (snapshot, guard, worker) =
+            match connect(route, &snapshot, Instant::now() + snapshot.settings.pending_timeout).await {
+                Ok(connected) => connected,
+                Err(outcome) => {
+                    metrics.worker_resets.inc();
+                    reset(&client);
+                    break outcome;
+                }
+            };
+        tracing::debug!(
+            from = gone,
+            to = guard.upstream().generation,
+            bytes = tail.bytes().len(),
+            "worker closed on unread bytes: resending them"
+        );
+        metrics.resent.inc();
+        let sent = match &worker {
+            WorkerStream::Tcp(worker) => write_all(worker, tail.bytes()).await,
+            WorkerStream::Unix(worker) => write_all(worker, tail.bytes()).await,
+        };
+        if let Err(error) = sent {
+            tracing::debug!(%error, "connection broken while resending");
+            metrics.worker_resets.inc();
+            reset(&client);
+            break Outcome::Broken(Side::Worker);
+        }
     };
     metrics.connection_duration.observe(accepted.elapsed().as_secs_f64());
     outcome
@@ -206,7 +248,22 @@ async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route, guard: &Guard) -> Outcome {
+/// How a relay between a client and one worker connection ended.
+enum Relayed {
+    /// The connection is over.
+    Ended(Outcome),
+    /// The worker closed without reading the connection's unanswered bytes (see [`Tail`]); the client is
+    /// untouched and the bytes can go to another worker.
+    Resend,
+}
+
+async fn relay<W: Socket>(
+    client: &mut TcpStream,
+    worker: &mut W,
+    route: &Route,
+    guard: &Guard,
+    tail: &mut Tail,
+) -> Relayed {
     let metrics = &route.shared.metrics;
     let settings = &route.settings;
     let activity = Activity::new();
@@ -220,15 +277,36 @@ async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route,
         (worker, Side::Worker),
         &metrics.bytes_to_worker,
         &activity,
-        None,
+        |chunk| {
+            activity.sent(tail.record(chunk, activity.take_answered()));
+            !activity.worker_ended()
+        },
     );
+    let mut first_answer = Some(guard);
     let to_client = copy(
         (worker_read, Side::Worker),
         (client, Side::Client),
         &metrics.bytes_to_client,
         &activity,
-        Some(guard),
+        |_| {
+            activity.answered();
+            // The worker's first byte shows that it has accepted the connection.
+            if let Some(guard) = first_answer.take() {
+                guard.answered();
+            }
+            true
+        },
     );
+    // Whether the worker's end can be hidden from the client: it had answered this connection before, has
+    // not answered the bytes it was sent since, and they are kept.
+    let resendable = || activity.resendable() && guard.is_answered();
+    // A draining worker that closes a connection it has answered was most likely told to stop, and the
+    // client may be sending its next request already: the FIN waits a moment (END_HOLD), and a request that
+    // comes meanwhile goes to the current worker instead of crossing the FIN. A client reading to the end
+    // of the stream sees it that much later, during drains only. A drain cut does not reset such a
+    // connection: its worker has ended cleanly already.
+    let hold_end = || settings.resend_unanswered && guard.is_answered() && guard.upstream().is_draining();
+    let mut held_until: Option<Instant> = None;
     tokio::pin!(to_worker, to_client);
     let (mut to_worker_done, mut to_client_done) = (false, false);
     let failure = loop {
@@ -239,9 +317,12 @@ async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route,
             (true, false) => settings.idle_timeout.min(settings.half_close_timeout),
         };
         tokio::select! {
+            // The client first: bytes it sent as the worker closed reach the worker (and its refusal) before
+            // the worker's end is looked at.
+            biased;
             // The first end is passed on with a FIN; after the second, dropping the sockets closes both.
             result = &mut to_worker, if !to_worker_done => match result {
-                Ok(_) if to_client_done => return Outcome::Completed,
+                Ok(_) if to_client_done => return Relayed::Ended(Outcome::Completed),
                 Ok(_) => {
                     half_close(worker);
                     to_worker_done = true;
@@ -249,33 +330,51 @@ async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route,
                 Err(failure) => break failure,
             },
             result = &mut to_client, if !to_client_done => match result {
-                Ok(_) if to_worker_done => return Outcome::Completed,
+                // A FIN, but the bytes sent after it were refused: the worker closed without reading them.
+                Ok(_) if resendable() && matches!(SockRef::from(worker).take_error(), Ok(Some(_))) => {
+                    return Relayed::Resend;
+                }
+                Ok(_) if to_worker_done => return Relayed::Ended(Outcome::Completed),
+                Ok(_) if hold_end() => {
+                    activity.end_worker();
+                    held_until = Some(Instant::now() + END_HOLD);
+                    to_client_done = true;
+                }
                 Ok(_) => {
                     half_close(client);
                     to_client_done = true;
                 }
                 Err(failure) => break failure,
             },
+            () = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)), if held_until.is_some() => {
+                // The client sent nothing: it learns of the worker's end.
+                half_close(client);
+                held_until = None;
+            }
             () = activity.silent_for(silence), if !silence.is_zero() => {
                 if half_closed {
                     // The side still open has gone silent.
                     let side = if to_worker_done { Side::Worker } else { Side::Client };
                     metrics.error(side, "half_close_timeout");
-                    return Outcome::HalfCloseTimeout;
+                    return Relayed::Ended(Outcome::HalfCloseTimeout);
                 }
                 metrics.error(Side::Client, "idle_timeout");
-                return Outcome::IdleTimeout;
+                return Relayed::Ended(Outcome::IdleTimeout);
             }
-            () = guard.upstream().cut() => {
+            () = guard.upstream().cut(), if held_until.is_none() => {
                 // A reset, not a FIN, so that neither side takes the cut for a complete stream.
                 metrics.drain_cut.inc();
                 reset(client);
                 reset(worker);
-                return Outcome::Cut;
+                return Relayed::Ended(Outcome::Cut);
             }
         }
     };
     let Failure { side, error } = failure;
+    // A reset or broken pipe from the worker: it closed with bytes unread, or before they came.
+    if side == Side::Worker && (!to_client_done || held_until.is_some()) && resendable() {
+        return Relayed::Resend;
+    }
     tracing::debug!(side = side.label(), %error, "connection broken");
     match side {
         Side::Client => {
@@ -287,15 +386,69 @@ async fn relay<W: Socket>(client: &mut TcpStream, worker: &mut W, route: &Route,
             reset(client);
         }
     }
-    Outcome::Broken(side)
+    Relayed::Ended(Outcome::Broken(side))
 }
 
-/// When a connection last moved a byte, for the idle and half-close timeouts. Both directions of one
-/// connection share it; they run on the same task, so the atomic is never contended.
+/// The bytes a connection sent its worker since the worker last sent any: the part of the stream the worker
+/// has not answered. Should the worker close without reading them, they can go to another worker. A
+/// connection that sends more than [`RESEND_LIMIT`] without an answer keeps nothing until the next answer.
+#[derive(Debug)]
+enum Tail {
+    /// `resend_unanswered` is off.
+    Off,
+    Kept(Vec<u8>),
+    Overflowed,
+}
+
+impl Tail {
+    fn new(enabled: bool) -> Tail {
+        if enabled { Tail::Kept(Vec::new()) } else { Tail::Off }
+    }
+
+    /// Notes `chunk`, about to go to the worker; `answered` says whether the worker has sent anything since
+    /// the previous chunk. Returns whether the unanswered bytes are all kept.
+    fn record(&mut self, chunk: &[u8], answered: bool) -> bool {
+        match self {
+            Tail::Off => return false,
+            Tail::Kept(bytes) if answered => bytes.clear(),
+            Tail::Overflowed if answered => *self = Tail::Kept(Vec::new()),
+            _ => {}
+        }
+        match self {
+            Tail::Kept(bytes) if bytes.len() + chunk.len() <= RESEND_LIMIT => {
+                bytes.extend_from_slice(chunk);
+                true
+            }
+            Tail::Kept(_) => {
+                *self = Tail::Overflowed;
+                false
+            }
+            Tail::Off | Tail::Overflowed => false,
+        }
+    }
+
+    /// The unanswered bytes.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Tail::Kept(bytes) => bytes,
+            Tail::Off | Tail::Overflowed => &[],
+        }
+    }
+}
+
+/// What both directions of a connection note for each other: when a byte last moved (for the idle and
+/// half-close timeouts) and where the exchange stands (for resending). They run on the same task, so the
+/// atomics are never contended; relaxed loads and stores are plain moves.
 struct Activity {
     start: Instant,
     /// Milliseconds from `start` to the last read.
     last: AtomicU64,
+    /// Whether the worker has sent bytes since the client's last chunk.
+    answered: AtomicBool,
+    /// Whether the client's bytes since the worker's last answer are all kept in the [`Tail`].
+    kept: AtomicBool,
+    /// Whether the worker's end is being held back from the client: what the client sends now cannot go to it.
+    worker_ended: AtomicBool,
 }
 
 impl Activity {
@@ -303,7 +456,44 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            answered: AtomicBool::new(false),
+            kept: AtomicBool::new(false),
+            worker_ended: AtomicBool::new(false),
         }
+    }
+
+    /// The worker sent bytes.
+    fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the worker sent bytes since the last call.
+    fn take_answered(&self) -> bool {
+        let answered = self.answered.load(Ordering::Relaxed);
+        if answered {
+            self.answered.store(false, Ordering::Relaxed);
+        }
+        answered
+    }
+
+    /// The client sent a chunk; `kept` says whether the tail holds every unanswered byte.
+    fn sent(&self, kept: bool) {
+        self.kept.store(kept, Ordering::Relaxed);
+    }
+
+    /// The worker closed its side, and the client is not told yet.
+    fn end_worker(&self) {
+        self.worker_ended.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the worker's end is being held back.
+    fn worker_ended(&self) -> bool {
+        self.worker_ended.load(Ordering::Relaxed)
+    }
+
+    /// Whether there are unanswered bytes and the tail holds them all.
+    fn resendable(&self) -> bool {
+        self.kept.load(Ordering::Relaxed) && !self.answered.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -333,21 +523,21 @@ struct Failure {
 
 /// Copies `src` to `dst` until `src` ends; the caller passes the end on. A buffer is held only while data
 /// moves: it is allocated when `src` becomes readable and given back once `src` is drained, so an idle
-/// connection, fresh or kept alive, holds none. `first_read`, if given, is told of the first bytes read.
+/// connection, fresh or kept alive, holds none. `on_read` sees every chunk before it is written and says
+/// whether `dst` still takes it; if not, the copy fails as if `dst` had refused it.
 async fn copy<H, R, W>(
     (mut half, src_side): (H, Side),
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
     activity: &Activity,
-    mut first_read: Option<&Guard>,
-) -> Result<u64, Failure>
+    mut on_read: impl FnMut(&[u8]) -> bool,
+) -> Result<(), Failure>
 where
     H: AsyncRead + Unpin + AsRef<R>,
     R: Socket,
     W: Socket,
 {
     let read_failed = |error| Failure { side: src_side, error };
-    let mut total = 0u64;
     let mut size = FIRST_BUFFER_SIZE;
     let mut buffer: Option<Vec<u8>> = None;
     loop {
@@ -377,17 +567,18 @@ where
         };
         activity.touch();
         if n == 0 {
-            return Ok(total);
+            return Ok(());
         }
-        // The worker's first byte shows that it has accepted the connection.
-        if let Some(guard) = first_read.take() {
-            guard.answered();
+        if !on_read(read.filled()) {
+            return Err(Failure {
+                side: dst_side,
+                error: io::ErrorKind::BrokenPipe.into(),
+            });
         }
         write_all(dst, read.filled())
             .await
             .map_err(|error| Failure { side: dst_side, error })?;
         counter.inc_by(n as u64);
-        total += n as u64;
         if n == size && size < BUFFER_SIZE {
             // A bulk transfer: larger reads, fewer system calls.
             size = BUFFER_SIZE;

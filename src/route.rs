@@ -53,6 +53,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Silence after a half-close after which a connection closes.
     pub half_close_timeout: Duration,
+    /// Whether bytes a worker closed on without reading go to the current worker on a new connection.
+    pub resend_unanswered: bool,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
             max_connections: config.max_connections as usize,
             idle_timeout: config.idle_timeout,
             half_close_timeout: config.half_close_timeout,
+            resend_unanswered: config.resend_unanswered,
         }
     }
 }
@@ -202,6 +205,11 @@ impl Upstream {
         self.state.load(Ordering::Acquire) & !DRAINING
     }
 
+    /// Whether the worker drains: it takes no new connection.
+    pub fn is_draining(&self) -> bool {
+        self.state.load(Ordering::Acquire) & DRAINING != 0
+    }
+
     /// Refuses new guards from now on.
     pub fn begin_drain(&self) {
         self.state.fetch_or(DRAINING, Ordering::AcqRel);
@@ -260,6 +268,11 @@ impl Guard {
     /// The worker this guard counts against.
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
+    }
+
+    /// Whether the worker has sent a byte on this connection.
+    pub fn is_answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
     }
 
     /// Notes that the worker has sent a byte on this connection.
@@ -381,6 +394,7 @@ mod tests {
             max_connections: 0,
             idle_timeout: Duration::ZERO,
             half_close_timeout: Duration::from_secs(1),
+            resend_unanswered: true,
         };
         let old = upstream();
         let route = ArcSwap::from_pointee(Route {

@@ -388,6 +388,8 @@ pub fn parse_response(response: &[u8]) -> std::io::Result<(u16, String)> {
 pub struct KeepAlive {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
+    /// Whether the last answer said `Connection: close`.
+    closing: bool,
 }
 
 impl KeepAlive {
@@ -396,7 +398,11 @@ impl KeepAlive {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
         let reader = BufReader::new(stream.try_clone().expect("clone"));
-        KeepAlive { stream, reader }
+        KeepAlive {
+            stream,
+            reader,
+            closing: false,
+        }
     }
 
     /// Asks the worker who it is; returns its generation.
@@ -430,10 +436,23 @@ impl KeepAlive {
             if let Some(v) = line.strip_prefix("X-Generation: ") {
                 generation = v.parse::<u64>().ok();
             }
+            if line.eq_ignore_ascii_case("Connection: close") {
+                self.closing = true;
+            }
         }
         let mut body = vec![0; length.unwrap_or(0)];
         self.reader.read_exact(&mut body)?;
         generation.ok_or_else(|| std::io::Error::other("no X-Generation header"))
+    }
+
+    /// Whether the server said it closes the connection after its last answer, as HTTP lets it.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
+
+    /// The connection's socket, to send something else.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
     }
 
     /// Waits until the peer closes the connection (EOF or reset).
@@ -654,6 +673,10 @@ impl KeepAliveLoad {
                             Ok(generation) => {
                                 report.ok += 1;
                                 report.generations.insert(generation);
+                                // Like any HTTP client, it does not reuse a connection the server closes.
+                                if connection.as_ref().is_some_and(KeepAlive::closing) {
+                                    connection = None;
+                                }
                             }
                             Err(error) => {
                                 connection = None;

@@ -6,6 +6,7 @@
 //! - `GET /whoami`: `gen=G pid=P`;
 //! - `POST /echo` with a `Content-Length`: the body back, with `X-Generation` and `X-Pid` headers;
 //! - `GET /env`: its environment, a `NAME=value` line each;
+//! - `POST /drop`: no answer: it reads the request, says so on stderr and closes the connection;
 //! - `HALF`: `half-closed\n`, a half-close, then it reads until the client half-closes and prints on stderr
 //!   how many bytes it got and their FNV-1a hash;
 //! - `RSET`: a reset;
@@ -65,6 +66,10 @@ struct Args {
     /// Never close an HTTP connection the client has half-closed: keep it open, silent.
     #[arg(long)]
     ignore_eof: bool,
+    /// After answering this many HTTP requests on a connection, close it as soon as the next request
+    /// arrives, without reading it (a reset).
+    #[arg(long)]
+    close_unread_after: Option<u64>,
 }
 
 /// Set when a graceful shutdown has begun.
@@ -97,6 +102,7 @@ struct Worker {
     unhealthy_at: Option<Instant>,
     flap: Option<AtomicU64>,
     ignore_eof: bool,
+    close_unread_after: Option<u64>,
 }
 
 impl Worker {
@@ -136,6 +142,7 @@ fn main() {
         unhealthy_at: args.unhealthy_after.map(|after| started + after),
         flap: args.flap.then(|| AtomicU64::new(0)),
         ignore_eof: args.ignore_eof,
+        close_unread_after: args.close_unread_after,
     });
     if let Some(after) = args.exit_after {
         std::thread::spawn(move || {
@@ -208,7 +215,23 @@ fn read<S: Read>(stream: &mut S, buf: &mut [u8], idle: bool) -> io::Result<usize
     }
 }
 
+/// Waits for the client's next bytes, then returns so that the connection closes with them unread.
+fn close_on_next_request(stream: &impl AsFd) {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    loop {
+        match SockRef::from(stream).peek(&mut byte) {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            _ => break,
+        }
+    }
+    eprintln!("test worker: closing on an unread request");
+}
+
 fn serve<S: Read + Write + AsFd>(worker: &Worker, mut stream: S) {
+    if worker.close_unread_after == Some(0) {
+        close_on_next_request(&stream);
+        return;
+    }
     let mut pending = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     while pending.len() < 4 {
@@ -324,9 +347,14 @@ impl Fnv {
     }
 }
 
-fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) -> io::Result<()> {
+fn http<S: Read + Write + AsFd>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) -> io::Result<()> {
     let mut chunk = [0u8; 16 * 1024];
+    let mut answered = 0u64;
     loop {
+        if answered > 0 && worker.close_unread_after == Some(answered) && pending.is_empty() {
+            close_on_next_request(stream);
+            return Ok(());
+        }
         let end = loop {
             if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -367,6 +395,11 @@ fn http<S: Read + Write>(worker: &Worker, stream: &mut S, mut pending: Vec<u8>) 
         let body: Vec<u8> = pending.drain(..content_length).collect();
         let mut parts = request_line.split(' ');
         let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        if (method, path) == ("POST", "/drop") {
+            eprintln!("test worker: dropped a request");
+            return Ok(());
+        }
+        answered += 1;
         let (status, body) = match (method, path) {
             ("GET", "/readyz") if worker.ready() => ("200 OK", b"ready\n".to_vec()),
             ("GET", "/readyz") => ("503 Service Unavailable", b"not ready\n".to_vec()),
