@@ -41,8 +41,8 @@ enum Command {
         /// The configuration file.
         #[arg(long, short, default_value = "conf/baton.toml")]
         config: PathBuf,
-        /// Threads that carry connections (default: one per CPU).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        /// Threads that carry connections (default: one per CPU). One runs the whole daemon on one thread.
+        #[arg(long, env = "BATON_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
     },
     /// Validate a configuration file without binding or starting anything.
@@ -206,10 +206,16 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// Runs the daemon on a runtime whose tasks run on worker threads, while the main thread forks workers.
+/// Runs the daemon on the runtime while the main thread forks workers. With one thread, the runtime is a
+/// current-thread one on a thread of its own: no work-stealing queues, no cross-thread wake-ups.
 fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
+    let single = threads == Some(1);
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if let Some(threads) = threads.filter(|_| !single) {
         builder.worker_threads(usize::from(threads));
     }
     let runtime = builder
@@ -217,6 +223,7 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
         .thread_name("baton")
         .build()
         .context("cannot start the runtime")?;
+    let runtime = std::sync::Arc::new(runtime);
     let worker_fd_limit = match baton::worker::raise_fd_limit() {
         Ok(limit) => Some(limit),
         Err(e) => {
@@ -226,18 +233,16 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
     };
     let (spawner, spawner_loop) = Spawner::new(worker_fd_limit);
     let (done_tx, done) = std::sync::mpsc::channel();
-    {
+    let driver = {
         // Signals are registered before anything else, so that a SIGHUP during start-up is queued, not fatal.
         let _context = runtime.enter();
         let reload = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        // The runtime's threads were started with these blocked; the main thread takes them from now on.
-        let _ = signal_set().thread_unblock();
         let config = Config::load(config_path).map_err(Failure::Config)?;
         // Ends the spawner loop on the main thread when the daemon ends, even by a panic.
         let exit_guard = SpawnerExit(spawner.clone());
-        runtime.spawn(async move {
+        let daemon = async move {
             let _exit_guard = exit_guard;
             let shutdown = async move {
                 let name = tokio::select! {
@@ -256,11 +261,31 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
             };
             let result = baton::run(config, spawner, reload, shutdown).await;
             let _ = done_tx.send(result);
-        });
-    }
+        };
+        // The runtime's threads are started with the signals blocked (they are blocked on this thread now);
+        // the main thread takes them once the daemon runs.
+        let driver = if single {
+            let runtime = std::sync::Arc::clone(&runtime);
+            let thread = std::thread::Builder::new()
+                .name("baton".to_owned())
+                .spawn(move || runtime.block_on(daemon))
+                .context("cannot start the runtime's thread")?;
+            Some(thread)
+        } else {
+            runtime.spawn(daemon);
+            None
+        };
+        let _ = signal_set().thread_unblock();
+        driver
+    };
     spawner_loop.run(runtime.handle());
     let result = done.recv().context("the daemon task ended without a result")?;
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(driver) = driver {
+        let _ = driver.join();
+    }
+    if let Ok(runtime) = std::sync::Arc::try_unwrap(runtime) {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
     result.map_err(|e| Failure::Runtime(anyhow::anyhow!(baton::supervisor::chain(&e))))
 }
 

@@ -23,7 +23,13 @@ use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::route::WorkerAddr;
 
 /// Variables of baton's own that a worker must never inherit.
-const PRIVATE_VARIABLES: [&str; 4] = ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+const PRIVATE_VARIABLES: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "BATON_THREADS",
+];
 
 /// The longest path a Unix socket address holds (`sun_path` less its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;

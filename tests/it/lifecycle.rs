@@ -4,7 +4,7 @@ use std::net::TcpStream;
 
 use nix::sys::signal::Signal;
 
-use crate::support::{Baton, KeepAlive, Load, service, wait_for, wait_gone};
+use crate::support::{Baton, KeepAlive, Load, http_get, service, wait_for, wait_gone};
 
 #[test]
 fn sigterm_stops_accepting_lets_open_connections_finish_then_exits_zero() {
@@ -25,6 +25,35 @@ fn sigterm_stops_accepting_lets_open_connections_finish_then_exits_zero() {
     let status = baton.wait_exit();
     assert_eq!(status.code(), Some(0));
     wait_gone([pid]);
+}
+
+#[test]
+fn on_one_thread_baton_serves_upgrades_and_exits_cleanly() {
+    // `--threads 1` (here through BATON_THREADS) runs the daemon on a current-thread runtime of its own.
+    let config = service("web", &["--port", "{port}"], "watchdog = \"0s\"");
+    let baton = Baton::start_with_env(&config, &[("BATON_THREADS", "1")]);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", baton.pid()))
+        .expect("tasks")
+        .count();
+    assert!(
+        tasks <= 3,
+        "{tasks} threads: the main thread, the runtime's and at most one blocking one"
+    );
+    let load = Load::start(baton.addr("web"), 4);
+    load.wait_ok(50);
+    let old = baton.worker_pid("web");
+    baton.signal(Signal::SIGHUP);
+    baton.wait_generation("web", 2);
+    wait_gone([old]);
+    load.wait_ok(50);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "{:?}", report.errors);
+    let (_, env) = http_get(baton.addr("web"), "/env").expect("GET /env");
+    assert!(
+        !env.contains("BATON_THREADS"),
+        "baton's own setting stays out of workers: {env}"
+    );
+    assert_eq!(baton.stop().code(), Some(0));
 }
 
 #[test]

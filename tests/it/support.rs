@@ -91,7 +91,18 @@ impl Baton {
     /// Starts baton as an argument of `wrapper` (a command such as `prlimit --nofile=64:64`), and waits
     /// only for its admin API.
     pub fn spawn_under(config: &str, wrapper: &[&str]) -> Baton {
-        let mut baton = Baton::launch(&with_admin(config), wrapper, &[]);
+        Baton::spawn_with(config, wrapper, &[])
+    }
+
+    /// Starts baton with `config` and `env` added to its environment, and waits until every service serves.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Baton {
+        let baton = Baton::spawn_with(config, &[], env);
+        baton.wait_idle();
+        baton
+    }
+
+    fn spawn_with(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
+        let mut baton = Baton::launch(&with_admin(config), wrapper, env);
         baton.wait_admin();
         baton
     }
