@@ -410,6 +410,8 @@ impl Tail {
     fn record(&mut self, chunk: &[u8], answered: bool) -> bool {
         match self {
             Tail::Off => return false,
+            // A long unanswered run (an upload) does not leave its memory behind on an idle connection.
+            Tail::Kept(bytes) if answered && bytes.capacity() > FIRST_BUFFER_SIZE => *bytes = Vec::new(),
             Tail::Kept(bytes) if answered => bytes.clear(),
             Tail::Overflowed if answered => *self = Tail::Kept(Vec::new()),
             _ => {}
@@ -653,3 +655,48 @@ macro_rules! socket {
 
 socket!(TcpStream, tcp);
 socket!(UnixStream, unix);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_holds_what_was_sent_since_the_last_answer() {
+        let mut tail = Tail::new(true);
+        assert!(tail.record(b"GET /a", false));
+        assert!(tail.record(b" HTTP/1.1", false));
+        assert_eq!(tail.bytes(), b"GET /a HTTP/1.1");
+        // The worker answered: what came before is answered, the new chunk starts the tail.
+        assert!(tail.record(b"GET /b", true));
+        assert_eq!(tail.bytes(), b"GET /b");
+    }
+
+    #[test]
+    fn a_tail_over_the_limit_keeps_nothing_until_the_next_answer() {
+        let mut tail = Tail::new(true);
+        assert!(tail.record(&vec![1; RESEND_LIMIT], false));
+        assert!(!tail.record(b"x", false), "one byte over the limit");
+        assert!(tail.bytes().is_empty());
+        assert!(!tail.record(b"more", false), "still over until an answer");
+        assert!(tail.record(b"next", true));
+        assert_eq!(tail.bytes(), b"next");
+    }
+
+    #[test]
+    fn an_answered_upload_gives_its_memory_back() {
+        let mut tail = Tail::new(true);
+        tail.record(&vec![1; 32 * 1024], false);
+        tail.record(b"small", true);
+        let Tail::Kept(bytes) = &tail else {
+            panic!("kept: {tail:?}")
+        };
+        assert!(bytes.capacity() < 32 * 1024, "capacity {}", bytes.capacity());
+    }
+
+    #[test]
+    fn a_disabled_tail_keeps_nothing() {
+        let mut tail = Tail::new(false);
+        assert!(!tail.record(b"GET / HTTP/1.1", false));
+        assert!(tail.bytes().is_empty());
+    }
+}
