@@ -15,6 +15,14 @@ fn closing_worker(after: &str, extra: &str) -> Baton {
     ))
 }
 
+/// The client's next request fails (`why`): the worker's close reached it, and nothing was resent.
+fn expect_the_close_and_no_resend(baton: Baton, mut client: KeepAlive, why: &str) {
+    client.whoami().expect_err(why);
+    drop(client);
+    assert_eq!(baton.metric(RESENT), 0.0);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
 #[test]
 fn a_request_the_worker_closed_on_unread_is_answered_on_a_new_connection() {
     // Each worker connection answers one request, then closes on the next one without reading it.
@@ -35,10 +43,7 @@ fn with_resend_unanswered_off_the_client_sees_the_close() {
     let baton = closing_worker("1", "resend_unanswered = false");
     let mut client = KeepAlive::connect(baton.addr("web"));
     assert_eq!(client.whoami().expect("the first request is answered"), 1);
-    client.whoami().expect_err("the worker closed on the second request");
-    drop(client);
-    assert_eq!(baton.metric(RESENT), 0.0);
-    assert_eq!(baton.stop().code(), Some(0));
+    expect_the_close_and_no_resend(baton, client, "the worker closed on the second request");
 }
 
 #[test]
@@ -51,11 +56,8 @@ fn a_connection_the_worker_never_answered_is_not_resent() {
          \"--close-unread-after\", \"0\"]\n",
         worker()
     ));
-    let mut client = KeepAlive::connect(baton.addr("web"));
-    client.whoami().expect_err("the worker closed on the first request");
-    drop(client);
-    assert_eq!(baton.metric(RESENT), 0.0);
-    assert_eq!(baton.stop().code(), Some(0));
+    let client = KeepAlive::connect(baton.addr("web"));
+    expect_the_close_and_no_resend(baton, client, "the worker closed on the first request");
 }
 
 #[test]
