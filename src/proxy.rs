@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::unistd::pipe2;
 use prometheus::IntCounter;
 use socket2::{Domain, Protocol, SockRef, Type};
 use tokio::io::{AsyncRead, Interest, ReadBuf};
@@ -30,6 +32,9 @@ pub const BUFFER_SIZE: usize = 64 * 1024;
 /// The buffer a direction starts with; it grows to [`BUFFER_SIZE`] once a read fills it. Most exchanges
 /// (and every close) fit, so a burst of short connections never allocates the large buffers.
 pub const FIRST_BUFFER_SIZE: usize = 4 * 1024;
+
+/// The pipe size asked for when splicing.
+const PIPE_SIZE: i32 = 1 << 20;
 
 /// The most unanswered bytes a connection keeps to resend (see [`Tail`]).
 pub const RESEND_LIMIT: usize = 64 * 1024;
@@ -278,7 +283,12 @@ async fn relay<W: Socket>(
         &metrics.bytes_to_worker,
         &activity,
         |chunk| {
-            activity.sent(tail.record(chunk, activity.take_answered()));
+            let answered = activity.take_answered();
+            let kept = match chunk {
+                Some(chunk) => tail.record(chunk, answered),
+                None => tail.lose(),
+            };
+            activity.sent(kept);
             !activity.worker_ended()
         },
     );
@@ -429,6 +439,14 @@ impl Tail {
         }
     }
 
+    /// Notes bytes that went to the worker unseen (spliced): nothing can be resent until the next answer.
+    fn lose(&mut self) -> bool {
+        if !matches!(self, Tail::Off) {
+            *self = Tail::Overflowed;
+        }
+        false
+    }
+
     /// The unanswered bytes.
     fn bytes(&self) -> &[u8] {
         match self {
@@ -532,7 +550,7 @@ async fn copy<H, R, W>(
     (dst, dst_side): (&W, Side),
     counter: &IntCounter,
     activity: &Activity,
-    mut on_read: impl FnMut(&[u8]) -> bool,
+    mut on_read: impl FnMut(Option<&[u8]>) -> bool,
 ) -> Result<(), Failure>
 where
     H: AsyncRead + Unpin + AsRef<R>,
@@ -571,7 +589,7 @@ where
         if n == 0 {
             return Ok(());
         }
-        if !on_read(read.filled()) {
+        if !on_read(Some(read.filled())) {
             return Err(Failure {
                 side: dst_side,
                 error: io::ErrorKind::BrokenPipe.into(),
@@ -585,8 +603,84 @@ where
             // A bulk transfer: larger reads, fewer system calls.
             size = BUFFER_SIZE;
             buffer = Some(Vec::with_capacity(size));
+        } else if n == BUFFER_SIZE {
+            // Still bulk: the kernel moves the data through a pipe, with no copy through this process.
+            buffer = None;
+            let sides = (src_side, dst_side);
+            if splice_bulk(half.as_ref(), dst, sides, counter, activity, &mut on_read).await? == Spliced::End {
+                return Ok(());
+            }
         } else if n < FIRST_BUFFER_SIZE {
             size = FIRST_BUFFER_SIZE;
+        }
+    }
+}
+
+/// How a spliced stretch of a copy ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Spliced {
+    /// `src` ended.
+    End,
+    /// A read moved less than a full buffer (or no pipe could be had): back to plain copies.
+    Short,
+}
+
+/// Moves `src` to `dst` through a pipe with splice(2), so the bytes never cross this process, for as long as
+/// each read moves a full [`BUFFER_SIZE`]. The pipe is empty whenever this returns.
+async fn splice_bulk<R: Socket, W: Socket>(
+    src: &R,
+    dst: &W,
+    (src_side, dst_side): (Side, Side),
+    counter: &IntCounter,
+    activity: &Activity,
+    on_read: &mut impl FnMut(Option<&[u8]>) -> bool,
+) -> Result<Spliced, Failure> {
+    let Ok((pipe_out, pipe_in)) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
+        // Out of descriptors, say: plain copies still work.
+        return Ok(Spliced::Short);
+    };
+    // A larger pipe moves more per call; the kernel may refuse, and the default (64 KiB) does too.
+    let capacity = fcntl(pipe_in.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
+        .ok()
+        .and_then(|size| usize::try_from(size).ok())
+        .unwrap_or(BUFFER_SIZE);
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let read_failed = |error| Failure { side: src_side, error };
+    loop {
+        std::future::poll_fn(|cx| src.poll_read_ready(cx))
+            .await
+            .map_err(read_failed)?;
+        // The pipe is empty here, so EAGAIN can only mean that `src` is drained; try_io then clears readiness.
+        let n = match src.try_io(Interest::READABLE, || {
+            splice(src, None, &pipe_in, None, capacity, flags).map_err(io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Err(read_failed(e)),
+        };
+        activity.touch();
+        if n == 0 {
+            return Ok(Spliced::End);
+        }
+        let write_failed = |error| Failure { side: dst_side, error };
+        if !on_read(None) {
+            return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
+        }
+        let mut left = n;
+        while left > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(&pipe_out, None, dst, None, left, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                Ok(moved) => left -= moved,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(write_failed)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(write_failed(e)),
+            }
+        }
+        counter.inc_by(n as u64);
+        if n < BUFFER_SIZE {
+            return Ok(Spliced::Short);
         }
     }
 }
@@ -628,6 +722,7 @@ trait Socket: AsFd + Sync {
     /// Splits the socket into halves usable at once on one task.
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<T>(&self, interest: Interest, f: impl FnOnce() -> io::Result<T>) -> io::Result<T>;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
 }
@@ -642,6 +737,9 @@ macro_rules! socket {
             }
             fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 <$type>::poll_read_ready(self, cx)
+            }
+            fn try_io<T>(&self, interest: Interest, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+                <$type>::try_io(self, interest, f)
             }
             fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::writable(self)
@@ -691,6 +789,16 @@ mod tests {
             panic!("kept: {tail:?}")
         };
         assert!(bytes.capacity() < 32 * 1024, "capacity {}", bytes.capacity());
+    }
+
+    #[test]
+    fn spliced_bytes_make_the_tail_unresendable_until_the_next_answer() {
+        let mut tail = Tail::new(true);
+        tail.record(b"GET /", false);
+        assert!(!tail.lose());
+        assert!(!tail.record(b"more", false));
+        assert!(tail.bytes().is_empty());
+        assert!(tail.record(b"GET /b", true));
     }
 
     #[test]
