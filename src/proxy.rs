@@ -75,8 +75,9 @@ enum WorkerStream {
     Unix(UnixStream),
 }
 
-/// Serves one accepted client connection of the service whose route is `route`.
-pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
+/// Serves one accepted client connection of the service whose route is `route`. The client socket has
+/// TCP_NODELAY already, from the listening socket.
+pub async fn serve(mut client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
     let accepted = Instant::now();
     let first = route.load_full();
     let shared = &first.shared;
@@ -87,16 +88,14 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         reset(&client);
         return Outcome::OverLimit;
     };
-    let (snapshot, guard, worker) = match connect(route, &first, accepted + first.settings.pending_timeout).await {
+    let deadline = accepted + first.settings.pending_timeout;
+    let (mut snapshot, mut guard, mut worker) = match connect(route, &first, deadline).await {
         Ok(connected) => connected,
         Err(outcome) => {
             reset(&client);
             return outcome;
         }
     };
-    // TCP_NODELAY comes from the listening socket.
-    let mut client = client;
-    let (mut snapshot, mut guard, mut worker) = (snapshot, guard, worker);
     let mut tail = Tail::new(first.settings.resend_unanswered);
     let outcome = loop {
         let relayed = match &mut worker {
