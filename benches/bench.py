@@ -60,6 +60,14 @@ def wait_port(port, deadline=15.0):
     raise SystemExit(f"nothing listens on port {port}")
 
 
+def wait_path(path, deadline=15.0):
+    end = time.monotonic() + deadline
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise SystemExit(f"{path} did not appear")
+        time.sleep(0.05)
+
+
 def children(pid):
     """`pid` and all its descendants."""
     found = [pid]
@@ -104,8 +112,10 @@ def rss_kib(pids):
 class Target:
     """A proxy (or none) in front of the upstream: its web and bulk ports and the processes that make it."""
 
-    def __init__(self, name, web_port, bulk_port, pids, with_children):
+    def __init__(self, name, web_port, bulk_port, pids, with_children, unix_port=None):
         self.name, self.web_port, self.bulk_port, self.pids = name, web_port, bulk_port, pids
+        # The same web service, proxied to an upstream that listens on a Unix socket.
+        self.unix_port = unix_port
         # HAProxy's and nginx's work happens in child processes; baton's children are its workers, the
         # upstream, which is not counted.
         self.with_children = with_children
@@ -142,7 +152,8 @@ class Bench:
 
     # --- the upstream and the targets ---------------------------------------------------------------------
 
-    def nginx_upstream_conf(self, port_expr):
+    def nginx_upstream_conf(self, *listens):
+        listen = "\n".join(f"        listen {address} backlog=4096;" for address in listens)
         return f"""
 worker_processes 1;
 worker_rlimit_nofile {FD_LIMIT};
@@ -155,7 +166,7 @@ http {{
     keepalive_requests 100000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port_expr} backlog=4096;
+{listen}
         location / {{ root {self.dir}/www; }}
     }}
 }}
@@ -166,12 +177,15 @@ http {{
         with open(f"{self.dir}/www/index.html", "wb") as f:
             f.write(BODY)
         up_web, up_bulk = free_port(), free_port()
+        self.upstream_socket = f"{self.dir}/upstream.sock"
         with open(f"{self.dir}/upstream.conf", "w") as f:
-            f.write(self.nginx_upstream_conf(up_web).replace("$$", "upstream"))
+            f.write(self.nginx_upstream_conf(f"127.0.0.1:{up_web}", f"unix:{self.upstream_socket}")
+                    .replace("$$", "upstream"))
         self.start(["nginx", "-c", f"{self.dir}/upstream.conf"])
         self.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(up_bulk)])
         wait_port(up_web)
         wait_port(up_bulk)
+        wait_path(self.upstream_socket)
         self.targets = {"direct": Target("direct", up_web, up_bulk, [], False)}
         self.targets["baton"] = self.start_baton()
         self.targets["haproxy"] = self.start_haproxy(up_web, up_bulk)
@@ -180,9 +194,15 @@ http {{
     def start_baton(self):
         # baton starts its own workers: the same nginx configuration, on the port baton gives it.
         with open(f"{self.dir}/worker.conf.in", "w") as f:
-            f.write(self.nginx_upstream_conf("PORT").replace("$$", "worker-PORT"))
+            f.write(self.nginx_upstream_conf("127.0.0.1:PORT").replace("$$", "worker-PORT"))
         worker = ["sh", "-c", f"sed s/PORT/$PORT/g {self.dir}/worker.conf.in > {self.dir}/worker-$PORT.conf && "
                               f"exec nginx -c {self.dir}/worker-$PORT.conf"]
+        # The same on a Unix socket baton chose (backend = "unix").
+        with open(f"{self.dir}/worker-unix.conf.in", "w") as f:
+            f.write(self.nginx_upstream_conf("unix:SOCKET").replace("$$", "worker-unix-GEN"))
+        unix_worker = ["sh", "-c", f"sed -e s#SOCKET#$BATON_SOCKET#g -e s/GEN/$BATON_GENERATION/g "
+                                   f"{self.dir}/worker-unix.conf.in > {self.dir}/worker-unix-$BATON_GENERATION.conf "
+                                   f"&& exec nginx -c {self.dir}/worker-unix-$BATON_GENERATION.conf"]
         config = f"""
 [admin]
 listen = "127.0.0.1:0"
@@ -201,6 +221,20 @@ path = "/index.html"
 interval = "10ms"
 
 [service.web.health]
+interval = "1h"
+
+[service.web_unix]
+listen = ["127.0.0.1:0"]
+backend = "unix"
+command = {json.dumps(unix_worker)}
+watchdog = "0s"
+idle_timeout = "0s"
+
+[service.web_unix.readiness]
+path = "/index.html"
+interval = "10ms"
+
+[service.web_unix.health]
 interval = "1h"
 
 [service.bulk]
@@ -235,10 +269,10 @@ interval = "1h"
                 break
             time.sleep(0.05)
         port = lambda name: int(status[name]["listen"][0].rsplit(":", 1)[1])
-        return Target("baton", port("web"), port("bulk"), [process.pid], False)
+        return Target("baton", port("web"), port("bulk"), [process.pid], False, port("web_unix"))
 
     def start_haproxy(self, up_web, up_bulk):
-        web, bulk = free_port(), free_port()
+        web, bulk, web_unix = free_port(), free_port(), free_port()
         with open(f"{self.dir}/haproxy.cfg", "w") as f:
             f.write(f"""
 global
@@ -255,6 +289,11 @@ frontend web
     default_backend web
 backend web
     server up 127.0.0.1:{up_web}
+frontend web_unix
+    bind 127.0.0.1:{web_unix}
+    default_backend web_unix
+backend web_unix
+    server up unix@{self.upstream_socket}
 frontend bulk
     bind 127.0.0.1:{bulk}
     default_backend bulk
@@ -264,10 +303,10 @@ backend bulk
         process = self.start(["haproxy", "-W", "-db", "-f", f"{self.dir}/haproxy.cfg"])
         wait_port(web)
         self.haproxy_master = process.pid
-        return Target("haproxy", web, bulk, [process.pid], True)
+        return Target("haproxy", web, bulk, [process.pid], True, web_unix)
 
     def start_nginx_stream(self, up_web, up_bulk):
-        web, bulk = free_port(), free_port()
+        web, bulk, web_unix = free_port(), free_port(), free_port()
         with open(f"{self.dir}/stream.conf", "w") as f:
             f.write(f"""
 load_module {NGINX_STREAM_MODULE};
@@ -282,20 +321,21 @@ stream {{
     tcp_nodelay on;
     proxy_timeout 300s;
     server {{ listen 127.0.0.1:{web} backlog=4096; proxy_pass 127.0.0.1:{up_web}; }}
+    server {{ listen 127.0.0.1:{web_unix} backlog=4096; proxy_pass unix:{self.upstream_socket}; }}
     server {{ listen 127.0.0.1:{bulk}; proxy_pass 127.0.0.1:{up_bulk}; }}
 }}
 """)
         process = self.start(["nginx", "-c", f"{self.dir}/stream.conf"])
         wait_port(web)
-        return Target("nginx", web, bulk, [process.pid], True)
+        return Target("nginx", web, bulk, [process.pid], True, web_unix)
 
     # --- the loads ----------------------------------------------------------------------------------------
 
-    def wrk(self, target, extra, connections=50, script=None):
+    def wrk(self, target, extra, connections=50, script=None, port=None):
         argv = ["wrk", "-t2", f"-c{connections}", f"-d{self.args.duration}s", "--latency", "--timeout", "10s"]
         if script:
             argv += ["-s", script]
-        argv += extra + [f"http://127.0.0.1:{target.web_port}/index.html"]
+        argv += extra + [f"http://127.0.0.1:{port or target.web_port}/index.html"]
         pids = target.proxy_pids()
         cpu = cpu_seconds(pids)
         out = subprocess.run(argv, capture_output=True, text=True).stdout
@@ -463,6 +503,10 @@ def main():
                     bench.wrk(target, [], connections=20, script=f"{ROOT}/benches/paced.lua"))
                 r.setdefault("bulk1", []).append(bench.iperf(target, 1))
                 r.setdefault("bulk4", []).append(bench.iperf(target, 4))
+                if target.unix_port:
+                    r.setdefault("unix_keepalive", []).append(bench.wrk(target, [], port=target.unix_port))
+                    r.setdefault("unix_newconn", []).append(
+                        bench.wrk(target, ["-H", "Connection: close"], port=target.unix_port))
         for name in names:
             if name != "direct":
                 print(f"idle connections through {name}", file=sys.stderr)
@@ -511,7 +555,7 @@ def report(results, args):
         ("CPU µs per new-connection request", "newconn", "cpu_us_per_request", 2),
         ("CPU s per GB (1 stream)", "bulk1", "cpu_s_per_gb", 3),
         (f"resident KiB per idle keep-alive connection ({IDLE_CONNECTIONS:,})", "idle", "kib_per_idle_connection", 2),
-        ("errors (all loads above)", None, None, 0),
+        ("errors (every web load, both backend kinds)", None, None, 0),
     ]
     print(f"Loads of {args.duration} s, {args.rounds} round(s), interleaved; median (min–max). "
           f"Proxies on {args.peer_threads} thread(s) (baton {args.baton_threads}); upstream: nginx 1 worker, iperf3.\n")
@@ -521,12 +565,29 @@ def report(results, args):
         if load is None:
             cells = []
             for name in names:
-                total = sum(run.get("errors", 0) for l in ("keepalive", "newconn", "moderate")
+                total = sum(run.get("errors", 0) for l in ("keepalive", "newconn", "moderate", "unix_keepalive",
+                                                           "unix_newconn")
                             for run in results.get(name, {}).get(l, []))
                 cells.append(str(total))
             print(f"| {label} | " + " | ".join(cells) + " | |")
             continue
         cells = [cell(stat(name, load, key), digits) for name in names]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio(load, key)} |")
+    print()
+    proxies = [n for n in names if n != "direct"]
+    print("The same web loads with the upstream on a Unix socket instead of loopback TCP (baton: "
+          "`backend = \"unix\"`; HAProxy: `server unix@`; nginx: `proxy_pass unix:`).\n")
+    print("| metric | " + " | ".join(proxies) + " | baton / haproxy |")
+    print("|---" * (len(proxies) + 2) + "|")
+    for label, load, key, digits in [
+        ("keep-alive requests/s", "unix_keepalive", "rps", 0),
+        ("keep-alive p99 ms", "unix_keepalive", "p99", 3),
+        ("new-connection requests/s", "unix_newconn", "rps", 0),
+        ("new-connection p99 ms", "unix_newconn", "p99", 3),
+        ("CPU µs per keep-alive request", "unix_keepalive", "cpu_us_per_request", 2),
+        ("CPU µs per new-connection request", "unix_newconn", "cpu_us_per_request", 2),
+    ]:
+        cells = [cell(stat(name, load, key), digits) for name in proxies]
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio(load, key)} |")
     print()
     print("Upgrade window: the same loads while baton upgrades its worker every second (HAProxy: a reload every "
