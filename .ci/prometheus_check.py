@@ -11,6 +11,7 @@ baton's exposition. Loopback only; every process it starts is stopped at the end
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,6 +283,8 @@ def main():
                 process.wait(timeout=DEADLINE)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ impl Baton {
             .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("baton.toml"))
             .env("RUST_LOG", "info")
+            // baton's runtime directory (workers' Unix sockets) goes in the test's directory, which is removed
+            // even when a test kills baton before it can remove its own.
+            .env("XDG_RUNTIME_DIR", dir.path())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
