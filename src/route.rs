@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -162,7 +162,7 @@ pub struct Upstream {
 pub struct Guard {
     upstream: Arc<Upstream>,
     /// Whether a byte has come from the worker on this connection.
-    answered: std::sync::atomic::AtomicBool,
+    answered: AtomicBool,
 }
 
 impl Upstream {
@@ -189,7 +189,7 @@ impl Upstream {
         self.unanswered.fetch_add(1, Ordering::AcqRel);
         Some(Guard {
             upstream: Arc::clone(self),
-            answered: std::sync::atomic::AtomicBool::new(false),
+            answered: AtomicBool::new(false),
         })
     }
 
