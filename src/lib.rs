@@ -17,10 +17,12 @@
 //! - [`control`]: commands and published state shared by the supervisor and the admin API.
 //! - [`admin`]: the admin HTTP API.
 //! - [`cli`]: the operator's commands, clients of the admin API.
+//! - [`clock`]: [`clock::Time`], a serialisable moment on the monotonic clock.
 //! - [`metrics`]: the Prometheus registry; every metric name.
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod listener;
