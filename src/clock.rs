@@ -108,7 +108,7 @@ mod tests {
     fn time_is_the_monotonic_clock() {
         let ours = Time::now().since_origin();
         let kernel = monotonic();
-        let gap = if ours > kernel { ours - kernel } else { kernel - ours };
+        let gap = ours.abs_diff(kernel);
         assert!(gap < Duration::from_secs(1), "{ours:?} against {kernel:?}");
     }
 }
