@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::metrics::{Metrics, ServiceGauges};
@@ -43,7 +43,7 @@ pub enum Command {
 }
 
 /// Why an action on a service was not carried out.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ActionError {
     /// No such service.
     #[error("no service `{0}`")]
@@ -87,7 +87,7 @@ pub enum ReloadScope {
 }
 
 /// What set an upgrade off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// The service's first worker, at start or when a reload adds the service.
@@ -116,7 +116,7 @@ impl Trigger {
 }
 
 /// The step an upgrade of a service is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// No upgrade runs.
@@ -127,6 +127,8 @@ pub enum Phase {
     WaitingReady,
     /// The new worker serves; the previous one is kept warm until the watchdog window ends.
     Watching,
+    /// An upgrade waits for a draining worker to finish: `max_draining` old workers drain already.
+    WaitingForDrain,
     /// The service stops accepting and drains its workers.
     ShuttingDown,
     /// The service has no worker left.
@@ -134,7 +136,7 @@ pub enum Phase {
 }
 
 /// How an upgrade ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpgradeResult {
     /// The new worker took over.
@@ -157,7 +159,7 @@ impl UpgradeResult {
 }
 
 /// The record of a finished upgrade.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpgradeRecord {
     /// The service.
     pub service: String,
@@ -184,7 +186,7 @@ pub struct UpgradeRecord {
 }
 
 /// Milliseconds spent in each phase of an upgrade; a phase not reached is absent.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseTimes {
     /// From the start to a running process.
     pub spawn_ms: Option<u64>,

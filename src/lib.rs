@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`config`]: the TOML file to a validated [`config::Config`]; pure.
 //! - [`supervisor`]: the daemon: binds, starts services, reloads, shuts down. Entry point [`run`].
-//! - [`service`]: one service's lifecycle and upgrade state machine; the only owner of its workers.
+//! - [`lifecycle`]: one service's lifecycle as a state machine with no I/O: `step(input, now) -> effects`.
+//! - [`service`]: the driver of that machine: performs its effects; the only owner of its workers.
 //! - [`worker`]: spawning (on the main thread), signalling and reaping one worker process.
 //! - [`readiness`]: HTTP and TCP probes of a new worker.
 //! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

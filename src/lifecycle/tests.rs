@@ -1,0 +1,878 @@
+//! The lifecycle without processes, sockets or sleeps: inputs in, effects out, time passed by hand.
+
+use super::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn policy() -> Policy {
+    Policy {
+        watchdog: 10 * SECOND,
+        readiness_timeout: 30 * SECOND,
+        drain_timeout: 30 * SECOND,
+        signal_first: false,
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: 10 * SECOND,
+        max_draining: 3,
+        health_interval: SECOND,
+        health_failures: 3,
+        health_successes: 2,
+    }
+}
+
+/// A machine, its clock, and what it asked for since the last look.
+struct Run {
+    machine: Machine,
+    now: Time,
+}
+
+impl Run {
+    fn new(policy: Policy) -> Run {
+        Run {
+            machine: Machine::new("web".into(), policy),
+            now: Time::from_origin(Duration::from_secs(1000)),
+        }
+    }
+
+    fn step(&mut self, input: Input) -> Vec<Effect> {
+        self.machine.step(input, self.now)
+    }
+
+    /// Lets `wait` pass and steps the machine at every deadline on the way, like the driver's timer.
+    fn pass(&mut self, wait: Duration) -> Vec<Effect> {
+        let end = self.now + wait;
+        let mut effects = Vec::new();
+        while let Some(next) = self.machine.next_deadline().filter(|&n| n <= end) {
+            self.now = next.max(self.now);
+            effects.extend(self.step(Input::Tick));
+        }
+        self.now = end;
+        effects.extend(self.step(Input::Tick));
+        effects
+    }
+
+    /// Answers the spawn of `generation` and its readiness.
+    fn ready(&mut self, generation: u64) -> Vec<Effect> {
+        let mut effects = self.step(Input::Spawned {
+            generation,
+            pid: pid(generation),
+            worker: format!("127.0.0.1:{}", 10000 + generation),
+        });
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::WaitReady { generation: g, .. } if *g == generation)),
+            "{effects:?}"
+        );
+        effects.extend(self.step(Input::Ready { generation }));
+        effects
+    }
+
+    /// A service whose first worker (generation 1) serves.
+    fn serving(policy: Policy) -> Run {
+        let mut run = Run::new(policy);
+        let effects = run.step(Input::Upgrade {
+            trigger: Trigger::Start,
+            waiter: None,
+        });
+        assert_eq!(spawns(&effects), [1]);
+        run.ready(1);
+        run
+    }
+
+    /// Upgrades to the next generation, up to its switch.
+    fn upgrade(&mut self, waiter: Option<WaiterId>) -> (u64, Vec<Effect>) {
+        let mut effects = self.step(Input::Upgrade {
+            trigger: Trigger::Api,
+            waiter,
+        });
+        let generation = *spawns(&effects).first().expect("an upgrade starts");
+        effects.extend(self.ready(generation));
+        (generation, effects)
+    }
+
+    fn active(&self) -> Option<u64> {
+        self.machine.active.as_ref().map(|a| a.generation)
+    }
+
+    fn draining(&self) -> Vec<u64> {
+        self.machine.draining.iter().map(|d| d.generation).collect()
+    }
+}
+
+fn pid(generation: u64) -> u32 {
+    u32::try_from(100 + generation).expect("small")
+}
+
+fn spawns(effects: &[Effect]) -> Vec<u64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Spawn { generation } => Some(*generation),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(event) => serde_json::to_value(event).ok()?["event"].as_str().map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(effects: &[Effect]) -> Vec<UpgradeRecord> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Event(Event::UpgradeFinished(record)) => Some(record.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(effects: &[Effect]) -> Vec<(WaiterId, Result<UpgradeRecord, ActionError>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply { waiter, outcome } => Some((*waiter, outcome.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(effects: &[Effect], wanted: &Effect) -> bool {
+    effects.contains(wanted)
+}
+
+/// The position of `wanted` in `effects`.
+fn at(effects: &[Effect], wanted: &Effect) -> usize {
+    effects
+        .iter()
+        .position(|e| e == wanted)
+        .unwrap_or_else(|| panic!("no {wanted:?} in {effects:?}"))
+}
+
+#[test]
+fn the_first_worker_is_spawned_probed_and_routed_and_the_service_starts_accepting() {
+    let mut run = Run::new(policy());
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Start,
+        waiter: None,
+    });
+    assert_eq!(spawns(&effects), [1]);
+    assert_eq!(run.machine.phase(), Phase::Spawning);
+    let effects = run.step(Input::Spawned {
+        generation: 1,
+        pid: 101,
+        worker: "127.0.0.1:10001".into(),
+    });
+    assert_eq!(run.machine.phase(), Phase::WaitingReady);
+    assert!(has(
+        &effects,
+        &Effect::WaitReady {
+            generation: 1,
+            deadline: run.now + 30 * SECOND
+        }
+    ));
+    run.now = run.now + Duration::from_millis(250);
+    let effects = run.step(Input::Ready { generation: 1 });
+    assert!(at(&effects, &Effect::Route) < at(&effects, &Effect::Accept));
+    assert!(has(&effects, &Effect::Started(Ok(()))));
+    let record = &finished(&effects)[0];
+    assert_eq!(
+        (record.result, record.new_generation, record.new_pid),
+        (UpgradeResult::Success, 1, Some(101))
+    );
+    assert_eq!(record.duration_ms, 250);
+    assert_eq!(run.machine.phase(), Phase::Idle);
+    assert_eq!(run.active(), Some(1));
+}
+
+#[test]
+fn an_upgrade_goes_spawn_ready_switch_watch_drain_stop() {
+    let mut run = Run::serving(policy());
+    // 1–3: spawn, wait ready, switch; the previous worker is kept warm, not drained.
+    let (generation, effects) = run.upgrade(Some(7));
+    assert_eq!(generation, 2);
+    assert_eq!(
+        events(&effects),
+        ["upgrade_started", "spawned", "ready", "switched", "watching"]
+    );
+    assert!(has(&effects, &Effect::Route));
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Drain { .. })),
+        "{effects:?}"
+    );
+    assert!(replies(&effects).is_empty(), "the outcome waits for the window");
+    assert_eq!(run.machine.phase(), Phase::Watching);
+    assert_eq!(run.active(), Some(2));
+    // 4: the window closes: the upgrade succeeded, the previous worker drains.
+    let effects = run.pass(10 * SECOND);
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 1,
+            settle: false
+        }
+    ));
+    let (waiter, outcome) = replies(&effects).remove(0);
+    let record = outcome.expect("a record");
+    assert_eq!(
+        (waiter, record.result, record.old_generation),
+        (7, UpgradeResult::Success, Some(1))
+    );
+    assert_eq!(record.phases.watch_ms, Some(10_000));
+    assert_eq!(run.machine.phase(), Phase::Idle);
+    // 5: its last connection closes: it is told to stop, and forgotten once reaped.
+    let effects = run.step(Input::Closed { generation: 1 });
+    assert!(has(
+        &effects,
+        &Effect::Stop {
+            generation: 1,
+            signal: Signal::SIGTERM
+        }
+    ));
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "exit code 0".into(),
+    });
+    assert!(has(&effects, &Effect::Forget { generation: 1 }));
+    assert_eq!(events(&effects), ["worker_stopped"]);
+    assert!(run.draining().is_empty());
+}
+
+#[test]
+fn requests_during_an_upgrade_and_its_window_fold_into_one_follow_up() {
+    let mut run = Run::serving(policy());
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Signal,
+        waiter: Some(1),
+    });
+    assert_eq!(spawns(&effects), [2]);
+    for waiter in 2..=5 {
+        let effects = run.step(Input::Upgrade {
+            trigger: Trigger::Signal,
+            waiter: Some(waiter),
+        });
+        assert!(spawns(&effects).is_empty(), "coalesced: {effects:?}");
+    }
+    run.ready(2);
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(6),
+    });
+    assert!(spawns(&effects).is_empty(), "the window is open: {effects:?}");
+    let effects = run.pass(10 * SECOND);
+    assert_eq!(replies(&effects).iter().map(|(w, _)| *w).collect::<Vec<_>>(), [1]);
+    assert_eq!(spawns(&effects), [3], "one follow-up for five requests");
+    let effects = run.ready(3);
+    assert!(replies(&effects).is_empty());
+    let effects = run.pass(10 * SECOND);
+    let told: Vec<WaiterId> = replies(&effects).iter().map(|(w, _)| *w).collect();
+    assert_eq!(told, [2, 3, 4, 5, 6]);
+    assert_eq!(
+        finished(&effects)[0].trigger,
+        Trigger::Api,
+        "the last request names the trigger"
+    );
+    assert!(spawns(&effects).is_empty());
+}
+
+#[test]
+fn an_operator_rolls_back_while_the_previous_worker_is_warm_and_not_after() {
+    let mut run = Run::serving(policy());
+    run.upgrade(Some(1));
+    run.pass(2 * SECOND);
+    let effects = run.step(Input::Rollback { reply: 9 });
+    assert_eq!(run.active(), Some(1), "traffic went back");
+    assert!(
+        at(&effects, &Effect::Route)
+            < at(
+                &effects,
+                &Effect::Drain {
+                    generation: 2,
+                    settle: false
+                }
+            )
+    );
+    let outcome = replies(&effects);
+    assert_eq!(outcome.len(), 2, "the upgrade's waiter and the rollback's: {outcome:?}");
+    let (waiter, record) = &outcome[1];
+    let record = record.clone().expect("rolled back");
+    assert_eq!((*waiter, record.result), (9, UpgradeResult::RolledBack));
+    assert!(record.error.unwrap_or_default().contains("rollback requested"));
+    assert_eq!(record.phases.watch_ms, Some(2000));
+    let effects = run.step(Input::Rollback { reply: 10 });
+    let (_, refused) = replies(&effects).remove(0);
+    assert!(
+        matches!(&refused, Err(ActionError::Conflict(m)) if m.contains("nothing to roll back to")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn failed_health_checks_in_the_window_roll_back_and_fewer_do_not() {
+    let mut run = Run::serving(policy());
+    run.upgrade(None);
+    for round in 1..=3 {
+        let effects = run.pass(SECOND);
+        assert!(
+            has(&effects, &Effect::Probe { generation: 2 }),
+            "round {round}: {effects:?}"
+        );
+        let effects = run.step(Input::Probed {
+            generation: 2,
+            ok: false,
+        });
+        if round < 3 {
+            assert_eq!(run.active(), Some(2), "round {round}: one bad probe changes nothing");
+            assert!(events(&effects).is_empty());
+        } else {
+            assert_eq!(
+                events(&effects),
+                ["unhealthy", "rolled_back", "drain_started", "upgrade_finished"]
+            );
+            let record = &finished(&effects)[0];
+            assert_eq!(record.result, UpgradeResult::RolledBack);
+            assert!(
+                record
+                    .error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("failed 3 health checks")
+            );
+        }
+    }
+    assert_eq!(run.active(), Some(1));
+    assert!(run.machine.active.as_ref().is_some_and(|a| a.healthy));
+}
+
+#[test]
+fn a_new_worker_that_exits_in_the_window_is_rolled_back() {
+    let mut run = Run::serving(policy());
+    run.upgrade(None);
+    let effects = run.step(Input::Exited {
+        generation: 2,
+        status: "exit code 1".into(),
+    });
+    assert_eq!(run.active(), Some(1));
+    let record = &finished(&effects)[0];
+    assert_eq!(record.result, UpgradeResult::RolledBack);
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exited (exit code 1)")
+    );
+    // The dead worker drains what it left and is forgotten without a signal: it has no process.
+    let effects = run.step(Input::Closed { generation: 2 });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Stop { .. })), "{effects:?}");
+    assert!(has(&effects, &Effect::Forget { generation: 2 }));
+    assert!(run.draining().is_empty());
+}
+
+#[test]
+fn a_warm_worker_that_dies_ends_the_window_as_a_success() {
+    let mut run = Run::serving(policy());
+    run.upgrade(Some(3));
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "killed by SIGKILL".into(),
+    });
+    let (_, record) = replies(&effects).remove(0);
+    assert_eq!(record.expect("record").result, UpgradeResult::Success);
+    assert_eq!(run.machine.phase(), Phase::Idle);
+    assert_eq!(run.active(), Some(2));
+}
+
+#[test]
+fn a_worker_never_ready_is_discarded_and_the_old_one_serves_on() {
+    let mut run = Run::serving(policy());
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(4),
+    });
+    assert_eq!(spawns(&effects), [2]);
+    run.step(Input::Spawned {
+        generation: 2,
+        pid: 102,
+        worker: "127.0.0.1:10002".into(),
+    });
+    run.now = run.now + 30 * SECOND;
+    let effects = run.step(Input::NotReady {
+        generation: 2,
+        error: "not ready after 30s (last probe: connect: connection refused)".into(),
+    });
+    assert!(has(&effects, &Effect::Discard { generation: 2 }));
+    let (_, record) = replies(&effects).remove(0);
+    let record = record.expect("record");
+    assert_eq!(record.result, UpgradeResult::Failed);
+    assert_eq!(
+        record.error.as_deref(),
+        Some(
+            "service `web`: upgrade to generation 2 failed: worker pid 102: not ready after 30s (last probe: \
+             connect: connection refused)"
+        )
+    );
+    assert_eq!(record.phases.ready_ms, None);
+    assert_eq!(run.active(), Some(1));
+    assert!(run.machine.restart.is_none(), "a healthy worker serves: no restart");
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Route)),
+        "the route never changed"
+    );
+}
+
+#[test]
+fn a_worker_exiting_while_it_starts_fails_the_upgrade_at_once_and_a_first_failure_fails_the_start() {
+    let mut run = Run::new(policy());
+    run.step(Input::Upgrade {
+        trigger: Trigger::Start,
+        waiter: None,
+    });
+    run.step(Input::Spawned {
+        generation: 1,
+        pid: 101,
+        worker: "127.0.0.1:10001".into(),
+    });
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "exit code 3".into(),
+    });
+    let Some(Effect::Started(Err(error))) = effects.iter().find(|e| matches!(e, Effect::Started(_))) else {
+        panic!("{effects:?}")
+    };
+    assert!(error.contains("exited while starting: exit code 3"), "{error}");
+    assert!(has(&effects, &Effect::Discard { generation: 1 }));
+    assert_eq!(
+        run.machine.restart.map(|r| r.trigger),
+        Some(Trigger::Restart),
+        "nothing serves: it tries again"
+    );
+}
+
+#[test]
+fn a_spawn_that_fails_is_recorded_with_its_reason() {
+    let mut run = Run::serving(policy());
+    run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(1),
+    });
+    let effects = run.step(Input::SpawnFailed {
+        generation: 2,
+        error: "cannot run `nope`: No such file or directory".into(),
+    });
+    let (_, record) = replies(&effects).remove(0);
+    let record = record.expect("record");
+    assert_eq!((record.result, record.new_pid), (UpgradeResult::Failed, None));
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Discard { .. })),
+        "no process to kill"
+    );
+}
+
+#[test]
+fn a_drain_waits_for_its_connections_then_stops_the_worker_and_kills_it_after_stop_timeout() {
+    let mut policy = policy();
+    policy.watchdog = Duration::ZERO;
+    let mut run = Run::serving(policy);
+    let (_, effects) = run.upgrade(None);
+    assert!(
+        at(&effects, &Effect::Route)
+            < at(
+                &effects,
+                &Effect::Drain {
+                    generation: 1,
+                    settle: false
+                }
+            )
+    );
+    // Progress every second, no signal while connections are open.
+    let effects = run.pass(3 * SECOND);
+    assert_eq!(events(&effects), ["drain_progress"; 3]);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Stop { .. } | Effect::Cut { .. }))
+    );
+    let effects = run.step(Input::Closed { generation: 1 });
+    assert!(has(
+        &effects,
+        &Effect::Stop {
+            generation: 1,
+            signal: Signal::SIGTERM
+        }
+    ));
+    let effects = run.pass(10 * SECOND);
+    assert!(has(&effects, &Effect::Kill { generation: 1 }));
+    assert_eq!(events(&effects), ["stop_timeout"]);
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "killed by SIGKILL".into(),
+    });
+    let Some(Effect::Event(Event::WorkerStopped {
+        status, cut, drain_ms, ..
+    })) = effects
+        .iter()
+        .find(|e| matches!(e, Effect::Event(Event::WorkerStopped { .. })))
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!((status.as_str(), *cut, *drain_ms), ("killed by SIGKILL", 0, 13_000));
+    assert!(has(&effects, &Effect::Count(Count::Drained(13 * SECOND))));
+}
+
+#[test]
+fn connections_are_cut_only_at_the_drain_timeout() {
+    let mut policy = policy();
+    policy.watchdog = Duration::ZERO;
+    let mut run = Run::serving(policy);
+    run.upgrade(None);
+    let effects = run.pass(29 * SECOND);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Cut { .. })), "{effects:?}");
+    let effects = run.pass(SECOND);
+    assert!(
+        at(&effects, &Effect::Cut { generation: 1 })
+            < at(
+                &effects,
+                &Effect::Stop {
+                    generation: 1,
+                    signal: Signal::SIGTERM
+                }
+            )
+    );
+    let effects = run.step(Input::Cut {
+        generation: 1,
+        connections: 4,
+    });
+    assert_eq!(events(&effects), ["drain_cut"]);
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "exit code 0".into(),
+    });
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Event(Event::WorkerStopped { cut: 4, .. }))),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn with_drain_policy_signal_the_worker_is_told_once_it_holds_every_connection() {
+    let mut policy = policy();
+    policy.watchdog = Duration::ZERO;
+    policy.signal_first = true;
+    let mut run = Run::serving(policy);
+    let (_, effects) = run.upgrade(None);
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 1,
+            settle: true
+        }
+    ));
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Stop { .. })));
+    let effects = run.step(Input::Settled { generation: 1 });
+    assert!(has(
+        &effects,
+        &Effect::Stop {
+            generation: 1,
+            signal: Signal::SIGTERM
+        }
+    ));
+    let effects = run.step(Input::Closed { generation: 1 });
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Stop { .. })),
+        "signalled once: {effects:?}"
+    );
+    let effects = run.step(Input::Exited {
+        generation: 1,
+        status: "exit code 0".into(),
+    });
+    assert!(has(&effects, &Effect::Forget { generation: 1 }));
+}
+
+#[test]
+fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
+    let mut policy = policy();
+    policy.watchdog = Duration::ZERO;
+    policy.max_draining = 2;
+    let mut run = Run::serving(policy);
+    run.upgrade(None);
+    run.upgrade(None);
+    assert_eq!(run.draining(), [1, 2]);
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(5),
+    });
+    assert!(spawns(&effects).is_empty(), "{effects:?}");
+    assert_eq!(events(&effects), ["upgrade_waiting"]);
+    let Some(Effect::Event(Event::UpgradeWaiting {
+        draining,
+        max_draining,
+        until_ms,
+        ..
+    })) = effects.first()
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(
+        (draining.as_slice(), *max_draining, *until_ms),
+        ([1, 2].as_slice(), 2, 40_000)
+    );
+    assert_eq!(run.machine.phase(), Phase::WaitingForDrain);
+    // More requests fold into the waiting one, and nothing is cut meanwhile.
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Signal,
+        waiter: Some(6),
+    });
+    assert!(effects.is_empty(), "{effects:?}");
+    let effects = run.pass(20 * SECOND);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Cut { .. } | Effect::Spawn { .. }))
+    );
+    // Generation 2 finishes first: its slot goes to the waiting upgrade.
+    run.step(Input::Closed { generation: 2 });
+    let effects = run.step(Input::Exited {
+        generation: 2,
+        status: "exit code 0".into(),
+    });
+    assert_eq!(spawns(&effects), [4]);
+    let effects = run.ready(4);
+    let told: Vec<WaiterId> = replies(&effects).iter().map(|(w, _)| *w).collect();
+    assert_eq!(told, [5, 6]);
+    assert_eq!(run.draining(), [1, 3]);
+    assert!(run.machine.live_draining().count() <= 2);
+}
+
+#[test]
+fn a_dead_worker_takes_no_drain_slot() {
+    let mut policy = policy();
+    policy.watchdog = Duration::ZERO;
+    policy.max_draining = 1;
+    let mut run = Run::serving(policy);
+    run.upgrade(None);
+    assert_eq!(run.draining(), [1]);
+    // The active worker dies: the replacement does not wait for generation 1.
+    let effects = run.step(Input::Exited {
+        generation: 2,
+        status: "exit code 1".into(),
+    });
+    assert!(has(&effects, &Effect::Route), "connections wait for the replacement");
+    assert_eq!(run.active(), None);
+    let effects = run.pass(Duration::from_millis(100));
+    assert_eq!(spawns(&effects), [3]);
+}
+
+#[test]
+fn restarts_back_off_doubling_to_the_maximum_and_reset_after_a_stable_run() {
+    let mut run = Run::serving(policy());
+    let mut expected = RESTART_BACKOFF_MIN;
+    let mut generation = 1;
+    for _ in 0..10 {
+        let effects = run.step(Input::Exited {
+            generation,
+            status: "exit code 1".into(),
+        });
+        let wait = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Event(Event::RestartScheduled { in_ms, reason }) => Some((*in_ms, *reason)),
+                _ => None,
+            })
+            .expect("a restart");
+        assert_eq!(wait, (millis(expected), Trigger::Restart));
+        let effects = run.pass(expected - Duration::from_millis(1));
+        assert!(spawns(&effects).is_empty(), "not before the backoff");
+        let effects = run.pass(Duration::from_millis(1));
+        assert!(has(&effects, &Effect::Count(Count::Restart(Trigger::Restart))));
+        generation = spawns(&effects)[0];
+        run.ready(generation);
+        expected = (expected * 2).min(RESTART_BACKOFF_MAX);
+    }
+    assert_eq!(expected, RESTART_BACKOFF_MAX);
+    // A worker that ran well for long starts the backoff afresh.
+    run.pass(RESTART_STABLE_AFTER);
+    let effects = run.step(Input::Exited {
+        generation,
+        status: "exit code 1".into(),
+    });
+    assert!(has(
+        &effects,
+        &Effect::Event(Event::RestartScheduled {
+            in_ms: millis(RESTART_BACKOFF_MIN),
+            reason: Trigger::Restart
+        })
+    ));
+}
+
+#[test]
+fn health_falls_after_failures_in_a_row_and_rises_after_successes_in_a_row() {
+    let mut run = Run::serving(policy());
+    let probe = |run: &mut Run, ok| {
+        let effects = run.pass(SECOND);
+        assert!(has(&effects, &Effect::Probe { generation: 1 }), "{effects:?}");
+        run.step(Input::Probed { generation: 1, ok })
+    };
+    for ok in [false, false, true, false, false] {
+        probe(&mut run, ok);
+        assert!(
+            run.machine.active.as_ref().is_some_and(|a| a.healthy),
+            "never three in a row"
+        );
+    }
+    let effects = probe(&mut run, false);
+    assert_eq!(events(&effects), ["unhealthy", "restart_scheduled"]);
+    assert_eq!(run.machine.restart.map(|r| r.trigger), Some(Trigger::Unhealthy));
+    // The replacement is due in 100 ms; the next probe comes first only if it is sooner. Recover instead.
+    run.machine.restart = None;
+    probe(&mut run, true);
+    assert!(
+        !run.machine.active.as_ref().is_some_and(|a| a.healthy),
+        "one success is not enough"
+    );
+    let effects = probe(&mut run, true);
+    assert_eq!(events(&effects), ["healthy"]);
+    // A probe of a generation that no longer serves changes nothing.
+    let effects = run.step(Input::Probed {
+        generation: 9,
+        ok: false,
+    });
+    assert!(effects.is_empty());
+}
+
+#[test]
+fn an_unhealthy_worker_is_replaced_through_an_upgrade() {
+    let mut policy = policy();
+    policy.health_failures = 1;
+    let mut run = Run::serving(policy);
+    run.pass(SECOND);
+    run.step(Input::Probed {
+        generation: 1,
+        ok: false,
+    });
+    let effects = run.pass(RESTART_BACKOFF_MIN);
+    assert_eq!(spawns(&effects), [2]);
+    assert!(has(&effects, &Effect::Count(Count::Restart(Trigger::Unhealthy))));
+    let effects = run.ready(2);
+    assert_eq!(run.active(), Some(2));
+    assert!(has(&effects, &Effect::Route));
+}
+
+#[test]
+fn shutdown_abandons_the_upgrade_in_flight_and_drains_every_worker() {
+    let mut run = Run::serving(policy());
+    run.upgrade(Some(1));
+    run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(2),
+    });
+    let effects = run.step(Input::Shutdown);
+    assert!(at(&effects, &Effect::StopAccepting) < at(&effects, &Effect::Route));
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 1,
+            settle: false
+        }
+    ));
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 2,
+            settle: false
+        }
+    ));
+    let Some(Effect::Abandon { waiters }) = effects.iter().find(|e| matches!(e, Effect::Abandon { .. })) else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(waiters, &[2, 1]);
+    assert_eq!(run.machine.phase(), Phase::ShuttingDown);
+    let effects = run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: Some(3),
+    });
+    assert_eq!(effects, [Effect::Abandon { waiters: vec![3] }]);
+    for generation in [1, 2] {
+        run.step(Input::Closed { generation });
+        run.step(Input::Exited {
+            generation,
+            status: "exit code 0".into(),
+        });
+    }
+    assert!(run.machine.is_stopped());
+    assert_eq!(run.machine.phase(), Phase::Stopped);
+}
+
+#[test]
+fn shutdown_while_spawning_kills_the_candidate() {
+    let mut run = Run::serving(policy());
+    run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: None,
+    });
+    run.step(Input::Spawned {
+        generation: 2,
+        pid: 102,
+        worker: "127.0.0.1:10002".into(),
+    });
+    let effects = run.step(Input::Shutdown);
+    assert!(has(&effects, &Effect::Discard { generation: 2 }));
+    // A spawn that completes after the shutdown is discarded too.
+    let mut run = Run::serving(policy());
+    run.step(Input::Upgrade {
+        trigger: Trigger::Api,
+        waiter: None,
+    });
+    run.step(Input::Shutdown);
+    let effects = run.step(Input::Spawned {
+        generation: 2,
+        pid: 102,
+        worker: "127.0.0.1:10002".into(),
+    });
+    assert_eq!(effects, [Effect::Discard { generation: 2 }]);
+}
+
+#[test]
+fn the_state_round_trips_and_goes_on_the_same_way() {
+    let mut policy = policy();
+    policy.max_draining = 1;
+    policy.stop_signal = Signal::SIGQUIT;
+    let mut run = Run::serving(policy);
+    run.upgrade(Some(1));
+    run.pass(10 * SECOND);
+    run.step(Input::Upgrade {
+        trigger: Trigger::Signal,
+        waiter: Some(2),
+    });
+    run.pass(SECOND);
+    let text = serde_json::to_string(&run.machine).expect("serialise");
+    let back: Machine = serde_json::from_str(&text).expect("deserialise");
+    assert_eq!(back, run.machine);
+    let mut copy = Run {
+        machine: back,
+        now: run.now,
+    };
+    for input in [
+        Input::Closed { generation: 1 },
+        Input::Exited {
+            generation: 1,
+            status: "exit code 0".into(),
+        },
+        Input::Tick,
+    ] {
+        let ours = run.step(input.clone());
+        let theirs = copy.step(input);
+        assert_eq!(finished(&ours).len(), finished(&theirs).len());
+        assert_eq!(spawns(&ours), spawns(&theirs));
+    }
+    assert_eq!(copy.machine.candidate.as_ref().map(|c| c.generation), Some(3));
+    assert!(text.contains("\"SIGQUIT\""), "signals by name: {text}");
+}
