@@ -462,6 +462,28 @@ impl Progress {
                     text(&event["status"])
                 )
             }
+            "upgrade_waiting" => {
+                let draining: Vec<String> = event["draining"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| format!("g{g}"))
+                    .collect();
+                format!(
+                    "waiting for a drain slot: {} draining (max_draining {}), the first stops within {} s",
+                    draining.join(", "),
+                    text(&event["max_draining"]),
+                    event["until_ms"].as_u64().unwrap_or(0).div_ceil(1000)
+                )
+            }
+            "drain_cut" => format!(
+                "drain timeout of generation {generation}: {} connections closed",
+                text(&event["cut"])
+            ),
+            "stop_timeout" => format!(
+                "generation {generation} ignored {}: killed",
+                event["signal"].as_str().unwrap_or("its stop signal")
+            ),
             "worker_exited" => format!("generation {generation} exited: {}", text(&event["status"])),
             "restart_scheduled" => format!("restart in {} ms", text(&event["in_ms"])),
             _ => return,

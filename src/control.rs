@@ -280,6 +280,19 @@ pub struct ServiceState {
     pub listen: Vec<SocketAddr>,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
+    /// What the next upgrade waits for, when it waits for a draining worker to stop.
+    pub waiting: Option<Waiting>,
+}
+
+/// An upgrade that waits because `max_draining` old workers drain already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Since when it waits.
+    pub since: tokio::time::Instant,
+    /// The generations it waits for (one of them must stop).
+    pub draining: Vec<u64>,
+    /// The cap.
+    pub max_draining: u32,
 }
 
 impl ServiceState {
@@ -295,6 +308,7 @@ impl ServiceState {
             active_since: None,
             listen,
             last_upgrade: None,
+            waiting: None,
         }
     }
 
@@ -304,7 +318,10 @@ impl ServiceState {
             generation: self.active.as_ref().map_or(0, |a| a.generation),
             up: self.active.is_some(),
             draining: self.draining.len() + usize::from(self.previous.is_some()),
-            upgrading: matches!(self.phase, Phase::Spawning | Phase::WaitingReady | Phase::Watching),
+            upgrading: matches!(
+                self.phase,
+                Phase::Spawning | Phase::WaitingReady | Phase::Watching | Phase::WaitingForDrain
+            ),
             active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
             draining_connections: self
                 .draining
@@ -331,6 +348,12 @@ impl ServiceState {
             restart_in_ms: self
                 .restart_at
                 .map(|at| millis(at.saturating_duration_since(tokio::time::Instant::now()))),
+            waiting: self.waiting.as_ref().map(|w| WaitingView {
+                reason: "max_draining",
+                draining: w.draining.clone(),
+                max_draining: w.max_draining,
+                waited_ms: millis(w.since.elapsed()),
+            }),
             last_upgrade: self.last_upgrade.clone(),
         }
     }
@@ -361,8 +384,23 @@ pub struct ServiceView {
     pub draining: Vec<DrainingView>,
     /// Milliseconds until a dead or unhealthy worker is restarted.
     pub restart_in_ms: Option<u64>,
+    /// What the next upgrade waits for, if it waits.
+    pub waiting: Option<WaitingView>,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
+}
+
+/// An upgrade waiting for a drain slot, in `/status`.
+#[derive(Debug, Serialize)]
+pub struct WaitingView {
+    /// Why: `max_draining` old workers drain already.
+    pub reason: &'static str,
+    /// The generations draining; the upgrade starts when one of them has stopped.
+    pub draining: Vec<u64>,
+    /// The cap.
+    pub max_draining: u32,
+    /// How long it has waited.
+    pub waited_ms: u64,
 }
 
 /// A draining worker in `/status`.

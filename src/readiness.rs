@@ -1,10 +1,9 @@
 //! Probes of a worker's private socket: an HTTP GET (hyper client) or a plain connect.
 //!
-//! [`wait_ready`] polls until the worker answers, the deadline passes or the worker exits, whichever comes
-//! first; an exit fails the wait at once. Nothing here changes routing.
+//! [`wait_ready`] polls until the worker answers or the deadline passes; the service's lifecycle sees the
+//! worker's exit on its own and fails the upgrade at once then. Nothing here changes routing.
 
 use std::io;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -16,7 +15,6 @@ use tokio::time::Instant;
 
 use crate::config::Readiness;
 use crate::route::WorkerAddr;
-use crate::worker::{Worker, describe};
 
 /// The longest one probe may take, whatever the interval.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,9 +30,6 @@ pub enum ReadinessError {
         /// What the last probe saw.
         last: String,
     },
-    /// The worker exited while being probed.
-    #[error("exited while starting: {}", describe(*.0))]
-    Exited(ExitStatus),
 }
 
 /// What one probe saw, when it was not a success.
@@ -54,16 +49,14 @@ pub enum ProbeError {
     Timeout,
 }
 
-/// Polls `worker` every `readiness.interval` until a probe succeeds. Returns the time it took.
-pub async fn wait_ready(worker: &Worker, readiness: &Readiness) -> Result<Duration, ReadinessError> {
-    let started = Instant::now();
-    let deadline = started + readiness.timeout;
+/// Polls the worker at `addr` every `readiness.interval` until a probe succeeds, or fails at `deadline`.
+pub async fn wait_ready(addr: &WorkerAddr, readiness: &Readiness, deadline: Instant) -> Result<(), ReadinessError> {
     let mut last = String::from("no probe yet");
     let poll = async {
         loop {
             let next = Instant::now() + readiness.interval;
             let probe_deadline = (Instant::now() + PROBE_TIMEOUT).min(deadline);
-            match tokio::time::timeout_at(probe_deadline, probe(&worker.addr, readiness.path.as_deref())).await {
+            match tokio::time::timeout_at(probe_deadline, probe(addr, readiness.path.as_deref())).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => last = e.to_string(),
                 // A probe cut by the overall deadline says nothing new: keep what the one before saw.
@@ -73,13 +66,12 @@ pub async fn wait_ready(worker: &Worker, readiness: &Readiness) -> Result<Durati
             tokio::time::sleep_until(next).await;
         }
     };
-    tokio::select! {
-        biased;
-        status = worker.exited() => Err(ReadinessError::Exited(status)),
-        result = tokio::time::timeout_at(deadline, poll) => match result {
-            Ok(()) => Ok(started.elapsed()),
-            Err(_) => Err(ReadinessError::Timeout { after: readiness.timeout, last }),
-        },
+    match tokio::time::timeout_at(deadline, poll).await {
+        Ok(()) => Ok(()),
+        Err(_) => Err(ReadinessError::Timeout {
+            after: readiness.timeout,
+            last,
+        }),
     }
 }
 

@@ -220,32 +220,21 @@ impl Upstream {
         self.unanswered.load(Ordering::Acquire)
     }
 
-    /// Refuses new guards, then waits until every connection has had a byte from the worker (so the worker
-    /// has accepted it), or until `timeout`. A worker told to stop closes its listening socket, which would
-    /// reset the connections still in its queue.
-    pub async fn settle(&self, timeout: Duration) {
-        self.begin_drain();
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.unanswered() > 0 && tokio::time::Instant::now() < deadline {
+    /// Waits until every connection has had a byte from the worker (so the worker has accepted it). A worker
+    /// told to stop closes its listening socket, which would reset the connections still in its queue.
+    pub async fn settled(&self) {
+        while self.unanswered() > 0 {
             tokio::time::sleep(SETTLE_POLL).await;
         }
     }
 
-    /// Refuses new guards and waits until the open connections have closed, or until `timeout`, when it
-    /// cuts the ones left. Returns the number of connections that were cut.
-    pub async fn drain(&self, timeout: Duration) -> usize {
+    /// Refuses new guards and waits until the open connections have closed. The drain's deadline is the
+    /// caller's.
+    pub async fn closed(&self) {
         self.begin_drain();
-        let closed = async {
-            while self.connections() > 0 {
-                self.idle.notified().await;
-            }
-        };
-        if tokio::time::timeout(timeout, closed).await.is_ok() {
-            return 0;
+        while self.connections() > 0 {
+            self.idle.notified().await;
         }
-        let left = self.connections();
-        self.cut.cancel();
-        left
     }
 
     /// Closes this worker's remaining connections now.
@@ -327,7 +316,7 @@ mod tests {
     #[tokio::test]
     async fn a_worker_without_connections_drains_at_once() {
         let worker = upstream();
-        assert_eq!(worker.drain(Duration::from_secs(60)).await, 0);
+        worker.closed().await;
         assert!(worker.acquire().is_none(), "a drained worker takes no new connection");
     }
 
@@ -339,50 +328,46 @@ mod tests {
         assert_eq!(worker.connections(), 2);
         let drain = tokio::spawn({
             let worker = Arc::clone(&worker);
-            async move { worker.drain(Duration::from_secs(60)).await }
+            async move { worker.closed().await }
         });
         tokio::task::yield_now().await;
         drop(first);
         tokio::task::yield_now().await;
         assert!(!drain.is_finished());
         drop(second);
-        assert_eq!(drain.await.expect("drain task"), 0);
+        drain.await.expect("drain task");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_drain_cuts_what_is_left_at_its_deadline() {
+    async fn a_cut_tells_the_connections_left_to_close() {
         let worker = upstream();
         let _guard = worker.acquire().expect("guard");
         let cut = {
             let worker = Arc::clone(&worker);
             tokio::spawn(async move { worker.cut().await })
         };
-        assert_eq!(worker.drain(Duration::from_secs(5)).await, 1);
+        worker.begin_drain();
+        assert!(!worker.is_cut());
+        worker.cut_now();
         cut.await.expect("the connection was told to close");
+        assert_eq!(worker.connections(), 1, "the connection closes itself");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn settle_waits_until_the_worker_has_answered_every_connection() {
+    async fn settled_waits_until_the_worker_has_answered_every_connection() {
         let worker = upstream();
         let guard = worker.acquire().expect("guard");
+        worker.begin_drain();
         let settle = tokio::spawn({
             let worker = Arc::clone(&worker);
-            async move { worker.settle(Duration::from_secs(60)).await }
+            async move { worker.settled().await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!settle.is_finished(), "a connection is still unanswered");
-        assert!(worker.acquire().is_none(), "no new connection once settling");
+        assert!(worker.acquire().is_none(), "no new connection once draining");
         guard.answered();
         settle.await.expect("settled");
         assert_eq!(worker.connections(), 1, "answered connections stay open");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settle_gives_up_at_its_deadline() {
-        let worker = upstream();
-        let _guard = worker.acquire().expect("guard");
-        worker.settle(Duration::from_secs(1)).await;
-        assert_eq!(worker.unanswered(), 1);
     }
 
     #[test]

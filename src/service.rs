@@ -1,50 +1,35 @@
-//! One service's lifecycle: its workers, its route, its accept loops, and the upgrade state machine.
+//! The driver of one service's lifecycle: it holds what the [`Machine`] only names (worker processes, their
+//! data-path views, the route, the accept loops, reply channels), carries out the machine's effects, and
+//! feeds their results back as inputs.
 //!
-//! A single task owns everything here and is the only one to change the service's workers or route; the
-//! supervisor talks to it through [`ServiceHandle`]. The steps of an upgrade:
-//!
-//! 1. spawn the next generation, 2. wait until it is ready, 3. switch the route to it, 4. watch it for
-//!    `watchdog` while the previous worker stays warm (a failure there rolls the route back), 5. drain the
-//!    previous worker, 6. stop it.
-//!
-//! Steps 1–2 run as one future beside the command loop; requests during steps 1–4 coalesce into one
-//! follow-up, which starts once the watchdog window has closed.
-//! Health probes of the active worker run all the time, with rise/fall thresholds; a worker that dies or
-//! turns unhealthy is replaced, with an exponential backoff so that a crash loop cannot spin. While there
-//! is no worker to route to, new connections wait (see `proxy`). The methods of [`Service`] make the
-//! decisions and do no waiting; the waiting happens in the futures they start.
+//! A single task runs it and is the only one to change the service's workers or route; the supervisor talks
+//! to it through [`ServiceHandle`]. Every decision (when to spawn, switch, roll back, drain, cut, stop,
+//! restart) is the machine's, in `lifecycle.rs`; nothing here decides. The waiting happens in tasks that
+//! report one input each (a spawn, a readiness wait, a probe, a worker's exit, a drain's last connection),
+//! and in one timer set to the machine's next deadline. After every step the state is published, from
+//! this one place, so `/status`, the metrics and a waiting caller all see the same truth.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde_json::json;
+use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::config::{DrainPolicy, ServiceConfig};
-use crate::control::{
-    ActionError, Events, Phase, PhaseTimes, ServiceState, Trigger, UpgradeRecord, UpgradeResult, millis,
-};
+use crate::clock::Time;
+use crate::config::ServiceConfig;
+use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
+use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
-use crate::readiness::{ReadinessError, probe, wait_ready};
+use crate::readiness::{probe, wait_ready};
 use crate::route::{Route, Settings, Shared, SharedRoute, Upstream};
 use crate::supervisor::chain;
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
-
-/// The first wait before replacing a worker that died or turned unhealthy.
-pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// The longest wait between two restarts.
-pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// How often a draining worker's progress is published.
-pub const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// How long a worker must run before a crash restarts it after [`RESTART_BACKOFF_MIN`] again.
-pub const RESTART_STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// What the supervisor asks of a service.
 #[derive(Debug)]
@@ -108,30 +93,23 @@ impl ServiceHandle {
             settings: Settings::of(&config),
             shared: Arc::clone(&shared),
         }));
+        let machine = Machine::new(config.name.clone(), Policy::of(&config));
         let service = Service {
+            machine,
             config,
             route,
             shared,
             context,
             listeners: Vec::new(),
             pending_listeners: listeners,
-            accepting: false,
-            active: None,
-            watch: None,
-            last_generation: 0,
-            drains: JoinSet::new(),
-            draining: Vec::new(),
-            state: Arc::new(state_tx),
-            upgrading: false,
-            follow_up: None,
-            waiters: waiter.into_iter().collect(),
-            follow_up_waiters: Vec::new(),
+            workers: HashMap::new(),
+            tasks: JoinSet::new(),
+            replies: HashMap::new(),
+            next_waiter: 0,
             started: Some(started),
-            restart_backoff: RESTART_BACKOFF_MIN,
-            restart: None,
-            shutting_down: false,
+            state: state_tx,
         };
-        let task = tokio::spawn(service.run(receiver));
+        let task = tokio::spawn(service.run(receiver, waiter));
         ServiceHandle { commands, state, task }
     }
 
@@ -147,76 +125,35 @@ impl ServiceHandle {
     }
 }
 
-/// A worker with its data-path view and its health.
+/// A worker process with its data-path view, and the tasks that report on it.
 #[derive(Debug)]
-struct Active {
+struct Held {
     worker: Worker,
     upstream: Arc<Upstream>,
-    /// When it took traffic.
-    since: Instant,
-    /// Consecutive failed health probes.
-    failures: u32,
-    /// Consecutive good health probes.
-    successes: u32,
-    /// Whether it passes its health checks (false from `failures` failures until `successes` successes).
-    healthy: bool,
+    /// Its exit watcher, probes and drain watchers, aborted when it is let go of.
+    tasks: Vec<AbortHandle>,
 }
 
-impl Active {
-    fn new(worker: Worker) -> Active {
-        let upstream = Arc::new(Upstream::new(worker.generation, worker.pid, worker.addr.clone()));
-        Active {
-            worker,
-            upstream,
-            since: Instant::now(),
-            failures: 0,
-            successes: 0,
-            healthy: true,
-        }
-    }
+/// What a task of the driver reports back.
+enum Report {
+    /// An input for the machine.
+    Input(Input),
+    /// How the spawn of a generation went.
+    Spawned(u64, Result<Worker, SpawnError>),
 }
 
-/// The watchdog window after a switch: the previous worker is kept warm so traffic can go back to it.
+/// Someone waiting for an outcome, by the kind of answer they take.
 #[derive(Debug)]
-struct Watch {
-    previous: Active,
-    since: Instant,
-    until: Instant,
-    /// The upgrade being watched; its result is known when the window ends.
-    record: UpgradeRecord,
+enum Reply {
+    Upgrade(Waiter),
+    Rollback(oneshot::Sender<Result<UpgradeRecord, ActionError>>),
 }
 
-/// Why an upgrade did not produce a ready worker.
-#[derive(Debug, thiserror::Error)]
-enum UpgradeError {
-    #[error(transparent)]
-    Spawn(#[from] SpawnError),
-    #[error("worker pid {pid}")]
-    NotReady {
-        pid: u32,
-        #[source]
-        source: ReadinessError,
-    },
-}
-
-/// An upgrade in flight, up to a ready worker or a failure.
-type UpgradeFuture = Pin<Box<dyn Future<Output = Attempt> + Send>>;
-
-/// How the first steps of an upgrade went.
-struct Attempt {
-    trigger: Trigger,
-    generation: u64,
-    /// From the start to a running process, if it got that far.
-    spawn: Option<Duration>,
-    /// From the start to ready or to the failure.
-    total: Duration,
-    result: Result<Worker, UpgradeError>,
-}
-
-/// A health probe in flight: yields the generation probed and whether it answered.
-type ProbeFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
-
+/// The driver of one service's [`Machine`]: holds what the machine names (workers, routes, sockets, reply
+/// channels), carries out its effects and feeds their results back.
 struct Service {
+    /// The lifecycle: every decision is its.
+    machine: Machine,
     config: Arc<ServiceConfig>,
     route: SharedRoute,
     shared: Arc<Shared>,
@@ -225,548 +162,372 @@ struct Service {
     listeners: Vec<(Arc<Listener>, AbortOnDropHandle<()>)>,
     /// Public sockets not yet accepted on, while the service has had no ready worker.
     pending_listeners: Vec<Arc<Listener>>,
-    /// Whether the service has had a ready worker and so accepts connections.
-    accepting: bool,
-    /// The worker new connections go to; `None` while there is none alive.
-    active: Option<Active>,
-    /// The watchdog window of the last switch, if it is still open.
-    watch: Option<Watch>,
-    last_generation: u64,
-    /// One task per old worker: drain, then stop; yields the generation it stopped.
-    drains: JoinSet<u64>,
-    /// The old workers those tasks drain, oldest first.
-    draining: Vec<Arc<Upstream>>,
-    state: Arc<watch::Sender<ServiceState>>,
-    /// Whether an upgrade future is in flight.
-    upgrading: bool,
-    /// A request that came during an upgrade, to run after it.
-    follow_up: Option<Trigger>,
-    /// Told the outcome of the upgrade in flight.
-    waiters: Vec<Waiter>,
-    /// Told the outcome of the follow-up.
-    follow_up_waiters: Vec<Waiter>,
+    /// Every worker process the machine names, by generation.
+    workers: HashMap<u64, Held>,
+    /// Spawns, probes, exit and drain watchers in flight.
+    tasks: JoinSet<Report>,
+    /// Reply channels, by the id the machine knows them by.
+    replies: HashMap<WaiterId, Reply>,
+    next_waiter: WaiterId,
     /// Told how the first upgrade went.
     started: Option<oneshot::Sender<Result<(), String>>>,
-    restart_backoff: Duration,
-    /// When to replace a worker that died or turned unhealthy, and why.
-    restart: Option<(Instant, Trigger)>,
-    shutting_down: bool,
+    state: watch::Sender<ServiceState>,
 }
 
 impl Service {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ServiceCommand>) {
-        let mut upgrade: Option<UpgradeFuture> = Some(self.begin_upgrade(Trigger::Start));
-        let mut health: Option<ProbeFuture> = None;
-        loop {
-            // Requests that came during the last upgrade or its watchdog window run now, as one.
-            if upgrade.is_none() && self.watch.is_none() {
-                if let Some(trigger) = self.follow_up.take() {
-                    self.waiters = std::mem::take(&mut self.follow_up_waiters);
-                    upgrade = Some(self.begin_upgrade(trigger));
-                }
-            }
-            if health.is_none() {
-                health = self.next_probe();
-            }
-            let active_exit = self.active.as_ref().map(|a| a.worker.exit_watch());
-            let previous_exit = self.watch.as_ref().map(|w| w.previous.worker.exit_watch());
-            let watch_until = self.watch.as_ref().map(|w| w.until);
-            let restart_at = self.restart.map(|(at, _)| at);
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ServiceCommand>, waiter: Option<Waiter>) {
+        let waiter = waiter.map(|w| self.hold(Reply::Upgrade(w)));
+        self.feed(Input::Upgrade {
+            trigger: Trigger::Start,
+            waiter,
+        });
+        let mut open = true;
+        while !self.machine.is_stopped() {
+            let deadline = self.machine.next_deadline().map(Time::instant);
             tokio::select! {
-                attempt = async { upgrade.as_mut().expect("guarded").await }, if upgrade.is_some() => {
-                    upgrade = None;
-                    self.upgrading = false;
-                    self.finish_upgrade(attempt);
-                }
-                command = commands.recv() => match command {
-                    // An upgrade lasts until its watchdog window closes; requests meanwhile coalesce.
-                    Some(ServiceCommand::Upgrade(trigger, waiter)) => {
-                        self.follow_up = Some(trigger);
-                        self.follow_up_waiters.extend(waiter);
+                command = commands.recv(), if open => match command {
+                    Some(command) => self.command(command),
+                    None => {
+                        open = false;
+                        tracing::info!(service = %self.config.name, "shutting down");
+                        self.feed(Input::Shutdown);
                     }
-                    Some(ServiceCommand::Rollback(reply)) => {
-                        let _ = reply.send(self.rollback());
-                    }
-                    Some(ServiceCommand::Reconfigure { config, listeners }) => self.reconfigure(config, listeners),
-                    None => break,
                 },
-                (generation, ok) = async { health.as_mut().expect("guarded").await }, if health.is_some() => {
-                    health = None;
-                    self.health_result(generation, ok);
-                }
-                status = async { active_exit.expect("guarded").await }, if active_exit.is_some() => {
-                    self.active_exited(status);
-                }
-                _ = async { previous_exit.expect("guarded").await }, if previous_exit.is_some() => {
-                    // The warm worker died: there is nothing to roll back to any more.
-                    let watch = self.watch.take().expect("guarded");
-                    self.end_watch(watch, UpgradeResult::Success, None);
-                }
-                () = async { tokio::time::sleep_until(watch_until.expect("guarded")).await }, if watch_until.is_some() => {
-                    let watch = self.watch.take().expect("guarded");
-                    self.end_watch(watch, UpgradeResult::Success, None);
-                }
-                () = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
-                    let (_, trigger) = self.restart.take().expect("guarded");
-                    // An upgrade in flight replaces the worker already; should it fail, the failure
-                    // schedules the next restart.
-                    if upgrade.is_none() {
-                        self.context.metrics.restart(&self.config.name, trigger.label());
-                        self.follow_up = Some(trigger);
+                Some(done) = self.tasks.join_next() => {
+                    if let Ok(report) = done {
+                        self.report(report);
                     }
                 }
-                Some(done) = self.drains.join_next() => {
-                    if let Ok(generation) = done {
-                        self.draining.retain(|d| d.generation != generation);
-                    }
-                    self.publish(None);
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.feed(Input::Tick);
                 }
             }
         }
-        // An upgrade in flight is abandoned: dropping it kills its worker.
-        drop(upgrade);
-        self.shut_down().await;
+        self.context.metrics.forget_service(&self.config.name);
+        tracing::info!(service = %self.config.name, "stopped");
     }
 
-    /// Starts the next generation; the returned future spawns it and waits until it is ready.
-    fn begin_upgrade(&mut self, trigger: Trigger) -> UpgradeFuture {
-        self.last_generation += 1;
-        self.upgrading = true;
-        let generation = self.last_generation;
-        let config = Arc::clone(&self.config);
-        let context = self.context.clone();
-        let state = Arc::clone(&self.state);
-        self.state.send_modify(|s| s.phase = Phase::Spawning);
-        tracing::info!(service = %config.name, generation, trigger = trigger.label(), "upgrade started");
-        let events = &self.context.events;
-        events.emit(
-            &config.name,
-            "upgrade_started",
-            json!({"generation": generation, "trigger": trigger}),
-        );
-        Box::pin(async move {
-            let started = Instant::now();
-            let mut spawn = None;
-            let result = async {
-                let worker = Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await?;
-                spawn = Some(started.elapsed());
-                state.send_modify(|s| s.phase = Phase::WaitingReady);
-                context.events.emit(
-                    &config.name,
-                    "spawned",
-                    json!({"generation": generation, "pid": worker.pid, "worker": worker.addr.to_string()}),
+    fn command(&mut self, command: ServiceCommand) {
+        match command {
+            ServiceCommand::Upgrade(trigger, waiter) => {
+                let waiter = waiter.map(|w| self.hold(Reply::Upgrade(w)));
+                self.feed(Input::Upgrade { trigger, waiter });
+            }
+            ServiceCommand::Rollback(reply) => {
+                let reply = self.hold(Reply::Rollback(reply));
+                self.feed(Input::Rollback { reply });
+            }
+            ServiceCommand::Reconfigure { config, listeners } => self.reconfigure(config, listeners),
+        }
+    }
+
+    /// Keeps a reply channel under an id the machine can carry.
+    fn hold(&mut self, reply: Reply) -> WaiterId {
+        self.next_waiter += 1;
+        self.replies.insert(self.next_waiter, reply);
+        self.next_waiter
+    }
+
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Input(input) => self.feed(input),
+            Report::Spawned(generation, Ok(worker)) => {
+                let input = Input::Spawned {
+                    generation,
+                    pid: worker.pid,
+                    worker: worker.addr.to_string(),
+                };
+                let upstream = Arc::new(Upstream::new(generation, worker.pid, worker.addr.clone()));
+                let exit = worker.exit_watch();
+                let watcher = self.tasks.spawn(async move {
+                    let status = describe(exit.await);
+                    Report::Input(Input::Exited { generation, status })
+                });
+                self.workers.insert(
+                    generation,
+                    Held {
+                        worker,
+                        upstream,
+                        tasks: vec![watcher],
+                    },
                 );
-                match wait_ready(&worker, &config.readiness).await {
-                    Ok(took) => {
-                        context.events.emit(
-                            &config.name,
-                            "ready",
-                            json!({"generation": generation, "pid": worker.pid, "ready_ms": millis(took)}),
-                        );
-                        Ok(worker)
+                self.feed(input);
+            }
+            Report::Spawned(generation, Err(error)) => self.feed(Input::SpawnFailed {
+                generation,
+                error: chain(&error),
+            }),
+        }
+    }
+
+    /// Steps the machine with `input` and carries out what it asks, feeding back what that yields; then
+    /// publishes the service's state, the one place it is written.
+    fn feed(&mut self, input: Input) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for effect in self.machine.step(input, Time::now()) {
+                inputs.extend(self.perform(effect));
+            }
+        }
+        self.publish();
+    }
+
+    fn perform(&mut self, effect: Effect) -> Option<Input> {
+        match effect {
+            Effect::Spawn { generation } => {
+                let config = Arc::clone(&self.config);
+                let context = self.context.clone();
+                self.tasks.spawn(async move {
+                    let spawned =
+                        Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await;
+                    Report::Spawned(generation, spawned)
+                });
+            }
+            Effect::WaitReady { generation, deadline } => {
+                let readiness = self.config.readiness.clone();
+                self.watch(generation, |held| {
+                    let addr = held.worker.addr.clone();
+                    async move {
+                        match wait_ready(&addr, &readiness, deadline.instant()).await {
+                            Ok(()) => Input::Ready { generation },
+                            Err(error) => Input::NotReady {
+                                generation,
+                                error: chain(&error),
+                            },
+                        }
                     }
-                    Err(source) => {
-                        let pid = worker.pid;
-                        worker.kill().await;
-                        Err(UpgradeError::NotReady { pid, source })
-                    }
+                });
+            }
+            Effect::Route => self.store_route(),
+            Effect::Accept => {
+                for listener in std::mem::take(&mut self.pending_listeners) {
+                    self.accept_on(listener);
                 }
             }
-            .await;
-            Attempt {
-                trigger,
-                generation,
-                spawn,
-                total: started.elapsed(),
-                result,
+            Effect::StopAccepting => {
+                self.listeners.clear();
+                self.pending_listeners.clear();
             }
-        })
-    }
-
-    /// Switches to a ready worker, or records why there is none.
-    fn finish_upgrade(&mut self, attempt: Attempt) {
-        let Attempt {
-            trigger,
-            generation,
-            spawn,
-            total: took,
-            result,
-        } = attempt;
-        let name = self.config.name.clone();
-        let old_generation = self.active.as_ref().map(|a| a.worker.generation);
-        let mut record = UpgradeRecord {
-            service: name.clone(),
-            trigger,
-            result: UpgradeResult::Success,
-            old_generation,
-            old_pid: self.active.as_ref().map(|a| a.worker.pid),
-            new_generation: generation,
-            new_pid: None,
-            duration_ms: millis(took),
-            phases: PhaseTimes {
-                spawn_ms: spawn.map(millis),
-                ready_ms: spawn.map(|s| millis(took.saturating_sub(s))),
-                watch_ms: None,
-            },
-            error: None,
-            finished_at: 0.0,
-        };
-        match result {
-            Ok(worker) => {
-                tracing::info!(
-                    service = %name, generation, pid = worker.pid,
-                    ready_ms = millis(took), old_generation = ?old_generation,
-                    "worker ready: switched"
-                );
-                record.new_pid = Some(worker.pid);
-                self.context.metrics.worker_ready(&name, took);
-                self.switch(worker, record);
+            Effect::Probe { generation } => {
+                let path = self.config.readiness.path.clone();
+                let timeout = self.config.health.timeout;
+                self.watch(generation, |held| {
+                    let addr = held.worker.addr.clone();
+                    async move {
+                        let probed = tokio::time::timeout(timeout, probe(&addr, path.as_deref())).await;
+                        let ok = matches!(probed, Ok(Ok(())));
+                        Input::Probed { generation, ok }
+                    }
+                });
             }
-            Err(error) => {
-                record.phases.ready_ms = None;
-                record.new_pid = match &error {
-                    UpgradeError::NotReady { pid, .. } => Some(*pid),
-                    UpgradeError::Spawn(_) => None,
-                };
-                let error = format!(
-                    "service `{name}`: upgrade to generation {generation} failed: {}",
-                    chain(&error)
-                );
-                tracing::error!(service = %name, generation, "{error}");
-                record.result = UpgradeResult::Failed;
-                record.error = Some(error);
-                if self.active.as_ref().is_none_or(|a| !a.healthy) {
-                    // Nothing good serves: keep trying, more and more slowly.
-                    self.schedule_restart(match self.active {
-                        None => Trigger::Restart,
-                        Some(_) => Trigger::Unhealthy,
+            Effect::Drain { generation, settle } => {
+                if let Some(held) = self.workers.get(&generation) {
+                    held.upstream.begin_drain();
+                }
+                self.watch(generation, |held| {
+                    let upstream = Arc::clone(&held.upstream);
+                    async move {
+                        upstream.closed().await;
+                        Input::Closed { generation }
+                    }
+                });
+                if settle {
+                    // No connection may pick this worker once it has been told to stop, and every
+                    // connection that picked it must be in its hands, not in its listen queue.
+                    self.watch(generation, |held| {
+                        let upstream = Arc::clone(&held.upstream);
+                        async move {
+                            upstream.settled().await;
+                            Input::Settled { generation }
+                        }
                     });
                 }
-                self.record(record);
             }
-        }
-    }
-
-    /// Points new connections at `worker`. The worker it replaces is kept warm for the watchdog window, or
-    /// drained at once when there is no window.
-    fn switch(&mut self, worker: Worker, record: UpgradeRecord) {
-        self.context.events.emit(
-            &self.config.name,
-            "switched",
-            json!({"generation": worker.generation, "pid": worker.pid, "old_generation": record.old_generation}),
-        );
-        let previous = self.active.replace(Active::new(worker));
-        // A replacement that was due is moot now.
-        self.restart = None;
-        // The new route is stored before the old worker starts draining, so that a connection that finds the
-        // old one draining sees the new one when it loads again.
-        self.store_route();
-        if let Some(watch) = self.watch.take() {
-            // Superseded before its window ended: the watched worker did well enough.
-            self.end_watch(watch, UpgradeResult::Success, None);
-        }
-        match previous {
-            Some(previous) if !self.config.watchdog.is_zero() => {
-                self.context.events.emit(
-                    &self.config.name,
-                    "watching",
-                    json!({"generation": record.new_generation, "previous_generation": previous.worker.generation,
-                           "watchdog_ms": millis(self.config.watchdog)}),
-                );
-                self.watch = Some(Watch {
-                    previous,
-                    since: Instant::now(),
-                    until: Instant::now() + self.config.watchdog,
-                    record,
+            Effect::Cut { generation } => {
+                let held = self.workers.get(&generation)?;
+                let connections = held.upstream.connections();
+                held.upstream.cut_now();
+                return Some(Input::Cut {
+                    generation,
+                    connections,
                 });
-                self.publish(None);
             }
-            Some(previous) => {
-                self.drain(previous);
-                self.record(record);
+            Effect::Stop { generation, signal } => {
+                if let Some(held) = self.workers.get(&generation) {
+                    held.worker.begin_stop(signal);
+                }
             }
-            None => {
-                self.record(record);
+            Effect::Kill { generation } => {
+                if let Some(held) = self.workers.get(&generation) {
+                    held.worker.signal(Signal::SIGKILL);
+                }
             }
+            Effect::Discard { generation } => {
+                if let Some(held) = self.let_go(generation) {
+                    tokio::spawn(held.worker.kill());
+                }
+            }
+            Effect::Forget { generation } => {
+                if let Some(held) = self.let_go(generation) {
+                    held.worker.forget();
+                }
+            }
+            Effect::Reply { waiter, outcome } => match self.replies.remove(&waiter) {
+                Some(Reply::Upgrade(reply)) => {
+                    if let Ok(record) = outcome {
+                        let _ = reply.send(record);
+                    }
+                }
+                Some(Reply::Rollback(reply)) => {
+                    let _ = reply.send(outcome);
+                }
+                None => {}
+            },
+            Effect::Abandon { waiters } => {
+                for waiter in waiters {
+                    self.replies.remove(&waiter);
+                }
+            }
+            Effect::Started(result) => {
+                if let Some(started) = self.started.take() {
+                    let _ = started.send(result);
+                }
+            }
+            Effect::Count(count) => self.count(count),
+            Effect::Event(event) => self.emit(event),
         }
-        if !self.accepting {
-            self.accepting = true;
-            for listener in std::mem::take(&mut self.pending_listeners) {
-                self.accept_on(listener);
-            }
-        }
+        None
     }
 
-    /// Closes the watchdog window: keep the new worker (`Success`), or go back to the previous one.
-    fn end_watch(&mut self, watch: Watch, result: UpgradeResult, reason: Option<String>) -> UpgradeRecord {
-        let Watch {
-            previous,
-            mut record,
-            since,
-            ..
-        } = watch;
-        record.phases.watch_ms = Some(millis(since.elapsed()));
-        if result == UpgradeResult::RolledBack {
-            let restored = previous.worker.generation;
-            let failed = self.active.replace(Active {
-                since: Instant::now(),
-                failures: 0,
-                successes: 0,
-                healthy: true,
-                ..previous
-            });
-            self.store_route();
-            let reason = reason.unwrap_or_default();
-            let error = format!(
-                "service `{}`: generation {} {reason}: rolled back to generation {restored}",
-                self.config.name, record.new_generation
-            );
-            tracing::error!(service = %self.config.name, generation = record.new_generation, restored, "{error}");
-            self.context.events.emit(
-                &self.config.name,
-                "rolled_back",
-                json!({"generation": record.new_generation, "restored_generation": restored, "reason": reason}),
-            );
-            record.error = Some(error);
-            if let Some(failed) = failed {
-                self.drain(failed);
-            }
-        } else {
-            self.drain(previous);
-        }
-        record.result = result;
-        self.record(record)
-    }
-
-    /// Switches back to the previous worker at an operator's request, while the watchdog window is open.
-    fn rollback(&mut self) -> Result<UpgradeRecord, ActionError> {
-        match self.watch.take() {
-            Some(watch) => Ok(self.end_watch(watch, UpgradeResult::RolledBack, Some("rollback requested".into()))),
-            None => Err(ActionError::Conflict(format!(
-                "service `{}`: nothing to roll back to: no previous worker is kept warm (the watchdog window \
-                 is over, disabled, or no upgrade happened)",
-                self.config.name
-            ))),
-        }
-    }
-
-    /// Records the end of an upgrade and tells whoever waits for it.
-    fn record(&mut self, record: UpgradeRecord) -> UpgradeRecord {
-        self.context
-            .metrics
-            .upgrade_finished(&self.config.name, record.trigger.label(), record.result.label());
-        if let Some(started) = self.started.take() {
-            let _ = started.send(match record.result {
-                UpgradeResult::Failed => Err(record.error.clone().unwrap_or_default()),
-                _ => Ok(()),
-            });
-        }
-        let record = record.now();
-        self.context.events.emit(
-            &self.config.name,
-            "upgrade_finished",
-            serde_json::to_value(&record).unwrap_or_default(),
-        );
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(record.clone());
-        }
-        self.publish(Some(record.clone()));
-        record
-    }
-
-    /// The next health probe of the active worker, if there is one to probe.
-    fn next_probe(&self) -> Option<ProbeFuture> {
-        let active = self.active.as_ref()?;
-        let generation = active.worker.generation;
-        let addr = active.worker.addr.clone();
-        let path = self.config.readiness.path.clone();
-        let health = self.config.health.clone();
-        Some(Box::pin(async move {
-            tokio::time::sleep(health.interval).await;
-            let ok = matches!(
-                tokio::time::timeout(health.timeout, probe(&addr, path.as_deref())).await,
-                Ok(Ok(()))
-            );
-            (generation, ok)
-        }))
-    }
-
-    /// Applies one probe result with rise/fall hysteresis.
-    fn health_result(&mut self, generation: u64, ok: bool) {
-        let Some(active) = self.active.as_mut().filter(|a| a.worker.generation == generation) else {
+    /// Runs `task` for worker `generation`, as long as the worker is held; its output goes to the machine.
+    fn watch<F>(&mut self, generation: u64, task: impl FnOnce(&Held) -> F)
+    where
+        F: Future<Output = Input> + Send + 'static,
+    {
+        let Some(held) = self.workers.get_mut(&generation) else {
             return;
         };
-        let health = &self.config.health;
-        let metrics = &self.shared.metrics;
-        if ok {
-            metrics.health_ok.inc();
-            active.failures = 0;
-            active.successes += 1;
-            if !active.healthy && active.successes >= health.successes {
-                active.healthy = true;
-                tracing::info!(service = %self.config.name, generation, "worker healthy again");
-                self.context
-                    .events
-                    .emit(&self.config.name, "healthy", json!({"generation": generation}));
-                self.publish(None);
-            }
-            return;
+        let task = task(held);
+        held.tasks
+            .push(self.tasks.spawn(async move { Report::Input(task.await) }));
+    }
+
+    /// Takes worker `generation` out of the driver's hands, with every task about it stopped.
+    fn let_go(&mut self, generation: u64) -> Option<Held> {
+        let held = self.workers.remove(&generation)?;
+        for task in &held.tasks {
+            task.abort();
         }
-        metrics.health_failed.inc();
-        active.successes = 0;
-        active.failures += 1;
-        if !active.healthy || active.failures < health.failures {
-            return;
-        }
-        active.healthy = false;
-        let failures = active.failures;
-        tracing::warn!(service = %self.config.name, generation, failures, "worker unhealthy");
-        self.context.events.emit(
-            &self.config.name,
-            "unhealthy",
-            json!({"generation": generation, "failures": failures}),
-        );
-        match self.watch.take() {
-            Some(watch) => {
-                let reason = format!("failed {failures} health checks");
-                self.end_watch(watch, UpgradeResult::RolledBack, Some(reason));
-            }
-            None => {
-                self.schedule_restart(Trigger::Unhealthy);
-                self.publish(None);
-            }
+        Some(held)
+    }
+
+    fn count(&self, count: Count) {
+        let (metrics, name) = (&self.context.metrics, &self.config.name);
+        match count {
+            Count::Restart(trigger) => metrics.restart(name, trigger.label()),
+            Count::Ready(took) => metrics.worker_ready(name, took),
+            Count::Upgrade(trigger, result) => metrics.upgrade_finished(name, trigger.label(), result.label()),
+            Count::Health(true) => self.shared.metrics.health_ok.inc(),
+            Count::Health(false) => self.shared.metrics.health_failed.inc(),
+            Count::Drained(took) => metrics.drained(name, took),
         }
     }
 
-    /// The active worker exited on its own.
-    fn active_exited(&mut self, status: std::process::ExitStatus) {
-        let Some(active) = self.active.take() else { return };
-        self.context.events.emit(
-            &self.config.name,
-            "worker_exited",
-            json!({"generation": active.worker.generation, "pid": active.worker.pid, "status": describe(status)}),
-        );
-        if active.since.elapsed() >= RESTART_STABLE_AFTER {
-            // It ran well for long: this crash starts the backoff afresh.
-            self.restart_backoff = RESTART_BACKOFF_MIN;
-        }
-        if let Some(watch) = self.watch.take() {
-            self.active = Some(active);
-            let reason = format!("exited ({})", describe(status));
-            self.end_watch(watch, UpgradeResult::RolledBack, Some(reason));
+    /// Logs `event` and publishes it on the event bus, with the live connection count where it has one.
+    fn emit(&self, event: Event) {
+        self.log(&event);
+        let connections = match &event {
+            Event::DrainStarted { generation, .. } | Event::DrainProgress { generation, .. } => {
+                self.workers.get(generation).map(|h| h.upstream.connections())
+            }
+            _ => None,
+        };
+        let Ok(serde_json::Value::Object(mut fields)) = serde_json::to_value(&event) else {
             return;
+        };
+        let kind = fields.remove("event");
+        if let Some(connections) = connections {
+            fields.insert("connections".into(), connections.into());
         }
-        // New connections wait for the replacement instead of dialling a dead socket.
-        self.store_route();
-        self.drain(active);
-        self.schedule_restart(Trigger::Restart);
-        self.publish(None);
+        let kind = kind.as_ref().and_then(|k| k.as_str()).unwrap_or_default();
+        self.context
+            .events
+            .emit(&self.config.name, kind, serde_json::Value::Object(fields));
     }
 
-    /// Lets `old` finish its connections, then stops it, on a task of its own. Past `max_draining` old
-    /// workers, the oldest has its connections cut to make room.
-    fn drain(&mut self, old: Active) {
-        let Active { worker, upstream, .. } = old;
-        let config = Arc::clone(&self.config);
-        let mut live = self.draining.iter().filter(|d| !d.is_cut());
-        if !self.shutting_down && live.clone().count() >= config.max_draining as usize {
-            if let Some(oldest) = live.next() {
-                tracing::warn!(
-                    service = %config.name, generation = oldest.generation, pid = oldest.pid,
-                    connections = oldest.connections(), "too many draining workers: cutting the oldest"
-                );
-                oldest.cut_now();
+    fn log(&self, event: &Event) {
+        let name = &self.config.name;
+        match event {
+            Event::UpgradeStarted { generation, trigger } => {
+                tracing::info!(service = %name, generation, trigger = trigger.label(), "upgrade started");
             }
-        }
-        self.draining.push(Arc::clone(&upstream));
-        let metrics = self.context.metrics.clone();
-        let events = self.context.events.clone();
-        self.drains.spawn(async move {
-            let started = Instant::now();
-            let (generation, pid) = (worker.generation, worker.pid);
-            tracing::info!(
-                service = %config.name, generation, pid,
-                connections = upstream.connections(), policy = ?config.drain_policy, "draining"
-            );
-            events.emit(
-                &config.name,
-                "drain_started",
-                json!({"generation": generation, "pid": pid, "connections": upstream.connections(),
-                       "drain_timeout_ms": millis(config.drain_timeout)}),
-            );
-            if config.drain_policy == DrainPolicy::Signal {
-                // No connection may pick this worker once it has been told to stop, and every connection
-                // that picked it must be in its hands, not in its listen queue.
-                upstream.settle(config.drain_timeout).await;
-                worker.begin_stop(config.stop_signal);
+            Event::UpgradeWaiting {
+                draining,
+                max_draining,
+                until_ms,
+                ..
+            } => tracing::info!(
+                service = %name, ?draining, max_draining, until_ms,
+                "upgrade waits for a drain slot"
+            ),
+            Event::Switched {
+                generation,
+                pid,
+                old_generation,
+            } => {
+                tracing::info!(service = %name, generation, pid, old_generation = ?old_generation, "worker ready: switched")
             }
-            let deadline = started + config.drain_timeout;
-            let drained = upstream.drain(config.drain_timeout);
-            tokio::pin!(drained);
-            let mut progress = tokio::time::interval_at(started + DRAIN_PROGRESS_EVERY, DRAIN_PROGRESS_EVERY);
-            let cut = loop {
-                tokio::select! {
-                    cut = &mut drained => break cut,
-                    _ = progress.tick() => events.emit(
-                        &config.name,
-                        "drain_progress",
-                        json!({"generation": generation, "connections": upstream.connections(),
-                               "deadline_in_ms": millis(deadline.saturating_duration_since(Instant::now()))}),
-                    ),
+            Event::RolledBack {
+                generation,
+                restored_generation,
+                error,
+                ..
+            } => tracing::error!(service = %name, generation, restored = restored_generation, "{error}"),
+            Event::UpgradeFinished(record) => {
+                if let (UpgradeResult::Failed, Some(error)) = (record.result, &record.error) {
+                    tracing::error!(service = %name, generation = record.new_generation, "{error}");
                 }
-            };
-            if cut > 0 {
-                tracing::warn!(
-                    service = %config.name, generation = worker.generation, pid = worker.pid, cut,
-                    "drain timeout: closed the connections left"
-                );
             }
-            let status = worker.stop(config.stop_signal, config.stop_timeout).await;
-            metrics.drained(&config.name, started.elapsed());
-            events.emit(
-                &config.name,
-                "worker_stopped",
-                json!({"generation": generation, "pid": pid, "status": describe(status), "cut": cut,
-                       "drain_ms": millis(started.elapsed())}),
-            );
-            tracing::info!(
-                service = %config.name, generation, pid, drain_ms = millis(started.elapsed()),
-                status = %describe(status), "old worker stopped"
-            );
-            generation
-        });
-        self.publish(None);
-    }
-
-    /// Replaces the worker after the current backoff, which doubles each time unless the worker ran long.
-    fn schedule_restart(&mut self, trigger: Trigger) {
-        if self.restart.is_some() || self.shutting_down {
-            return;
+            Event::Healthy { generation } => tracing::info!(service = %name, generation, "worker healthy again"),
+            Event::Unhealthy { generation, failures } => {
+                tracing::warn!(service = %name, generation, failures, "worker unhealthy");
+            }
+            Event::RestartScheduled { in_ms, reason } => {
+                tracing::warn!(service = %name, wait_ms = in_ms, reason = reason.label(), "replacing the worker");
+            }
+            Event::DrainStarted { generation, pid, .. } => {
+                let connections = self.workers.get(generation).map_or(0, |h| h.upstream.connections());
+                tracing::info!(service = %name, generation, pid, connections, policy = ?self.config.drain_policy, "draining");
+            }
+            Event::DrainCut { generation, pid, cut } => {
+                tracing::warn!(service = %name, generation, pid, cut, "drain timeout: closed the connections left");
+            }
+            Event::StopTimeout {
+                generation,
+                pid,
+                signal,
+                stop_timeout_ms,
+            } => tracing::warn!(
+                service = %name, generation, pid, timeout_ms = stop_timeout_ms,
+                "worker ignored {signal}: sending SIGKILL"
+            ),
+            Event::WorkerStopped {
+                generation,
+                pid,
+                status,
+                drain_ms,
+                ..
+            } => tracing::info!(service = %name, generation, pid, drain_ms, status = %status, "old worker stopped"),
+            Event::Spawned { .. }
+            | Event::Ready { .. }
+            | Event::Watching { .. }
+            | Event::WorkerExited { .. }
+            | Event::DrainProgress { .. } => {}
         }
-        if self
-            .active
-            .as_ref()
-            .is_some_and(|a| a.since.elapsed() >= RESTART_STABLE_AFTER)
-        {
-            self.restart_backoff = RESTART_BACKOFF_MIN;
-        }
-        let wait = self.restart_backoff;
-        self.restart_backoff = (self.restart_backoff * 2).min(RESTART_BACKOFF_MAX);
-        tracing::warn!(
-            service = %self.config.name, wait_ms = millis(wait), reason = trigger.label(),
-            "replacing the worker"
-        );
-        self.context.events.emit(
-            &self.config.name,
-            "restart_scheduled",
-            json!({"in_ms": millis(wait), "reason": trigger}),
-        );
-        self.restart = Some((Instant::now() + wait, trigger));
     }
 
     fn reconfigure(&mut self, config: Arc<ServiceConfig>, listeners: Vec<Arc<Listener>>) {
         self.config = config;
-        self.store_route();
         // Keep the accept loops of sockets still configured and start the new ones; the rest stop when `old`
         // drops.
         let mut old = std::mem::take(&mut self.listeners);
@@ -774,14 +535,14 @@ impl Service {
         for listener in listeners {
             if let Some(i) = old.iter().position(|(l, _)| Arc::ptr_eq(l, &listener)) {
                 self.listeners.push(old.swap_remove(i));
-            } else if self.accepting {
+            } else if self.machine.accepting {
                 self.accept_on(listener);
             } else {
                 self.pending_listeners.push(listener);
             }
         }
         drop(old);
-        self.publish(None);
+        self.feed(Input::Reconfigure(Policy::of(&self.config)));
     }
 
     fn accept_on(&mut self, listener: Arc<Listener>) {
@@ -795,36 +556,51 @@ impl Service {
         self.listeners.push((listener, AbortOnDropHandle::new(task)));
     }
 
+    fn upstream(&self, generation: u64) -> Option<Arc<Upstream>> {
+        self.workers.get(&generation).map(|h| Arc::clone(&h.upstream))
+    }
+
     /// Publishes a new route snapshot and wakes the connections waiting for one.
     fn store_route(&self) {
+        let active = self.machine.active.as_ref().filter(|a| a.exited.is_none());
         self.route.store(Arc::new(Route {
-            upstream: self.active.as_ref().map(|a| Arc::clone(&a.upstream)),
-            hold: !self.shutting_down,
+            upstream: active.and_then(|a| self.upstream(a.generation)),
+            hold: !self.machine.shutting_down,
             settings: Settings::of(&self.config),
             shared: Arc::clone(&self.shared),
         }));
         self.shared.changed.notify_waiters();
     }
 
-    /// Publishes the service's state; `upgrade` is the record of an upgrade that just ended.
-    fn publish(&self, upgrade: Option<UpgradeRecord>) {
+    /// Publishes the service's state as the machine has it.
+    fn publish(&self) {
+        let machine = &self.machine;
+        let active = machine.active.as_ref();
         self.state.send_modify(|s| {
-            if let Some(record) = upgrade {
-                s.last_upgrade = Some(record);
-            }
-            s.phase = match s.phase {
-                _ if self.shutting_down => Phase::ShuttingDown,
-                phase @ (Phase::Spawning | Phase::WaitingReady) if self.upgrading => phase,
-                _ if self.upgrading => Phase::Spawning,
-                _ if self.watch.is_some() => Phase::Watching,
-                _ => Phase::Idle,
-            };
-            s.active = self.active.as_ref().map(|a| Arc::clone(&a.upstream));
-            s.healthy = self.active.as_ref().is_some_and(|a| a.healthy);
-            s.previous = self.watch.as_ref().map(|w| Arc::clone(&w.previous.upstream));
-            s.draining = self.draining.clone();
-            s.restart_at = self.restart.map(|(at, _)| at);
-            s.active_since = self.active.as_ref().map(|a| a.since);
+            s.phase = machine.phase();
+            s.active = active.and_then(|a| self.upstream(a.generation));
+            s.healthy = active.is_some_and(|a| a.healthy);
+            s.previous = machine
+                .watch
+                .as_ref()
+                .and_then(|w| self.upstream(w.previous.generation));
+            s.draining = machine
+                .draining
+                .iter()
+                .filter_map(|d| self.upstream(d.generation))
+                .collect();
+            s.restart_at = machine.restart.map(|r| r.at.instant());
+            s.active_since = active.map(|a| a.since.instant());
+            s.waiting = machine
+                .follow_up
+                .as_ref()
+                .and_then(|f| f.waiting_since)
+                .map(|since| Waiting {
+                    since: since.instant(),
+                    draining: machine.live_draining().map(|d| d.generation).collect(),
+                    max_draining: machine.policy.max_draining,
+                });
+            s.last_upgrade.clone_from(&machine.last_upgrade);
             s.listen = self
                 .listeners
                 .iter()
@@ -832,33 +608,5 @@ impl Service {
                 .chain(self.pending_listeners.iter().map(|l| l.local))
                 .collect();
         });
-    }
-
-    /// Stops accepting, drains every worker under its deadline and stops it.
-    async fn shut_down(mut self) {
-        tracing::info!(service = %self.config.name, "shutting down");
-        self.shutting_down = true;
-        self.upgrading = false;
-        self.restart = None;
-        self.listeners.clear();
-        self.pending_listeners.clear();
-        let active = self.active.take();
-        self.store_route();
-        if let Some(watch) = self.watch.take() {
-            self.drain(watch.previous);
-        }
-        if let Some(active) = active {
-            self.drain(active);
-        }
-        self.publish(None);
-        while let Some(done) = self.drains.join_next().await {
-            if let Ok(generation) = done {
-                self.draining.retain(|d| d.generation != generation);
-            }
-            self.publish(None);
-        }
-        self.state.send_modify(|s| s.phase = Phase::Stopped);
-        self.context.metrics.forget_service(&self.config.name);
-        tracing::info!(service = %self.config.name, "stopped");
     }
 }

@@ -351,10 +351,19 @@ impl Worker {
                 self.exited().await
             }
         };
+        self.remove_socket();
+        status
+    }
+
+    /// Lets go of a worker that has exited and been reaped: removes its Unix socket, if it has one.
+    pub fn forget(self) {
+        self.remove_socket();
+    }
+
+    fn remove_socket(&self) {
         if let WorkerAddr::Unix(path) = &self.addr {
             let _ = std::fs::remove_file(path);
         }
-        status
     }
 
     /// Kills the worker at once and waits until it is reaped.

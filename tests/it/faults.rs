@@ -197,11 +197,11 @@ fn an_old_worker_ignoring_sigterm_is_killed_after_stop_timeout_and_reaped() {
 }
 
 #[test]
-fn draining_generations_are_capped_and_the_oldest_is_cut() {
-    let extra = "watchdog = \"0s\"\ndrain_timeout = \"1m\"\nmax_draining = 2";
-    let baton = Baton::start(&web(&[], extra));
+fn past_max_draining_an_upgrade_waits_for_a_drain_slot_and_cuts_no_connection() {
+    // The default cap (3), and drains that last: one long-lived connection per old generation.
+    let baton = Baton::start(&web(&[], "watchdog = \"0s\""));
     let addr = baton.addr("web");
-    // One long-lived connection per generation keeps each old worker draining.
+    let load = Load::start(addr, 4);
     let mut held = Vec::new();
     for generation in 1..=3 {
         let mut connection = KeepAlive::connect(addr);
@@ -210,22 +210,45 @@ fn draining_generations_are_capped_and_the_oldest_is_cut() {
         baton.signal(Signal::SIGHUP);
         baton.wait_generation("web", generation + 1);
     }
-    // Generations 1, 2 and 3 drain; the cap is 2, so generation 1 was cut.
-    held[0].wait_closed();
-    wait_for("two draining workers", || {
+    // Generations 1, 2 and 3 drain: the next upgrade waits for one of them to stop instead of cutting it.
+    baton.signal(Signal::SIGHUP);
+    let service = wait_for("the upgrade to wait for a drain slot", || {
         let service = baton.service("web");
-        let draining: Vec<u64> = service["draining"]
-            .as_array()
-            .map(|d| d.iter().filter_map(|w| w["generation"].as_u64()).collect())
-            .unwrap_or_default();
-        if draining == [2, 3] {
-            Ok(())
+        if service["phase"] == "waiting_for_drain" {
+            Ok(service)
         } else {
             Err(service.to_string())
         }
     });
-    assert_eq!(held[1].whoami().expect("generation 2 still serves its connection"), 2);
-    assert_eq!(held[2].whoami().expect("generation 3 still serves its connection"), 3);
+    assert_eq!(
+        service["waiting"]["draining"],
+        serde_json::json!([1, 2, 3]),
+        "{service}"
+    );
+    assert_eq!(service["waiting"]["max_draining"], 3, "{service}");
+    assert_eq!(service["generation"], 4, "{service}");
+    for (generation, connection) in (1..).zip(held.iter_mut()) {
+        assert_eq!(connection.whoami().expect("a draining worker still serves"), generation);
+    }
+    // A request meanwhile folds into the waiting upgrade.
+    baton.signal(Signal::SIGHUP);
+    // Generation 2's last connection closes: its worker stops and the waiting upgrade takes its slot.
+    drop(held.remove(1));
+    baton.wait_generation("web", 5);
+    baton.wait_idle();
+    assert_eq!(
+        baton.service("web")["generation"],
+        5,
+        "the two requests made one upgrade"
+    );
+    assert_eq!(held[0].whoami().expect("generation 1 still serves"), 1);
+    assert_eq!(held[1].whoami().expect("generation 3 still serves"), 3);
+    let report = load.stop();
+    assert_eq!(report.failures, 0, "{:?}", report.errors);
+    assert_eq!(
+        baton.metric(r#"baton_connections_rejected_total{reason="drain_timeout",service="web"}"#),
+        0.0
+    );
     drop(held);
     assert_eq!(baton.stop().code(), Some(0));
 }

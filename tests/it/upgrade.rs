@@ -1,8 +1,15 @@
 //! Upgrades: under load, with long-lived connections, with workers that fail, with bad reloads.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use nix::sys::signal::Signal;
 
-use crate::support::{Baton, KeepAlive, Load, gone, http_get, python_web, service, wait_for, wait_gone};
+use crate::support::{
+    Baton, DEADLINE, KeepAlive, Load, gone, http, http_get, python_web, service, wait_for, wait_gone,
+};
 
 const UPGRADES: u64 = 50;
 const CLIENTS: usize = 16;
@@ -332,6 +339,123 @@ fn with_output_inherit_a_workers_lines_pass_through_untouched() {
     assert!(
         serde_json::from_str::<serde_json::Value>(&line).is_err(),
         "not wrapped in the log: {line}"
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+/// Upgrades through the admin API, one after the other, each as soon as the last one has switched.
+const RAPID_UPGRADES: u64 = 30;
+
+/// A slow client: sends half a request and holds the connection until the service is `hold` generations
+/// further (or an upgrade waits for a drain slot, which this very client may be holding up), then sends the
+/// rest and checks the answer. Its worker drains all that time.
+fn slow_request(addr: SocketAddr, admin: SocketAddr, hold: u64, stop: &AtomicBool) -> Result<(), String> {
+    let service = |admin| {
+        let (_, body) = http_get(admin, "/status").map_err(|e| format!("status: {e}"))?;
+        let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        let service = &status["services"]["web"];
+        let generation = service["generation"].as_u64().unwrap_or(0);
+        Ok::<_, String>((generation, service["phase"] == "waiting_for_drain"))
+    };
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let target = service(admin)?.0 + hold;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !stop.load(Ordering::Relaxed) {
+        let (generation, waiting) = service(admin)?;
+        if generation >= target || waiting {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("generation {target} never came"));
+        }
+    }
+    stream
+        .write_all(b"Host: test\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| format!("read: {e}"))?;
+    match response.starts_with(b"HTTP/1.0 200") {
+        true => Ok(()),
+        false => Err(format!(
+            "answer: {:?}",
+            String::from_utf8_lossy(&response[..response.len().min(80)])
+        )),
+    }
+}
+
+#[test]
+fn rapid_upgrades_faster_than_drains_lose_nothing_with_the_default_cap() {
+    // Python's http.server as it ships, the default drain cap, no watchdog window. Slow clients keep old
+    // workers draining across several upgrades each, so upgrades come faster than drains end and some of them
+    // must wait for a drain slot; fresh-connection clients run all along.
+    let baton = Baton::start(&python_web("watchdog = \"0s\""));
+    let (addr, admin) = (baton.addr("web"), baton.admin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let fast = |_| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(addr, "/") {
+                    Ok((200, _)) => ok += 1,
+                    Ok((code, _)) => failed.push(format!("status {code}")),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // Each holds for a different number of generations, so that they spread over the draining workers.
+    let slow = |hold| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match slow_request(addr, admin, hold, &stop) {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(format!("slow: {e}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let clients: Vec<_> = (0..4).map(fast).chain((2..=6).map(slow)).collect();
+    for _ in 0..RAPID_UPGRADES {
+        let (code, body) = http(admin, "POST", "/v1/services/web/upgrade", &[]).expect("POST");
+        assert_eq!(code, 200, "{body}");
+        let record: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(record["result"], "success", "{record}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for client in clients {
+        let (o, f) = client.join().expect("client thread");
+        ok += o;
+        failed.extend(f);
+    }
+    let waited = baton.count_log("upgrade waits for a drain slot");
+    eprintln!(
+        "{RAPID_UPGRADES} upgrades ({waited} waited for a drain slot): {ok} requests ok, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(ok > 0);
+    assert!(
+        waited > 0,
+        "the upgrades never outran the drains: the test proves nothing"
+    );
+    assert_eq!(
+        baton.metric(r#"baton_connections_rejected_total{reason="drain_timeout",service="web"}"#),
+        0.0,
+        "no connection was cut"
     );
     assert_eq!(baton.stop().code(), Some(0));
 }
