@@ -20,12 +20,14 @@
 //! - [`cli`]: the operator's commands, clients of the admin API.
 //! - [`clock`]: [`clock::Time`], a serialisable moment on the monotonic clock.
 //! - [`metrics`]: the Prometheus registry; every metric name.
+//! - [`error`]: [`error::chain`], an error and its causes on one line, for every layer.
 
 pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod error;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

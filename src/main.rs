@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use baton::cli;
 use baton::config::Config;
+use baton::error::chain;
 use baton::worker::Spawner;
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
@@ -135,7 +136,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {}", baton::supervisor::chain(&e));
+                eprintln!("error: {}", chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -152,7 +153,7 @@ fn main() -> ExitCode {
         Command::Run { config, threads } => match run(&config, threads) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Config(e)) => {
-                eprintln!("error: {}", baton::supervisor::chain(&e));
+                eprintln!("error: {}", chain(&e));
                 ExitCode::from(EXIT_CONFIG)
             }
             Err(Failure::Runtime(e)) => {
@@ -184,11 +185,11 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(cli::CliError::Config(e)) => {
-            eprintln!("error: {}", baton::supervisor::chain(&e));
+            eprintln!("error: {}", chain(&e));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(e) => {
-            eprintln!("error: {}", baton::supervisor::chain(&e));
+            eprintln!("error: {}", chain(&e));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -286,7 +287,7 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
     if let Ok(runtime) = std::sync::Arc::try_unwrap(runtime) {
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     }
-    result.map_err(|e| Failure::Runtime(anyhow::anyhow!(baton::supervisor::chain(&e))))
+    result.map_err(|e| Failure::Runtime(anyhow::anyhow!(chain(&e))))
 }
 
 /// The signals baton handles: SIGHUP, SIGTERM, SIGINT.

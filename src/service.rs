@@ -23,12 +23,12 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::clock::Time;
 use crate::config::ServiceConfig;
 use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
+use crate::error::chain;
 use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{probe, wait_ready};
 use crate::route::{Route, Settings, Shared, SharedRoute, Upstream};
-use crate::supervisor::chain;
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 
 /// What the supervisor asks of a service.

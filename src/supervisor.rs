@@ -22,6 +22,7 @@ use crate::config::{AdminAddr, AdminConfig, Config, ConfigError};
 use crate::control::{
     ActionError, Command, Control, Directory, Events, ReloadReport, ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
 };
+use crate::error::chain;
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
 use crate::service::{Context, ServiceCommand, ServiceHandle, Waiter};
@@ -437,16 +438,4 @@ async fn gather(outcomes: Vec<(String, Pending)>, wait: bool) -> ReloadReport {
         report.insert(name, outcome);
     }
     report
-}
-
-/// An error with its causes, joined by ": ".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
