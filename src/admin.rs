@@ -6,9 +6,6 @@
 //! never read, so a client cannot make it hold memory.
 
 use std::convert::Infallible;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
@@ -19,90 +16,21 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::config::AdminAddr;
 use crate::control::{ActionError, Command, Control, ReloadScope, UpgradeResult};
+use crate::endpoint::{self, Stream};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The admin API's listening socket.
-#[derive(Debug)]
-pub enum AdminListener {
-    /// A TCP socket.
-    Tcp(TcpListener),
-    /// A Unix socket, removed when dropped.
-    Unix(UnixAdmin),
-}
-
-/// A Unix admin socket and its path.
-#[derive(Debug)]
-pub struct UnixAdmin {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl Drop for UnixAdmin {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl AdminListener {
-    /// Binds `addr`. A Unix socket is created with mode 0600 before it appears at its path, and replaces a
-    /// stale socket left there (never a file of another kind).
-    pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
-        match addr {
-            AdminAddr::Tcp(addr) => {
-                let listener = std::net::TcpListener::bind(addr)?;
-                listener.set_nonblocking(true)?;
-                Ok(AdminListener::Tcp(TcpListener::from_std(listener)?))
-            }
-            AdminAddr::Unix(path) => {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::AlreadyExists,
-                            "a file that is not a socket is in the way",
-                        ));
-                    }
-                }
-                let staging = path.with_extension(format!("{}.tmp", std::process::id()));
-                let _ = std::fs::remove_file(&staging);
-                let listener = std::os::unix::net::UnixListener::bind(&staging)?;
-                std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
-                std::fs::rename(&staging, path)?;
-                listener.set_nonblocking(true)?;
-                Ok(AdminListener::Unix(UnixAdmin {
-                    listener: UnixListener::from_std(listener)?,
-                    path: path.clone(),
-                }))
-            }
-        }
-    }
-
-    /// The address actually bound, for the log.
-    pub fn local(&self) -> String {
-        match self {
-            AdminListener::Tcp(l) => l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            AdminListener::Unix(u) => format!("unix:{}", u.path.display()),
-        }
-    }
-}
-
 /// Serves the admin API on `listener` until the task is aborted.
-pub async fn serve(listener: AdminListener, control: Control) {
+pub async fn serve(listener: endpoint::Listener, control: Control) {
     loop {
-        let accepted = match &listener {
-            AdminListener::Tcp(l) => l.accept().await.map(|(s, _)| Connection::Tcp(s)),
-            AdminListener::Unix(u) => u.listener.accept().await.map(|(s, _)| Connection::Unix(s)),
-        };
-        let connection = match accepted {
+        let connection = match listener.accept().await {
             Ok(connection) => connection,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -110,25 +38,11 @@ pub async fn serve(listener: AdminListener, control: Control) {
                 continue;
             }
         };
-        let control = control.clone();
-        tokio::spawn(async move {
-            match connection {
-                Connection::Tcp(stream) => serve_connection(stream, control).await,
-                Connection::Unix(stream) => serve_connection(stream, control).await,
-            }
-        });
+        tokio::spawn(serve_connection(connection, control.clone()));
     }
 }
 
-enum Connection {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn serve_connection<S>(stream: S, control: Control)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn serve_connection(stream: Stream, control: Control) {
     let service = service_fn(move |request| {
         let control = control.clone();
         async move { Ok::<_, Infallible>(authorized(request, &control).await) }

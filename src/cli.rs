@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::config::{AdminAddr, Config};
+use crate::config::Config;
+use crate::endpoint::{Endpoint, Stream};
 
 /// How long to wait for the admin API to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +35,7 @@ pub enum CliError {
     #[error("admin API not reachable at {addr}")]
     Unreachable {
         /// Where it was looked for.
-        addr: AdminAddr,
+        addr: Endpoint,
         /// Why the connection failed.
         #[source]
         source: io::Error,
@@ -43,7 +44,7 @@ pub enum CliError {
     #[error("admin API at {addr}: {message}")]
     Protocol {
         /// Where.
-        addr: AdminAddr,
+        addr: Endpoint,
         /// What went wrong.
         message: String,
     },
@@ -64,7 +65,7 @@ pub enum CliError {
 /// A connection to the admin API.
 #[derive(Debug, Clone)]
 pub struct Client {
-    addr: AdminAddr,
+    addr: Endpoint,
     token: Option<String>,
 }
 
@@ -77,10 +78,7 @@ impl Client {
     ) -> Result<Client, CliError> {
         let (addr, configured_token) = match admin {
             Some(text) => {
-                let addr = match text.strip_prefix("unix:") {
-                    Some(path) => AdminAddr::Unix(PathBuf::from(path)),
-                    None => AdminAddr::Tcp(text.parse().map_err(|_| CliError::BadAddress(text.to_owned()))?),
-                };
+                let addr = text.parse().map_err(|_| CliError::BadAddress(text.to_owned()))?;
                 (addr, None)
             }
             None => {
@@ -114,18 +112,7 @@ impl Client {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let request = request.body(Empty::<Bytes>::new()).map_err(|e| self.protocol(e))?;
-        let connect = async {
-            match &self.addr {
-                AdminAddr::Tcp(addr) => {
-                    let stream = tokio::net::TcpStream::connect(addr).await?;
-                    handshake(stream).await
-                }
-                AdminAddr::Unix(path) => {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    handshake(stream).await
-                }
-            }
-        };
+        let connect = async { handshake(self.addr.connect().await?).await };
         let mut sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
@@ -183,10 +170,7 @@ impl Client {
     }
 }
 
-async fn handshake<S>(stream: S) -> io::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn handshake(stream: Stream) -> io::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)?;

@@ -16,6 +16,8 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::endpoint::{Endpoint, socket_addr};
+
 /// Address of the admin HTTP API when `[admin].listen` is not set.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 /// Seconds the old worker's connections may take to finish after a switch.
@@ -71,28 +73,11 @@ pub struct Config {
 /// The `[admin]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
-    /// Where the admin HTTP API listens.
-    pub listen: AdminAddr,
+    /// Where the admin HTTP API listens: a TCP address (one that is not loopback needs a token) or a Unix
+    /// socket, created with mode 0600.
+    pub listen: Endpoint,
     /// A file holding the bearer token every request but `/healthz` must present.
     pub token_file: Option<PathBuf>,
-}
-
-/// Where the admin API listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminAddr {
-    /// A TCP address; one that is not loopback needs a token.
-    Tcp(SocketAddr),
-    /// A Unix socket path (`unix:/path`), created with mode 0600.
-    Unix(PathBuf),
-}
-
-impl fmt::Display for AdminAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AdminAddr::Tcp(addr) => write!(f, "{addr}"),
-            AdminAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
 }
 
 /// One `[service.NAME]` table.
@@ -361,19 +346,13 @@ impl Validator<'_> {
             token_file: None,
         });
         let listen = match &raw_admin.listen {
-            Some(listen) => match listen.get_ref().strip_prefix("unix:") {
-                Some(path) if path.starts_with('/') => AdminAddr::Unix(PathBuf::from(path)),
-                Some(_) => {
-                    return Err(self.error(
-                        listen.span(),
-                        "admin: listen `unix:` needs an absolute path, like \"unix:/run/baton/admin.sock\"".into(),
-                    ));
-                }
-                None => AdminAddr::Tcp(self.address("admin: listen", listen)?),
-            },
-            None => AdminAddr::Tcp(DEFAULT_ADMIN_LISTEN.parse().expect("the default admin address parses")),
+            Some(listen) => listen
+                .get_ref()
+                .parse::<Endpoint>()
+                .map_err(|e| self.error(listen.span(), format!("admin: listen {e}")))?,
+            None => DEFAULT_ADMIN_LISTEN.parse().expect("the default admin address parses"),
         };
-        if let (AdminAddr::Tcp(addr), None) = (&listen, &raw_admin.token_file) {
+        if let (Endpoint::Tcp(addr), None) = (&listen, &raw_admin.token_file) {
             if !addr.ip().is_loopback() {
                 let span = raw_admin.listen.as_ref().map_or(0..0, |l| l.span());
                 return Err(self.error(
@@ -597,15 +576,7 @@ impl Validator<'_> {
     }
 
     fn address(&self, what: &str, raw: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
-        raw.get_ref().parse().map_err(|_| {
-            self.error(
-                raw.span(),
-                format!(
-                    "{what} `{}` is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\"",
-                    raw.get_ref()
-                ),
-            )
-        })
+        socket_addr(raw.get_ref()).map_err(|e| self.error(raw.span(), format!("{what} {e}")))
     }
 
     fn error(&self, span: Range<usize>, message: String) -> ConfigError {
@@ -702,7 +673,7 @@ command = ["server", "{port}"]
         let config = parse(MINIMAL).expect("valid");
         assert_eq!(
             config.admin.listen,
-            AdminAddr::Tcp(DEFAULT_ADMIN_LISTEN.parse().expect("address"))
+            Endpoint::Tcp(DEFAULT_ADMIN_LISTEN.parse().expect("address"))
         );
         let web = &config.services["web"];
         assert_eq!(web.listen, vec!["127.0.0.1:8080".parse().expect("address")]);
@@ -772,7 +743,7 @@ timeout = "3s"
         .expect("valid");
         assert_eq!(
             config.admin.listen,
-            AdminAddr::Tcp("[::1]:9901".parse().expect("address"))
+            Endpoint::Tcp("[::1]:9901".parse().expect("address"))
         );
         let api = &config.services["api"];
         assert_eq!(api.listen.len(), 2);
@@ -917,8 +888,26 @@ timeout = "3s"
         .expect("valid with a token");
         assert_eq!(config.admin.token_file.as_deref(), Some(Path::new("/etc/baton/token")));
         let config = parse(&format!("[admin]\nlisten = \"unix:/run/baton.sock\"\n{MINIMAL}")).expect("valid");
-        assert_eq!(config.admin.listen, AdminAddr::Unix(PathBuf::from("/run/baton.sock")));
+        assert_eq!(config.admin.listen, Endpoint::Unix(PathBuf::from("/run/baton.sock")));
         assert!(error(&format!("[admin]\nlisten = \"unix:baton.sock\"\n{MINIMAL}")).contains("absolute path"));
+    }
+
+    #[test]
+    fn a_bad_admin_address_is_refused_with_its_position() {
+        let message = error(&format!("[admin]\nlisten = \"unix:admin.sock\"\n{MINIMAL}"));
+        assert!(
+            message.starts_with(
+                "baton.toml:2:10: admin: listen `unix:` needs an absolute path, like \"unix:/run/baton/admin.sock\""
+            ),
+            "{message}"
+        );
+        let message = error(&format!("[admin]\nlisten = \"localhost:9900\"\n{MINIMAL}"));
+        assert!(
+            message.starts_with(
+                "baton.toml:2:10: admin: listen `localhost:9900` is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\""
+            ),
+            "{message}"
+        );
     }
 
     #[test]

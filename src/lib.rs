@@ -20,6 +20,7 @@
 //! - [`cli`]: the operator's commands, clients of the admin API.
 //! - [`clock`]: [`clock::Time`], a serialisable moment on the monotonic clock.
 //! - [`metrics`]: the Prometheus registry; every metric name.
+//! - [`endpoint`]: [`endpoint::Endpoint`], a TCP address or Unix socket path: parse, print, bind, connect.
 //! - [`error`]: [`error::chain`], an error and its causes on one line, for every layer.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod endpoint;
 pub mod error;
 pub mod lifecycle;
 pub mod listener;

@@ -9,12 +9,10 @@ use std::time::Duration;
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
 use crate::config::Readiness;
-use crate::route::WorkerAddr;
+use crate::endpoint::{Endpoint, Stream};
 
 /// The longest one probe may take, whatever the interval.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,7 +48,7 @@ pub enum ProbeError {
 }
 
 /// Polls the worker at `addr` every `readiness.interval` until a probe succeeds, or fails at `deadline`.
-pub async fn wait_ready(addr: &WorkerAddr, readiness: &Readiness, deadline: Instant) -> Result<(), ReadinessError> {
+pub async fn wait_ready(addr: &Endpoint, readiness: &Readiness, deadline: Instant) -> Result<(), ReadinessError> {
     let mut last = String::from("no probe yet");
     let poll = async {
         loop {
@@ -76,29 +74,15 @@ pub async fn wait_ready(addr: &WorkerAddr, readiness: &Readiness, deadline: Inst
 }
 
 /// One probe: a connect, then a GET of `path` when there is one.
-pub async fn probe(addr: &WorkerAddr, path: Option<&str>) -> Result<(), ProbeError> {
-    match addr {
-        WorkerAddr::Tcp(a) => {
-            let stream = TcpStream::connect(a).await.map_err(ProbeError::Connect)?;
-            match path {
-                Some(path) => http_get(stream, path).await,
-                None => Ok(()),
-            }
-        }
-        WorkerAddr::Unix(p) => {
-            let stream = UnixStream::connect(p).await.map_err(ProbeError::Connect)?;
-            match path {
-                Some(path) => http_get(stream, path).await,
-                None => Ok(()),
-            }
-        }
+pub async fn probe(addr: &Endpoint, path: Option<&str>) -> Result<(), ProbeError> {
+    let stream = addr.connect().await.map_err(ProbeError::Connect)?;
+    match path {
+        Some(path) => http_get(stream, path).await,
+        None => Ok(()),
     }
 }
 
-async fn http_get<S>(stream: S, path: &str) -> Result<(), ProbeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+async fn http_get(stream: Stream, path: &str) -> Result<(), ProbeError> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(ProbeError::Http)?;

@@ -4,9 +4,6 @@
 //! closes. Everything a connection needs is in that one snapshot, so a switch is a single pointer store and
 //! no connection can see half of one. Nothing here takes a lock.
 
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -15,6 +12,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint::Endpoint;
 use crate::metrics::ServiceMetrics;
 
 /// How often [`Upstream::settle`] looks at the unanswered connections.
@@ -119,23 +117,8 @@ impl Drop for Admission<'_> {
     }
 }
 
-/// The private address of a worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerAddr {
-    /// A loopback TCP address.
-    Tcp(SocketAddr),
-    /// A Unix socket path.
-    Unix(PathBuf),
-}
-
-impl fmt::Display for WorkerAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WorkerAddr::Tcp(addr) => write!(f, "{addr}"),
-            WorkerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
+/// The private address of a worker is an [`Endpoint`]; the name stays for the data path, which dials it.
+pub use crate::endpoint::Endpoint as WorkerAddr;
 
 /// One worker as seen by the data path: its address and the count of connections going to it.
 #[derive(Debug)]
@@ -145,7 +128,7 @@ pub struct Upstream {
     /// The worker's process id.
     pub pid: u32,
     /// Where the worker listens.
-    pub addr: WorkerAddr,
+    pub addr: Endpoint,
     /// Open connections in the low bits, [`DRAINING`] in the top bit: one word, so taking a guard and
     /// starting a drain cannot race.
     state: AtomicUsize,
@@ -167,7 +150,7 @@ pub struct Guard {
 
 impl Upstream {
     /// A worker with no connection yet.
-    pub fn new(generation: u64, pid: u32, addr: WorkerAddr) -> Upstream {
+    pub fn new(generation: u64, pid: u32, addr: Endpoint) -> Upstream {
         Upstream {
             generation,
             pid,
@@ -309,7 +292,7 @@ mod tests {
         Arc::new(Upstream::new(
             1,
             1,
-            WorkerAddr::Tcp("127.0.0.1:1".parse().expect("address")),
+            Endpoint::Tcp("127.0.0.1:1".parse().expect("address")),
         ))
     }
 
@@ -391,7 +374,7 @@ mod tests {
         let new = Arc::new(Upstream::new(
             2,
             2,
-            WorkerAddr::Tcp("127.0.0.1:2".parse().expect("address")),
+            Endpoint::Tcp("127.0.0.1:2".parse().expect("address")),
         ));
         route.store(Arc::new(Route {
             upstream: Some(Arc::clone(&new)),

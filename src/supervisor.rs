@@ -17,11 +17,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::admin::{self, AdminListener};
-use crate::config::{AdminAddr, AdminConfig, Config, ConfigError};
+use crate::admin;
+use crate::config::{AdminConfig, Config, ConfigError};
 use crate::control::{
     ActionError, Command, Control, Directory, Events, ReloadReport, ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
 };
+use crate::endpoint::{self, Endpoint};
 use crate::error::chain;
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
@@ -49,7 +50,7 @@ pub enum StartError {
     #[error("admin: listen {addr}")]
     AdminBind {
         /// The address.
-        addr: AdminAddr,
+        addr: Endpoint,
         /// What bind returned.
         #[source]
         source: io::Error,
@@ -387,8 +388,8 @@ fn bind_all(
     Ok(pool)
 }
 
-fn bind_admin(addr: &AdminAddr) -> Result<AdminListener, StartError> {
-    let listener = AdminListener::bind(addr).map_err(|source| StartError::AdminBind {
+fn bind_admin(addr: &Endpoint) -> Result<endpoint::Listener, StartError> {
+    let listener = addr.bind().map_err(|source| StartError::AdminBind {
         addr: addr.clone(),
         source,
     })?;
@@ -412,7 +413,7 @@ fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
     Ok(Some(Arc::new(token)))
 }
 
-fn serve_admin(listener: AdminListener, control: Control) -> AbortOnDropHandle<()> {
+fn serve_admin(listener: endpoint::Listener, control: Control) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, control)))
 }
 

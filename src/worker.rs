@@ -20,7 +20,7 @@ use nix::unistd::{Gid, Group, Pid, Uid, User};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Backend, Output, ServiceConfig, substitute};
-use crate::route::WorkerAddr;
+use crate::endpoint::Endpoint;
 
 /// Variables of baton's own that a worker must never inherit.
 const PRIVATE_VARIABLES: [&str; 5] = [
@@ -197,7 +197,7 @@ pub struct Worker {
     /// Its process id, which is also its process group id.
     pub pid: u32,
     /// Its private address.
-    pub addr: WorkerAddr,
+    pub addr: Endpoint,
     exit: watch::Receiver<Option<ExitStatus>>,
     /// Set when baton asks the worker to stop, so that its exit is not reported as a crash.
     stopping: Arc<AtomicBool>,
@@ -215,7 +215,7 @@ impl Worker {
         let (addr, address_text) = match service.backend {
             Backend::Tcp => {
                 let addr = reserve_loopback_port().map_err(SpawnError::Address)?;
-                (WorkerAddr::Tcp(addr), addr.port().to_string())
+                (Endpoint::Tcp(addr), addr.port().to_string())
             }
             Backend::Unix => {
                 let dir = socket_dir(runtime_dir, service, identity.as_ref())?;
@@ -230,7 +230,7 @@ impl Worker {
                     _ => {}
                 }
                 let text = path.to_string_lossy().into_owned();
-                (WorkerAddr::Unix(path), text)
+                (Endpoint::Unix(path), text)
             }
         };
         let fill = |text: &str| substitute(text, service, &address_text, generation);
@@ -361,7 +361,7 @@ impl Worker {
     }
 
     fn remove_socket(&self) {
-        if let WorkerAddr::Unix(path) = &self.addr {
+        if let Some(path) = self.addr.unix_path() {
             let _ = std::fs::remove_file(path);
         }
     }
