@@ -103,6 +103,15 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Every trigger, in declaration order.
+    pub const ALL: [Trigger; 5] = [
+        Trigger::Start,
+        Trigger::Signal,
+        Trigger::Api,
+        Trigger::Restart,
+        Trigger::Unhealthy,
+    ];
+
     /// The `trigger` label value.
     pub fn label(self) -> &'static str {
         match self {
@@ -148,6 +157,9 @@ pub enum UpgradeResult {
 }
 
 impl UpgradeResult {
+    /// Every result, in declaration order.
+    pub const ALL: [UpgradeResult; 3] = [UpgradeResult::Success, UpgradeResult::Failed, UpgradeResult::RolledBack];
+
     /// The `result` label value.
     pub fn label(self) -> &'static str {
         match self {
@@ -485,4 +497,21 @@ impl Control {
 /// Milliseconds in `duration`, saturating.
 pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{RESTART_REASONS, UPGRADE_RESULTS, UPGRADE_TRIGGERS};
+
+    /// The metrics export every label value at 0 from the start; these lists must be the enums' labels.
+    #[test]
+    fn the_metric_label_lists_are_the_labels_of_every_variant() {
+        assert_eq!(Trigger::ALL.map(Trigger::label), UPGRADE_TRIGGERS);
+        assert_eq!(UpgradeResult::ALL.map(UpgradeResult::label), UPGRADE_RESULTS);
+        assert_eq!(
+            [Trigger::Restart, Trigger::Unhealthy].map(Trigger::label),
+            RESTART_REASONS
+        );
+    }
 }

@@ -3,6 +3,15 @@
 //! The data path touches only pre-resolved handles ([`ServiceMetrics`]): no label lookup, no lock per
 //! connection. Gauges that describe state (generation, active connections) are set when state changes or
 //! just before a scrape, never counted up and down per connection.
+//!
+//! A counter whose label values are known in advance is exported at 0 from the start, every combination of
+//! them: the daemon's when the registry is made, a service's when its handles are ([`Metrics::service`]).
+//! A dashboard then shows 0, not "No data", for what has not happened yet. The label values are the lists
+//! below ([`RELOAD_RESULTS`], [`UPGRADE_TRIGGERS`], ...); recording one that is not listed is a bug, which a
+//! debug assertion catches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -55,6 +64,34 @@ pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str = "baton_config_last_reload
 /// Always 1, labelled with the version.
 pub const BUILD_INFO: &str = "baton_build_info";
 
+/// The `result` values of [`CONFIG_RELOADS`]: the reload applied, or was rejected whole.
+pub const RELOAD_RESULTS: [&str; 2] = ["success", "failed"];
+/// The `trigger` values of [`UPGRADES`]: the labels of `control::Trigger`, every one of them.
+pub const UPGRADE_TRIGGERS: [&str; 5] = ["start", "signal", "api", "restart", "unhealthy"];
+/// The `result` values of [`UPGRADES`]: the labels of `control::UpgradeResult`, every one of them.
+pub const UPGRADE_RESULTS: [&str; 3] = ["success", "failed", "rolled_back"];
+/// The `reason` values of [`WORKER_RESTARTS`]: the labels of the triggers that replace a worker,
+/// `control::Trigger::Restart` (it exited or could not start) and `control::Trigger::Unhealthy`.
+pub const RESTART_REASONS: [&str; 2] = ["restart", "unhealthy"];
+/// The `result` values of [`HEALTH_CHECKS`].
+pub const HEALTH_RESULTS: [&str; 2] = ["success", "failure"];
+/// The `reason` values of [`CONNECTIONS_REJECTED`].
+pub const REJECT_REASONS: [&str; 4] = ["no_worker", "max_connections", "pending_timeout", "drain_timeout"];
+/// The `side` and `kind` values of [`CONNECTION_ERRORS`] that occur.
+pub const ERROR_KINDS: [(Side, &str); 7] = [
+    (Side::Worker, "connect"),
+    (Side::Worker, "reset"),
+    (Side::Client, "reset"),
+    (Side::Client, "accept"),
+    (Side::Client, "idle_timeout"),
+    (Side::Client, "half_close_timeout"),
+    (Side::Worker, "half_close_timeout"),
+];
+/// The `direction` values of [`BYTES`].
+pub const DIRECTIONS: [&str; 2] = ["to_worker", "to_client"];
+/// The `role` values of [`CONNECTIONS_ACTIVE`].
+pub const ROLES: [&str; 2] = ["active", "draining"];
+
 /// Every metric of the daemon, registered in one registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -80,6 +117,9 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_ok: IntGauge,
     last_reload_time: Gauge,
+    /// How many live [`ServiceMetrics`] sets each service name has: a service removed by a reload may still
+    /// drain while one of the same name has started again, and only the last to go removes the series.
+    users: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// The handles of one service, resolved once so the data path does no label lookup.
@@ -266,7 +306,11 @@ impl Metrics {
             )
             .expect("metric options are valid"),
             registry,
+            users: Arc::default(),
         };
+        for result in RELOAD_RESULTS {
+            metrics.reloads.with_label_values(&[result]);
+        }
         register(&metrics.registry, metrics.last_reload_ok.clone());
         register(&metrics.registry, metrics.last_reload_time.clone());
         let build = IntGaugeVec::new(
@@ -284,9 +328,35 @@ impl Metrics {
         metrics
     }
 
-    /// The handles of service `name`.
+    /// The handles of service `name`. Every series of the service whose labels are known in advance is
+    /// exported from now on, at 0 until something happens.
     pub fn service(&self, name: &str) -> ServiceMetrics {
-        let error = |side: Side, kind: &str| self.errors.with_label_values(&[name, side.label(), kind]);
+        // Held while the series are made, so that a `forget_service` of the same name cannot interleave.
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        *users.entry(name.to_owned()).or_default() += 1;
+        for (side, kind) in ERROR_KINDS {
+            self.errors.with_label_values(&[name, side.label(), kind]);
+        }
+        for reason in RESTART_REASONS {
+            self.restarts.with_label_values(&[name, reason]);
+        }
+        for trigger in UPGRADE_TRIGGERS {
+            for result in UPGRADE_RESULTS {
+                self.upgrades.with_label_values(&[name, trigger, result]);
+            }
+        }
+        let rejected = |reason: &str| {
+            debug_assert!(REJECT_REASONS.contains(&reason), "unlisted reason {reason}");
+            self.rejected.with_label_values(&[name, reason])
+        };
+        let health = |result: &str| {
+            debug_assert!(HEALTH_RESULTS.contains(&result), "unlisted result {result}");
+            self.health.with_label_values(&[name, result])
+        };
+        let error = |side: Side, kind: &str| {
+            debug_assert!(ERROR_KINDS.contains(&(side, kind)), "unlisted error {kind}");
+            self.errors.with_label_values(&[name, side.label(), kind])
+        };
         ServiceMetrics {
             accepted: self.accepted.with_label_values(&[name]),
             bytes_to_worker: self.bytes.with_label_values(&[name, "to_worker"]),
@@ -295,13 +365,13 @@ impl Metrics {
             worker_resets: error(Side::Worker, "reset"),
             client_resets: error(Side::Client, "reset"),
             accept_errors: error(Side::Client, "accept"),
-            rejected_no_worker: self.rejected.with_label_values(&[name, "no_worker"]),
-            rejected_max_connections: self.rejected.with_label_values(&[name, "max_connections"]),
-            rejected_pending_timeout: self.rejected.with_label_values(&[name, "pending_timeout"]),
+            rejected_no_worker: rejected("no_worker"),
+            rejected_max_connections: rejected("max_connections"),
+            rejected_pending_timeout: rejected("pending_timeout"),
             pending: self.pending.with_label_values(&[name]),
-            health_ok: self.health.with_label_values(&[name, "success"]),
-            health_failed: self.health.with_label_values(&[name, "failure"]),
-            drain_cut: self.rejected.with_label_values(&[name, "drain_timeout"]),
+            health_ok: health("success"),
+            health_failed: health("failure"),
+            drain_cut: rejected("drain_timeout"),
             resent: self.resent.with_label_values(&[name]),
             connection_duration: self.connection_duration.with_label_values(&[name]),
             worker_connect_duration: self.connect_duration.with_label_values(&[name]),
@@ -312,6 +382,7 @@ impl Metrics {
 
     /// Records a restart of a service's worker.
     pub fn restart(&self, service: &str, reason: &str) {
+        debug_assert!(RESTART_REASONS.contains(&reason), "unlisted restart reason {reason}");
         self.restarts.with_label_values(&[service, reason]).inc();
     }
 
@@ -331,6 +402,11 @@ impl Metrics {
 
     /// Records the end of an upgrade.
     pub fn upgrade_finished(&self, service: &str, trigger: &str, result: &str) {
+        debug_assert!(
+            UPGRADE_TRIGGERS.contains(&trigger),
+            "unlisted upgrade trigger {trigger}"
+        );
+        debug_assert!(UPGRADE_RESULTS.contains(&result), "unlisted upgrade result {result}");
         self.upgrades.with_label_values(&[service, trigger, result]).inc();
     }
 
@@ -352,8 +428,20 @@ impl Metrics {
             .set(state.draining_connections as i64);
     }
 
-    /// Drops the series of a service that no longer exists.
+    /// Drops every series of a service that no longer exists, once the last holder of its handles (see
+    /// [`Metrics::service`]) is gone.
     pub fn forget_service(&self, service: &str) {
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = users.get_mut(service) {
+            *count -= 1;
+            if *count > 0 {
+                return;
+            }
+            users.remove(service);
+        }
+        for vec in [&self.accepted, &self.resent] {
+            let _ = vec.remove_label_values(&[service]);
+        }
         for vec in [
             &self.generation,
             &self.worker_up,
@@ -363,8 +451,36 @@ impl Metrics {
         ] {
             let _ = vec.remove_label_values(&[service]);
         }
-        for role in ["active", "draining"] {
+        for vec in [
+            &self.connection_duration,
+            &self.connect_duration,
+            &self.ready_duration,
+            &self.drain_duration,
+        ] {
+            let _ = vec.remove_label_values(&[service]);
+        }
+        for role in ROLES {
             let _ = self.active.remove_label_values(&[service, role]);
+        }
+        for direction in DIRECTIONS {
+            let _ = self.bytes.remove_label_values(&[service, direction]);
+        }
+        for reason in REJECT_REASONS {
+            let _ = self.rejected.remove_label_values(&[service, reason]);
+        }
+        for result in HEALTH_RESULTS {
+            let _ = self.health.remove_label_values(&[service, result]);
+        }
+        for (side, kind) in ERROR_KINDS {
+            let _ = self.errors.remove_label_values(&[service, side.label(), kind]);
+        }
+        for reason in RESTART_REASONS {
+            let _ = self.restarts.remove_label_values(&[service, reason]);
+        }
+        for trigger in UPGRADE_TRIGGERS {
+            for result in UPGRADE_RESULTS {
+                let _ = self.upgrades.remove_label_values(&[service, trigger, result]);
+            }
         }
     }
 
@@ -379,8 +495,9 @@ impl Metrics {
 
     /// Records a reload attempt.
     pub fn reload(&self, applied: bool) {
+        let [success, failed] = RELOAD_RESULTS;
         self.reloads
-            .with_label_values(&[if applied { "success" } else { "failed" }])
+            .with_label_values(&[if applied { success } else { failed }])
             .inc();
         if applied {
             self.config_loaded();
@@ -408,6 +525,7 @@ impl Default for Metrics {
 impl ServiceMetrics {
     /// Counts a failure of `side` of kind `kind` (an uncommon path: it looks the labels up).
     pub fn error(&self, side: Side, kind: &str) {
+        debug_assert!(ERROR_KINDS.contains(&(side, kind)), "unlisted error {kind}");
         self.errors.with_label_values(&[&self.name, side.label(), kind]).inc();
     }
 }
@@ -468,5 +586,97 @@ mod tests {
         }
         metrics.forget_service("web");
         assert!(!metrics.encode().contains("baton_worker_generation{service=\"web\"}"));
+    }
+
+    #[test]
+    fn a_fresh_registry_exports_every_known_series_at_zero() {
+        let metrics = Metrics::new();
+        let _web = metrics.service("web");
+        let text = metrics.encode();
+        let mut expected = vec![
+            "baton_config_reloads_total{result=\"success\"} 0".to_owned(),
+            "baton_config_reloads_total{result=\"failed\"} 0".to_owned(),
+        ];
+        for reason in ["restart", "unhealthy"] {
+            expected.push(format!(
+                "baton_worker_restarts_total{{reason=\"{reason}\",service=\"web\"}} 0"
+            ));
+        }
+        for trigger in ["start", "signal", "api", "restart", "unhealthy"] {
+            for result in ["success", "failed", "rolled_back"] {
+                expected.push(format!(
+                    "baton_upgrades_total{{result=\"{result}\",service=\"web\",trigger=\"{trigger}\"}} 0"
+                ));
+            }
+        }
+        for result in ["success", "failure"] {
+            expected.push(format!(
+                "baton_health_checks_total{{result=\"{result}\",service=\"web\"}} 0"
+            ));
+        }
+        for reason in ["no_worker", "max_connections", "pending_timeout", "drain_timeout"] {
+            expected.push(format!(
+                "baton_connections_rejected_total{{reason=\"{reason}\",service=\"web\"}} 0"
+            ));
+        }
+        for (side, kind) in [
+            ("worker", "connect"),
+            ("worker", "reset"),
+            ("client", "reset"),
+            ("client", "accept"),
+            ("client", "idle_timeout"),
+            ("client", "half_close_timeout"),
+            ("worker", "half_close_timeout"),
+        ] {
+            expected.push(format!(
+                "baton_connection_errors_total{{kind=\"{kind}\",service=\"web\",side=\"{side}\"}} 0"
+            ));
+        }
+        for direction in ["to_worker", "to_client"] {
+            expected.push(format!(
+                "baton_bytes_total{{direction=\"{direction}\",service=\"web\"}} 0"
+            ));
+        }
+        expected.push("baton_connections_accepted_total{service=\"web\"} 0".to_owned());
+        for line in &expected {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn forgetting_a_service_removes_every_series_it_had() {
+        let metrics = Metrics::new();
+        let web = metrics.service("web");
+        let _other = metrics.service("other");
+        web.accepted.inc();
+        web.error(Side::Client, "idle_timeout");
+        metrics.restart("web", "unhealthy");
+        metrics.upgrade_finished("web", "api", "rolled_back");
+        metrics.worker_ready("web", std::time::Duration::from_millis(5));
+        metrics.drained("web", std::time::Duration::from_millis(5));
+        metrics.service_state("web", &ServiceGauges::default());
+        assert!(metrics.encode().contains("service=\"web\""));
+        metrics.forget_service("web");
+        let text = metrics.encode();
+        let left: Vec<&str> = text.lines().filter(|l| l.contains("service=\"web\"")).collect();
+        assert!(left.is_empty(), "series of a forgotten service: {left:#?}");
+        assert!(text.contains("baton_upgrades_total{result=\"success\",service=\"other\",trigger=\"start\"} 0"));
+    }
+
+    #[test]
+    fn a_service_started_again_while_the_old_one_drains_keeps_its_series() {
+        let metrics = Metrics::new();
+        let _retiring = metrics.service("web");
+        let again = metrics.service("web");
+        // The removed service finishes draining after the new one of the same name started.
+        metrics.forget_service("web");
+        again.accepted.inc();
+        assert!(
+            metrics
+                .encode()
+                .contains("baton_connections_accepted_total{service=\"web\"} 1")
+        );
+        metrics.forget_service("web");
+        assert!(!metrics.encode().contains("service=\"web\""));
     }
 }

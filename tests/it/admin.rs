@@ -129,6 +129,29 @@ fn a_reload_request_returns_each_services_outcome_or_the_config_error() {
 }
 
 #[test]
+fn a_fresh_baton_exports_the_counters_of_what_has_not_happened_yet_at_zero() {
+    let baton = Baton::start(&web(&[], ""));
+    let (code, metrics) = http(baton.admin, "GET", "/metrics", &[]).expect("GET /metrics");
+    assert_eq!(code, 200);
+    for series in [
+        r#"baton_config_reloads_total{result="success"} 0"#,
+        r#"baton_config_reloads_total{result="failed"} 0"#,
+        r#"baton_worker_restarts_total{reason="restart",service="web"} 0"#,
+        r#"baton_worker_restarts_total{reason="unhealthy",service="web"} 0"#,
+        r#"baton_upgrades_total{result="rolled_back",service="web",trigger="api"} 0"#,
+        r#"baton_connection_errors_total{kind="idle_timeout",service="web",side="client"} 0"#,
+        // The first worker's start is an upgrade that happened.
+        r#"baton_upgrades_total{result="success",service="web",trigger="start"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|line| line == series),
+            "missing {series} in\n{metrics}"
+        );
+    }
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
 fn wrong_requests_get_json_errors() {
     let baton = Baton::start(&web(&[], ""));
     let (code, body) = post(&baton, "/v1/services/nope/upgrade");
