@@ -101,6 +101,7 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
     match (segments.as_slice(), &method) {
         (["healthz"], &Method::GET) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (["status"] | ["v1", "status"], &Method::GET) => json(StatusCode::OK, &control.status()),
+        (["v1", "state"], &Method::GET) => state(control).await,
         (["metrics"], &Method::GET) => {
             let mut response = Response::new(Full::new(Bytes::from(control.metrics_text())).boxed());
             response.headers_mut().insert(
@@ -251,6 +252,25 @@ async fn reload(control: &Control, scope: ReloadScope, wait: bool) -> Response<B
             &serde_json::json!({"result": "applied", "services": services}),
         ),
         Ok(Err(message)) => error(StatusCode::BAD_REQUEST, message),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
+    }
+}
+
+/// `GET /v1/state`: the daemon's whole state, the document a handover to a new baton carries.
+async fn state(control: &Control) -> Response<Body> {
+    let (reply, answer) = oneshot::channel();
+    if control.commands.send(Command::State { reply }).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(document)) => {
+            let mut response = Response::new(Full::new(Bytes::from(document)).boxed());
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Ok(Err(message)) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
     }
 }

@@ -64,6 +64,8 @@ const PLACEHOLDERS: [&str; 4] = ["{port}", "{socket}", "{service}", "{generation
 pub struct Config {
     /// The file it was read from, for messages and reloads.
     pub path: PathBuf,
+    /// The text it was read from: the running configuration as loaded, which a handover carries.
+    pub text: String,
     /// The admin API.
     pub admin: AdminConfig,
     /// The services by name, in name order.
@@ -394,6 +396,7 @@ impl Validator<'_> {
         }
         Ok(Config {
             path: self.path.to_owned(),
+            text: self.text.to_owned(),
             admin,
             services,
         })

@@ -40,6 +40,11 @@ pub enum Command {
         /// Told the outcome.
         reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
     },
+    /// Write out the daemon's whole state (see `handover`).
+    State {
+        /// Told the state document, or why it could not be written.
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
 }
 
 /// Why an action on a service was not carried out.

@@ -201,6 +201,15 @@ impl Listener {
         &self.local
     }
 
+    /// The listening socket's file descriptor, for a handover.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &self.socket {
+            Socket::Tcp(listener) => listener.as_raw_fd(),
+            Socket::Unix(socket) => socket.listener.as_raw_fd(),
+        }
+    }
+
     /// Waits for the next connection.
     pub async fn accept(&self) -> io::Result<Stream> {
         match &self.socket {

@@ -30,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod handover;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

@@ -38,6 +38,7 @@ pub type WaiterId = u64;
 
 /// The settings of a service that its lifecycle decides with, copied from its configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// How long the previous worker is kept warm after a switch; zero drains it at once.
     pub watchdog: Duration,
@@ -412,6 +413,7 @@ pub enum Event {
 
 /// A worker that serves, or served: the active one, or the previous one kept warm.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Serving {
     /// Its generation.
     pub generation: u64,
@@ -448,6 +450,7 @@ impl Serving {
 
 /// The new generation of an upgrade in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Candidate {
     /// Its generation.
     pub generation: u64,
@@ -463,6 +466,7 @@ pub struct Candidate {
 
 /// A candidate's running process, probed until it is ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Process {
     /// Its process id.
     pub pid: u32,
@@ -474,6 +478,7 @@ pub struct Process {
 
 /// The watchdog window after a switch: the previous worker is kept warm so traffic can go back to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Watch {
     /// The worker kept warm.
     pub previous: Serving,
@@ -489,6 +494,7 @@ pub struct Watch {
 
 /// An old worker finishing its connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Draining {
     /// Its generation.
     pub generation: u64,
@@ -534,6 +540,7 @@ pub enum DrainStep {
 
 /// Upgrade requests not yet started, folded into one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FollowUp {
     /// What asked for it last.
     pub trigger: Trigger,
@@ -545,6 +552,7 @@ pub struct FollowUp {
 
 /// A replacement of a dead or unhealthy worker, due at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Restart {
     /// When.
     pub at: Time,
@@ -554,6 +562,7 @@ pub struct Restart {
 
 /// One service's lifecycle: everything it decides with, as plain data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Machine {
     /// The service's name.
     pub service: String,

@@ -506,6 +506,50 @@ impl Metrics {
         }
     }
 
+    /// Every series' value, for a handover; the process metrics, which the kernel keeps, are left out.
+    pub fn snapshot(&self) -> Vec<crate::handover::MetricFamily> {
+        use crate::handover::{MetricFamily, Series, Value};
+        use prometheus::proto::MetricType;
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| !family.name().starts_with("process_"))
+            .map(|family| MetricFamily {
+                name: family.name().to_owned(),
+                series: family
+                    .get_metric()
+                    .iter()
+                    .filter_map(|metric| {
+                        let value = match family.get_field_type() {
+                            MetricType::COUNTER => Value::Counter(metric.get_counter().value()),
+                            MetricType::GAUGE => Value::Gauge(metric.get_gauge().value()),
+                            MetricType::HISTOGRAM => {
+                                let histogram = metric.get_histogram();
+                                Value::Histogram {
+                                    count: histogram.sample_count(),
+                                    sum: histogram.sample_sum(),
+                                    buckets: histogram
+                                        .get_bucket()
+                                        .iter()
+                                        .filter(|b| b.upper_bound().is_finite())
+                                        .map(|b| (b.upper_bound(), b.cumulative_count()))
+                                        .collect(),
+                                }
+                            }
+                            _ => return None,
+                        };
+                        let labels = metric
+                            .get_label()
+                            .iter()
+                            .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                            .collect();
+                        Some(Series { labels, value })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = Vec::new();

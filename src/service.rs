@@ -24,6 +24,7 @@ use crate::clock::Time;
 use crate::config::ServiceConfig;
 use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
 use crate::error::chain;
+use crate::handover::{ServiceSnapshot, WorkerState};
 use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub enum ServiceCommand {
         /// Its public sockets, bound already.
         listeners: Vec<Arc<Listener>>,
     },
+    /// Tell the service's state as a handover carries it.
+    Snapshot(oneshot::Sender<ServiceSnapshot>),
 }
 
 /// Told the outcome of an upgrade once its watchdog window is over.
@@ -116,6 +119,13 @@ impl ServiceHandle {
     /// Sends `command`; a service that has stopped ignores it.
     pub fn send(&self, command: ServiceCommand) {
         let _ = self.commands.send(command);
+    }
+
+    /// The service's lifecycle and workers as they stand; `None` once it has stopped.
+    pub async fn snapshot(&self) -> Option<ServiceSnapshot> {
+        let (reply, snapshot) = oneshot::channel();
+        self.send(ServiceCommand::Snapshot(reply));
+        snapshot.await.ok()
     }
 
     /// Stops accepting, drains and stops every worker, and resolves once none is left.
@@ -218,6 +228,32 @@ impl Service {
                 self.feed(Input::Rollback { reply });
             }
             ServiceCommand::Reconfigure { config, listeners } => self.reconfigure(config, listeners),
+            ServiceCommand::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    /// The machine and every worker it names, as plain data.
+    fn snapshot(&self) -> ServiceSnapshot {
+        let mut workers: Vec<WorkerState> = self
+            .workers
+            .iter()
+            .map(|(&generation, held)| WorkerState {
+                generation,
+                pid: held.worker.pid,
+                addr: held.worker.addr.clone(),
+                output: held.worker.output,
+                stopping: held.worker.is_stopping(),
+                connections: held.upstream.connections(),
+                unanswered: held.upstream.unanswered(),
+                draining: held.upstream.is_draining(),
+            })
+            .collect();
+        workers.sort_by_key(|w| w.generation);
+        ServiceSnapshot {
+            machine: self.machine.clone(),
+            workers,
         }
     }
 

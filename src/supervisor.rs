@@ -18,12 +18,14 @@ use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin;
+use crate::clock::Time;
 use crate::config::{AdminConfig, Config, ConfigError};
 use crate::control::{
     ActionError, Command, Control, Directory, Events, ReloadReport, ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
 };
 use crate::endpoint::{self, Endpoint};
 use crate::error::chain;
+use crate::handover::{ConfigSource, ListenerState, SocketState, State};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
 use crate::service::{Context, ServiceCommand, ServiceHandle, Waiter};
@@ -108,7 +110,11 @@ struct Supervisor {
     retiring: JoinSet<()>,
     directory: watch::Sender<Directory>,
     admin: AbortOnDropHandle<()>,
+    /// The admin API's socket, as a handover names it.
+    admin_socket: SocketState,
     control: Control,
+    /// When the daemon started.
+    started: Time,
 }
 
 /// Runs the daemon until `shutdown` resolves: binds, starts every service, reloads on `reload` (SIGHUP) and on
@@ -139,6 +145,7 @@ pub async fn run(
         token,
         events: events.clone(),
     };
+    let admin_socket = socket_state(&admin_listener);
     let admin = serve_admin(admin_listener, control.clone());
     let mut supervisor = Supervisor {
         config,
@@ -154,7 +161,9 @@ pub async fn run(
         retiring: JoinSet::new(),
         directory,
         admin,
+        admin_socket,
         control,
+        started: Time::now(),
     };
     let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
     let mut first = Vec::new();
@@ -212,6 +221,10 @@ pub async fn run(
                         let _ = reply.send(Err(ActionError::NotFound(service)));
                     }
                 },
+                Command::State { reply } => {
+                    let state = supervisor.state().await;
+                    let _ = reply.send(state.encode().map_err(|e| e.to_string()));
+                }
             },
             Some(_) = supervisor.retiring.join_next(), if !supervisor.retiring.is_empty() => {}
         }
@@ -276,6 +289,7 @@ impl Supervisor {
         self.pool = pool;
         self.control.token.store(token);
         if let Some(listener) = admin_listener {
+            self.admin_socket = socket_state(&listener);
             self.admin = serve_admin(listener, self.control.clone());
         }
         let mut outcomes = Vec::new();
@@ -329,6 +343,44 @@ impl Supervisor {
         tokio::spawn(async move {
             let _ = reply.send(outcome.await.map_err(|_| ActionError::ShuttingDown));
         });
+    }
+
+    /// The daemon's whole state as it stands, as a handover would carry it.
+    async fn state(&self) -> State {
+        let mut services = BTreeMap::new();
+        for (name, handle) in &self.services {
+            if let Some(snapshot) = handle.snapshot().await {
+                services.insert(name.clone(), snapshot);
+            }
+        }
+        let mut listeners: Vec<ListenerState> = self
+            .pool
+            .iter()
+            .map(|(key, listener)| ListenerState {
+                service: match key {
+                    ListenKey::Fixed(_) => None,
+                    ListenKey::Ephemeral(service, _) => Some(service.clone()),
+                },
+                configured: listener.configured,
+                local: listener.local,
+                fd: listener.raw_fd(),
+            })
+            .collect();
+        listeners.sort_by_key(|l| (l.local, l.service.clone()));
+        State {
+            started: Some(self.started),
+            config: Some(ConfigSource {
+                path: self.config.path.clone(),
+                text: self.config.text.clone(),
+            }),
+            listeners,
+            admin: Some(self.admin_socket.clone()),
+            runtime_dir: Some(self.context.runtime_dir.path().to_owned()),
+            fd_limit: self.context.spawner.worker_fd_limit().map(|l| (l.soft, l.hard)),
+            services,
+            metrics: self.context.metrics.snapshot(),
+            ..State::fresh()
+        }
     }
 
     fn publish_directory(&self) {
@@ -411,6 +463,14 @@ fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
         return Err(failed(io::Error::new(io::ErrorKind::InvalidData, "the file is empty")));
     }
     Ok(Some(Arc::new(token)))
+}
+
+/// The admin socket as a handover names it.
+fn socket_state(listener: &endpoint::Listener) -> SocketState {
+    SocketState {
+        endpoint: listener.local().clone(),
+        fd: listener.raw_fd(),
+    }
 }
 
 fn serve_admin(listener: endpoint::Listener, control: Control) -> AbortOnDropHandle<()> {

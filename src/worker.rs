@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,11 @@ impl Spawner {
         result.await.map_err(|_| SpawnError::ShuttingDown)
     }
 
+    /// The open-file limit workers get: baton's own as it started.
+    pub fn worker_fd_limit(&self) -> Option<FdLimit> {
+        self.worker_fd_limit
+    }
+
     /// Ends [`SpawnerLoop::run`].
     pub fn exit(&self) {
         let _ = self.requests.send(SpawnerMessage::Exit);
@@ -198,6 +204,8 @@ pub struct Worker {
     pub pid: u32,
     /// Its private address.
     pub addr: Endpoint,
+    /// The read ends of its stdout and stderr pipes, while its output is logged.
+    pub output: Option<(RawFd, RawFd)>,
     exit: watch::Receiver<Option<ExitStatus>>,
     /// Set when baton asks the worker to stop, so that its exit is not reported as a crash.
     stopping: Arc<AtomicBool>,
@@ -260,6 +268,11 @@ impl Worker {
             .await?
             .map_err(|source| SpawnError::Exec { program, source })?;
         let pid = child.id().expect("a child not yet waited for has a pid");
+        let output = child
+            .stdout
+            .as_ref()
+            .zip(child.stderr.as_ref())
+            .map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd()));
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(forward_output(stdout, service.name.clone(), generation, pid, "stdout"));
         }
@@ -294,6 +307,7 @@ impl Worker {
             generation,
             pid,
             addr,
+            output,
             exit,
             stopping,
         })
@@ -319,6 +333,11 @@ impl Worker {
     /// The exit status, if the worker has exited.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         *self.exit.borrow()
+    }
+
+    /// Whether baton has asked the worker to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// Sends `signal` to the worker's process group, unless it has exited already.

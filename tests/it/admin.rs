@@ -220,3 +220,84 @@ fn the_event_stream_tells_every_phase_of_an_upgrade() {
     );
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+/// The inode of the socket listening on 127.0.0.1:`port`, from the kernel's table.
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local_address, then the state (0A: LISTEN), then the inode in the tenth column.
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")).then(|| fields[9].to_owned())
+    })
+}
+
+#[test]
+fn the_state_document_names_every_socket_worker_and_counter_and_reads_back() {
+    let baton = Baton::start(&web(&[], "watchdog = \"1m\""));
+    let first = baton.worker_pid("web");
+    let (code, _) = http(baton.admin, "POST", "/v1/services/web/upgrade?wait=false", &[]).expect("POST");
+    assert_eq!(code, 202);
+    // Caught in its watchdog window: two workers, the previous one kept warm.
+    let service = wait_for("the watchdog window", || {
+        let service = baton.service("web");
+        if service["phase"] == "watching" {
+            Ok(service)
+        } else {
+            Err(service.to_string())
+        }
+    });
+    let (code, body) = http(baton.admin, "GET", "/v1/state", &[]).expect("GET /v1/state");
+    assert_eq!(code, 200, "{body}");
+    let state = baton::handover::State::decode(body.as_bytes()).expect("a state document");
+    assert_eq!(state.version, baton::handover::VERSION);
+    let config = state.config.as_ref().expect("the running configuration");
+    assert_eq!(
+        config.text,
+        std::fs::read_to_string(baton.config_path()).expect("config file")
+    );
+    // The lifecycle as it stands, and the processes it names.
+    let web = &state.services["web"];
+    let machine = &web.machine;
+    assert_eq!(machine.active.as_ref().map(|a| a.generation), Some(2));
+    assert_eq!(machine.watch.as_ref().map(|w| w.previous.generation), Some(1));
+    let pids: Vec<(u64, u32)> = web.workers.iter().map(|w| (w.generation, w.pid)).collect();
+    assert_eq!(pids, [(1, first), (2, service["pid"].as_u64().expect("pid") as u32)]);
+    assert_eq!(
+        web.workers[1].addr.to_string(),
+        service["worker"].as_str().expect("worker")
+    );
+    // Every descriptor named is the very socket: the public one by its inode in the kernel's table.
+    let fd_target = |fd: i32| std::fs::read_link(format!("/proc/{}/fd/{fd}", baton.pid())).ok();
+    let listener = &state.listeners[0];
+    assert_eq!(listener.local, baton.addr("web"));
+    let inode = listening_inode(listener.local.port()).expect("listening socket in /proc/net/tcp");
+    assert_eq!(
+        fd_target(listener.fd).map(|p| p.display().to_string()),
+        Some(format!("socket:[{inode}]"))
+    );
+    let admin = state.admin.as_ref().expect("admin socket");
+    assert_eq!(admin.endpoint.to_string(), baton.admin.to_string());
+    let admin_inode = listening_inode(baton.admin.port()).expect("admin socket in /proc/net/tcp");
+    assert_eq!(
+        fd_target(admin.fd).map(|p| p.display().to_string()),
+        Some(format!("socket:[{admin_inode}]"))
+    );
+    assert!(state.runtime_dir.as_ref().is_some_and(|d| d.is_dir()));
+    // Counters, with their labels.
+    let upgrades = state
+        .metrics
+        .iter()
+        .find(|f| f.name == "baton_upgrades_total")
+        .expect("the upgrade counter");
+    let started = upgrades
+        .series
+        .iter()
+        .find(|s| s.labels.get("trigger").map(String::as_str) == Some("start") && s.labels["result"] == "success")
+        .expect("the first upgrade's series");
+    assert_eq!(started.value, baton::handover::Value::Counter(1.0));
+    // What is read back is what was written.
+    let again = baton::handover::State::decode(&state.encode().expect("encode")).expect("decode");
+    assert_eq!(again, state);
+    assert_eq!(baton.stop().code(), Some(0));
+}

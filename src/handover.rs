@@ -1,0 +1,373 @@
+//! The daemon's whole state as one versioned, serialisable type: everything a new image of baton would need
+//! to start again exactly where this one stands.
+//!
+//! [`State`] is plain data. Descriptors appear as their numbers (they are what an exec keeps); instants as
+//! [`crate::clock::Time`]s on the monotonic clock, which an exec keeps too. [`State::encode`] writes it,
+//! [`State::decode`] reads it back and refuses, with a clear error, a state of a format this binary does not
+//! know. A fresh start is a start from [`State::fresh`]. `/v1/state` shows the state of a running daemon.
+//! Nothing here does I/O.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Time;
+use crate::endpoint::Endpoint;
+use crate::lifecycle::Machine;
+
+/// The format this binary writes, and the newest it reads.
+pub const VERSION: u32 = 1;
+
+/// Why a written state cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// It is not a state document at all.
+    #[error("not a baton state document")]
+    Malformed(#[source] serde_json::Error),
+    /// A newer baton wrote it.
+    #[error("state format {found} is newer than this baton ({}) reads: at most {VERSION}", env!("CARGO_PKG_VERSION"))]
+    Newer {
+        /// The version found.
+        found: u32,
+    },
+    /// A version this binary never wrote.
+    #[error("unknown state format {found}: this baton ({}) reads format {VERSION}", env!("CARGO_PKG_VERSION"))]
+    Unknown {
+        /// The version found.
+        found: u32,
+    },
+    /// The version is known but the document does not match it.
+    #[error("state format {VERSION} document does not match the format")]
+    Invalid(#[source] serde_json::Error),
+}
+
+/// Everything the daemon carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// The format, [`VERSION`] when written by this binary.
+    pub version: u32,
+    /// The version of the baton that wrote it.
+    pub written_by: String,
+    /// When the daemon started (its uptime runs on).
+    pub started: Option<Time>,
+    /// The running configuration, as it was loaded: not read from disk again.
+    pub config: Option<ConfigSource>,
+    /// The public listening sockets.
+    pub listeners: Vec<ListenerState>,
+    /// The admin API's listening socket.
+    pub admin: Option<SocketState>,
+    /// The private directory of workers' Unix sockets.
+    pub runtime_dir: Option<PathBuf>,
+    /// The open-file limit baton started with, which workers get.
+    pub fd_limit: Option<(u64, u64)>,
+    /// Every service, by name.
+    pub services: BTreeMap<String, ServiceSnapshot>,
+    /// Every metric's value.
+    pub metrics: Vec<MetricFamily>,
+}
+
+/// A configuration file's text and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSource {
+    /// The file (a reload reads it again).
+    pub path: PathBuf,
+    /// Its text as it was loaded.
+    pub text: String,
+}
+
+/// A public listening socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerState {
+    /// The service that owns it when its configured port is 0 (an ephemeral socket is per service).
+    pub service: Option<String>,
+    /// The address as configured.
+    pub configured: SocketAddr,
+    /// The address bound.
+    pub local: SocketAddr,
+    /// Its descriptor.
+    pub fd: RawFd,
+}
+
+/// A listening socket on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketState {
+    /// Where it listens.
+    pub endpoint: Endpoint,
+    /// Its descriptor.
+    pub fd: RawFd,
+}
+
+/// One service: its lifecycle and the worker processes it names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSnapshot {
+    /// The lifecycle machine, as it stands.
+    pub machine: Machine,
+    /// Every worker process the machine names.
+    pub workers: Vec<WorkerState>,
+}
+
+/// One worker process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerState {
+    /// Its generation.
+    pub generation: u64,
+    /// Its process id (and process group).
+    pub pid: u32,
+    /// Its private address.
+    pub addr: Endpoint,
+    /// The read ends of its stdout and stderr pipes, when its output is logged.
+    pub output: Option<(RawFd, RawFd)>,
+    /// Whether baton has asked it to stop (its exit is expected).
+    pub stopping: bool,
+    /// Connections open to it.
+    pub connections: usize,
+    /// Connections it has not answered yet.
+    pub unanswered: usize,
+    /// Whether it takes no new connection.
+    pub draining: bool,
+}
+
+/// One metric family's values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricFamily {
+    /// Its name.
+    pub name: String,
+    /// Its series.
+    pub series: Vec<Series>,
+}
+
+/// One series of a family: its labels and its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Series {
+    /// Its labels, by name.
+    pub labels: BTreeMap<String, String>,
+    /// Its value.
+    pub value: Value,
+}
+
+/// A series' value, by metric type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Value {
+    /// A counter.
+    Counter(f64),
+    /// A gauge.
+    Gauge(f64),
+    /// A histogram: observations, their sum, and the cumulative count per upper bound.
+    Histogram {
+        /// Observations.
+        count: u64,
+        /// Their sum.
+        sum: f64,
+        /// `(upper bound, cumulative count)`, in order.
+        buckets: Vec<(f64, u64)>,
+    },
+}
+
+impl State {
+    /// The state of a daemon that has not started anything: a fresh start starts from it.
+    pub fn fresh() -> State {
+        State {
+            version: VERSION,
+            written_by: env!("CARGO_PKG_VERSION").to_owned(),
+            started: None,
+            config: None,
+            listeners: Vec::new(),
+            admin: None,
+            runtime_dir: None,
+            fd_limit: None,
+            services: BTreeMap::new(),
+            metrics: Vec::new(),
+        }
+    }
+
+    /// Whether nothing has been started from this state.
+    pub fn is_fresh(&self) -> bool {
+        self.config.is_none() && self.listeners.is_empty() && self.services.is_empty()
+    }
+
+    /// The state as a JSON document. Fails only for what JSON cannot carry back exactly (a Unix socket path
+    /// that is not UTF-8), rather than writing something that would read back as something else.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// Reads a document [`State::encode`] wrote, checking its version before anything else.
+    pub fn decode(bytes: &[u8]) -> Result<State, HandoverError> {
+        #[derive(Deserialize)]
+        struct Header {
+            version: u32,
+        }
+        let header: Header = serde_json::from_slice(bytes).map_err(HandoverError::Malformed)?;
+        match header.version {
+            VERSION => serde_json::from_slice(bytes).map_err(HandoverError::Invalid),
+            found if found > VERSION => Err(HandoverError::Newer { found }),
+            found => Err(HandoverError::Unknown { found }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::Trigger;
+    use crate::lifecycle::{Input, Policy};
+
+    fn machine() -> Machine {
+        let policy = Policy {
+            watchdog: Duration::from_secs(10),
+            readiness_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            signal_first: false,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(10),
+            max_draining: 3,
+            health_interval: Duration::from_secs(1),
+            health_failures: 3,
+            health_successes: 2,
+        };
+        let mut machine = Machine::new("web".into(), policy);
+        let now = Time::from_origin(Duration::from_secs(100));
+        for input in [
+            Input::Upgrade {
+                trigger: Trigger::Start,
+                waiter: None,
+            },
+            Input::Spawned {
+                generation: 1,
+                pid: 41,
+                worker: "127.0.0.1:4001".into(),
+            },
+            Input::Ready { generation: 1 },
+            Input::Upgrade {
+                trigger: Trigger::Api,
+                waiter: Some(1),
+            },
+            Input::Spawned {
+                generation: 2,
+                pid: 42,
+                worker: "unix:/run/baton/web-2.sock".into(),
+            },
+            Input::Ready { generation: 2 },
+        ] {
+            machine.step(input, now);
+        }
+        machine
+    }
+
+    /// A state with something in every field.
+    fn full() -> State {
+        let worker = |generation: u64, addr: &str| WorkerState {
+            generation,
+            pid: 40 + u32::try_from(generation).expect("small"),
+            addr: addr.parse().expect("endpoint"),
+            output: Some((10, 11)),
+            stopping: false,
+            connections: 3,
+            unanswered: 1,
+            draining: generation == 1,
+        };
+        State {
+            started: Some(Time::from_origin(Duration::from_millis(123_456))),
+            config: Some(ConfigSource {
+                path: "/etc/baton/baton.toml".into(),
+                text: "[service.web]\nlisten = [\"127.0.0.1:8080\"]\n".into(),
+            }),
+            listeners: vec![ListenerState {
+                service: Some("web".into()),
+                configured: "127.0.0.1:0".parse().expect("address"),
+                local: "127.0.0.1:8080".parse().expect("address"),
+                fd: 7,
+            }],
+            admin: Some(SocketState {
+                endpoint: "unix:/run/baton/admin.sock".parse().expect("endpoint"),
+                fd: 8,
+            }),
+            runtime_dir: Some("/run/user/0/baton-x".into()),
+            fd_limit: Some((1024, 524_288)),
+            services: BTreeMap::from([(
+                "web".into(),
+                ServiceSnapshot {
+                    machine: machine(),
+                    workers: vec![worker(1, "127.0.0.1:4001"), worker(2, "unix:/run/baton/web-2.sock")],
+                },
+            )]),
+            metrics: vec![MetricFamily {
+                name: "baton_upgrade_ready_seconds".into(),
+                series: vec![Series {
+                    labels: BTreeMap::from([("service".into(), "web".into())]),
+                    value: Value::Histogram {
+                        count: 2,
+                        sum: 0.123_456_789,
+                        buckets: vec![(0.1, 1), (0.25, 2)],
+                    },
+                }],
+            }],
+            ..State::fresh()
+        }
+    }
+
+    #[test]
+    fn what_is_written_is_what_is_read() {
+        let state = full();
+        assert!(state.services["web"].machine.watch.is_some(), "caught mid-upgrade");
+        let read = State::decode(&state.encode().expect("encode")).expect("decode");
+        assert_eq!(read, state);
+        assert!(!read.is_fresh());
+    }
+
+    #[test]
+    fn a_fresh_state_is_empty_and_round_trips() {
+        let fresh = State::fresh();
+        assert!(fresh.is_fresh());
+        assert_eq!(State::decode(&fresh.encode().expect("encode")).expect("decode"), fresh);
+    }
+
+    fn with_version(version: u32) -> Vec<u8> {
+        let mut document: serde_json::Value = serde_json::from_slice(&full().encode().expect("encode")).expect("JSON");
+        document["version"] = version.into();
+        serde_json::to_vec(&document).expect("JSON")
+    }
+
+    #[test]
+    fn a_newer_or_unknown_format_is_a_clear_error() {
+        let newer = State::decode(&with_version(VERSION + 1)).expect_err("newer");
+        assert!(
+            matches!(newer, HandoverError::Newer { found } if found == VERSION + 1),
+            "{newer}"
+        );
+        assert!(
+            newer
+                .to_string()
+                .contains(&format!("state format {} is newer", VERSION + 1)),
+            "{newer}"
+        );
+        let unknown = State::decode(&with_version(0)).expect_err("unknown");
+        assert!(matches!(unknown, HandoverError::Unknown { found: 0 }), "{unknown}");
+    }
+
+    #[test]
+    fn a_document_that_is_not_a_state_is_refused_without_a_panic() {
+        for bytes in [&b""[..], b"{}", b"[1,2]", b"{\"version\": \"1\"}", b"\xff\xfe"] {
+            let error = State::decode(bytes).expect_err("refused");
+            assert!(matches!(error, HandoverError::Malformed(_)), "{error}");
+        }
+        let mut document: serde_json::Value = serde_json::from_slice(&full().encode().expect("encode")).expect("JSON");
+        document["surprise"] = true.into();
+        let error = State::decode(&serde_json::to_vec(&document).expect("JSON")).expect_err("unknown field");
+        assert!(matches!(error, HandoverError::Invalid(_)), "{error}");
+    }
+}
