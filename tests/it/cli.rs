@@ -163,3 +163,46 @@ fn an_unreachable_admin_api_is_one_clear_line() {
     let output = baton(&["status", "--config", "/nonexistent/baton.toml"]);
     assert_eq!(output.status.code(), Some(78));
 }
+
+#[test]
+fn upgrade_says_what_it_waits_for_when_the_drain_cap_is_reached() {
+    let baton = crate::support::Baton::start(&service(
+        "web",
+        &["--port", "{port}"],
+        "watchdog = \"0s\"\nmax_draining = 1",
+    ));
+    // Generation 1 keeps draining for as long as this connection is open.
+    let mut held = crate::support::KeepAlive::connect(baton.addr("web"));
+    assert_eq!(held.whoami().expect("whoami"), 1);
+    baton.signal(nix::sys::signal::Signal::SIGHUP);
+    baton.wait_generation("web", 2);
+    let admin = baton.admin.to_string();
+    let mut upgrade = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["upgrade", "--admin", &admin, "web"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run baton upgrade");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(upgrade.stdout.take().expect("stdout")));
+    let waiting = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("waiting for a drain slot"))
+        .expect("a waiting line");
+    assert!(waiting.contains("g1 draining (max_draining 1)"), "{waiting}");
+    let status = admin_command(&baton, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("waiting_for_drain"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    assert_eq!(held.whoami().expect("the draining worker still serves"), 1);
+    drop(held);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(upgrade.wait().expect("wait").success(), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("upgrade of web: success (generation 3 serving)")),
+        "{rest:?}"
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
