@@ -50,13 +50,23 @@ impl Run {
         effects
     }
 
-    /// Answers the spawn of `generation` and its readiness.
-    fn ready(&mut self, generation: u64) -> Vec<Effect> {
-        let mut effects = self.step(Input::Spawned {
+    /// Asks for an upgrade.
+    fn request(&mut self, trigger: Trigger, waiter: Option<WaiterId>) -> Vec<Effect> {
+        self.step(Input::Upgrade { trigger, waiter })
+    }
+
+    /// Answers the spawn of `generation`: its process runs.
+    fn spawned(&mut self, generation: u64) -> Vec<Effect> {
+        self.step(Input::Spawned {
             generation,
             pid: pid(generation),
             worker: format!("127.0.0.1:{}", 10000 + generation),
-        });
+        })
+    }
+
+    /// Answers the spawn of `generation` and its readiness.
+    fn ready(&mut self, generation: u64) -> Vec<Effect> {
+        let mut effects = self.spawned(generation);
         assert!(
             effects
                 .iter()
@@ -70,10 +80,7 @@ impl Run {
     /// A service whose first worker (generation 1) serves.
     fn serving(policy: Policy) -> Run {
         let mut run = Run::new(policy);
-        let effects = run.step(Input::Upgrade {
-            trigger: Trigger::Start,
-            waiter: None,
-        });
+        let effects = run.request(Trigger::Start, None);
         assert_eq!(spawns(&effects), [1]);
         run.ready(1);
         run
@@ -81,10 +88,7 @@ impl Run {
 
     /// Upgrades to the next generation, up to its switch.
     fn upgrade(&mut self, waiter: Option<WaiterId>) -> (u64, Vec<Effect>) {
-        let mut effects = self.step(Input::Upgrade {
-            trigger: Trigger::Api,
-            waiter,
-        });
+        let mut effects = self.request(Trigger::Api, waiter);
         let generation = *spawns(&effects).first().expect("an upgrade starts");
         effects.extend(self.ready(generation));
         (generation, effects)
@@ -158,17 +162,10 @@ fn at(effects: &[Effect], wanted: &Effect) -> usize {
 #[test]
 fn the_first_worker_is_spawned_probed_and_routed_and_the_service_starts_accepting() {
     let mut run = Run::new(policy());
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Start,
-        waiter: None,
-    });
+    let effects = run.request(Trigger::Start, None);
     assert_eq!(spawns(&effects), [1]);
     assert_eq!(run.machine.phase(), Phase::Spawning);
-    let effects = run.step(Input::Spawned {
-        generation: 1,
-        pid: 101,
-        worker: "127.0.0.1:10001".into(),
-    });
+    let effects = run.spawned(1);
     assert_eq!(run.machine.phase(), Phase::WaitingReady);
     assert!(has(
         &effects,
@@ -247,23 +244,14 @@ fn an_upgrade_goes_spawn_ready_switch_watch_drain_stop() {
 #[test]
 fn requests_during_an_upgrade_and_its_window_fold_into_one_follow_up() {
     let mut run = Run::serving(policy());
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Signal,
-        waiter: Some(1),
-    });
+    let effects = run.request(Trigger::Signal, Some(1));
     assert_eq!(spawns(&effects), [2]);
     for waiter in 2..=5 {
-        let effects = run.step(Input::Upgrade {
-            trigger: Trigger::Signal,
-            waiter: Some(waiter),
-        });
+        let effects = run.request(Trigger::Signal, Some(waiter));
         assert!(spawns(&effects).is_empty(), "coalesced: {effects:?}");
     }
     run.ready(2);
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(6),
-    });
+    let effects = run.request(Trigger::Api, Some(6));
     assert!(spawns(&effects).is_empty(), "the window is open: {effects:?}");
     let effects = run.pass(10 * SECOND);
     assert_eq!(replies(&effects).iter().map(|(w, _)| *w).collect::<Vec<_>>(), [1]);
@@ -392,16 +380,9 @@ fn a_warm_worker_that_dies_ends_the_window_as_a_success() {
 #[test]
 fn a_worker_never_ready_is_discarded_and_the_old_one_serves_on() {
     let mut run = Run::serving(policy());
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(4),
-    });
+    let effects = run.request(Trigger::Api, Some(4));
     assert_eq!(spawns(&effects), [2]);
-    run.step(Input::Spawned {
-        generation: 2,
-        pid: 102,
-        worker: "127.0.0.1:10002".into(),
-    });
+    run.spawned(2);
     run.now = run.now + 30 * SECOND;
     let effects = run.step(Input::NotReady {
         generation: 2,
@@ -430,15 +411,8 @@ fn a_worker_never_ready_is_discarded_and_the_old_one_serves_on() {
 #[test]
 fn a_worker_exiting_while_it_starts_fails_the_upgrade_at_once_and_a_first_failure_fails_the_start() {
     let mut run = Run::new(policy());
-    run.step(Input::Upgrade {
-        trigger: Trigger::Start,
-        waiter: None,
-    });
-    run.step(Input::Spawned {
-        generation: 1,
-        pid: 101,
-        worker: "127.0.0.1:10001".into(),
-    });
+    run.request(Trigger::Start, None);
+    run.spawned(1);
     let effects = run.step(Input::Exited {
         generation: 1,
         status: "exit code 3".into(),
@@ -458,10 +432,7 @@ fn a_worker_exiting_while_it_starts_fails_the_upgrade_at_once_and_a_first_failur
 #[test]
 fn a_spawn_that_fails_is_recorded_with_its_reason() {
     let mut run = Run::serving(policy());
-    run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(1),
-    });
+    run.request(Trigger::Api, Some(1));
     let effects = run.step(Input::SpawnFailed {
         generation: 2,
         error: "cannot run `nope`: No such file or directory".into(),
@@ -606,10 +577,7 @@ fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
     run.upgrade(None);
     run.upgrade(None);
     assert_eq!(run.draining(), [1, 2]);
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(5),
-    });
+    let effects = run.request(Trigger::Api, Some(5));
     assert!(spawns(&effects).is_empty(), "{effects:?}");
     assert_eq!(events(&effects), ["upgrade_waiting"]);
     let Some(Effect::Event(Event::UpgradeWaiting {
@@ -627,10 +595,7 @@ fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
     );
     assert_eq!(run.machine.phase(), Phase::WaitingForDrain);
     // More requests fold into the waiting one, and nothing is cut meanwhile.
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Signal,
-        waiter: Some(6),
-    });
+    let effects = run.request(Trigger::Signal, Some(6));
     assert!(effects.is_empty(), "{effects:?}");
     let effects = run.pass(20 * SECOND);
     assert!(
@@ -770,10 +735,7 @@ fn an_unhealthy_worker_is_replaced_through_an_upgrade() {
 fn shutdown_abandons_the_upgrade_in_flight_and_drains_every_worker() {
     let mut run = Run::serving(policy());
     run.upgrade(Some(1));
-    run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(2),
-    });
+    run.request(Trigger::Api, Some(2));
     let effects = run.step(Input::Shutdown);
     assert!(at(&effects, &Effect::StopAccepting) < at(&effects, &Effect::Route));
     assert!(has(
@@ -795,10 +757,7 @@ fn shutdown_abandons_the_upgrade_in_flight_and_drains_every_worker() {
     };
     assert_eq!(waiters, &[2, 1]);
     assert_eq!(run.machine.phase(), Phase::ShuttingDown);
-    let effects = run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: Some(3),
-    });
+    let effects = run.request(Trigger::Api, Some(3));
     assert_eq!(effects, [Effect::Abandon { waiters: vec![3] }]);
     for generation in [1, 2] {
         run.step(Input::Closed { generation });
@@ -814,29 +773,15 @@ fn shutdown_abandons_the_upgrade_in_flight_and_drains_every_worker() {
 #[test]
 fn shutdown_while_spawning_kills_the_candidate() {
     let mut run = Run::serving(policy());
-    run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: None,
-    });
-    run.step(Input::Spawned {
-        generation: 2,
-        pid: 102,
-        worker: "127.0.0.1:10002".into(),
-    });
+    run.request(Trigger::Api, None);
+    run.spawned(2);
     let effects = run.step(Input::Shutdown);
     assert!(has(&effects, &Effect::Discard { generation: 2 }));
     // A spawn that completes after the shutdown is discarded too.
     let mut run = Run::serving(policy());
-    run.step(Input::Upgrade {
-        trigger: Trigger::Api,
-        waiter: None,
-    });
+    run.request(Trigger::Api, None);
     run.step(Input::Shutdown);
-    let effects = run.step(Input::Spawned {
-        generation: 2,
-        pid: 102,
-        worker: "127.0.0.1:10002".into(),
-    });
+    let effects = run.spawned(2);
     assert_eq!(effects, [Effect::Discard { generation: 2 }]);
 }
 
@@ -848,10 +793,7 @@ fn the_state_round_trips_and_goes_on_the_same_way() {
     let mut run = Run::serving(policy);
     run.upgrade(Some(1));
     run.pass(10 * SECOND);
-    run.step(Input::Upgrade {
-        trigger: Trigger::Signal,
-        waiter: Some(2),
-    });
+    run.request(Trigger::Signal, Some(2));
     run.pass(SECOND);
     let text = serde_json::to_string(&run.machine).expect("serialise");
     let back: Machine = serde_json::from_str(&text).expect("deserialise");

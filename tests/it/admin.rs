@@ -6,7 +6,7 @@ use std::sync::mpsc;
 
 use serde_json::Value;
 
-use crate::support::{Baton, DEADLINE, FAST_HEALTH, http, wait_for, web};
+use crate::support::{Baton, DEADLINE, FAST_HEALTH, http, web};
 
 /// `POST path` on the admin API; the status code and the JSON answer.
 fn post(baton: &Baton, path: &str) -> (u16, Value) {
@@ -83,14 +83,7 @@ fn a_rollback_request_switches_back_while_the_previous_worker_is_warm() {
     let first = baton.worker_pid("web");
     let (code, accepted) = post(&baton, "/v1/services/web/upgrade?wait=false");
     assert_eq!(code, 202, "{accepted}");
-    wait_for("the new worker under watch", || {
-        let service = baton.service("web");
-        if service["phase"] == "watching" {
-            Ok(())
-        } else {
-            Err(service.to_string())
-        }
-    });
+    baton.wait_phase("web", "watching");
     let (code, outcome) = post(&baton, "/v1/services/web/rollback");
     assert_eq!(code, 200, "{outcome}");
     assert_eq!(outcome["result"], "rolled_back");
@@ -239,14 +232,7 @@ fn the_state_document_names_every_socket_worker_and_counter_and_reads_back() {
     let (code, _) = http(baton.admin, "POST", "/v1/services/web/upgrade?wait=false", &[]).expect("POST");
     assert_eq!(code, 202);
     // Caught in its watchdog window: two workers, the previous one kept warm.
-    let service = wait_for("the watchdog window", || {
-        let service = baton.service("web");
-        if service["phase"] == "watching" {
-            Ok(service)
-        } else {
-            Err(service.to_string())
-        }
-    });
+    let service = baton.wait_phase("web", "watching");
     let (code, body) = http(baton.admin, "GET", "/v1/state", &[]).expect("GET /v1/state");
     assert_eq!(code, 200, "{body}");
     let state = baton::handover::State::decode(body.as_bytes()).expect("a state document");

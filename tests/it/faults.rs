@@ -212,14 +212,7 @@ fn past_max_draining_an_upgrade_waits_for_a_drain_slot_and_cuts_no_connection() 
     }
     // Generations 1, 2 and 3 drain: the next upgrade waits for one of them to stop instead of cutting it.
     baton.signal(Signal::SIGHUP);
-    let service = wait_for("the upgrade to wait for a drain slot", || {
-        let service = baton.service("web");
-        if service["phase"] == "waiting_for_drain" {
-            Ok(service)
-        } else {
-            Err(service.to_string())
-        }
-    });
+    let service = baton.wait_phase("web", "waiting_for_drain");
     assert_eq!(
         service["waiting"]["draining"],
         serde_json::json!([1, 2, 3]),
@@ -230,8 +223,12 @@ fn past_max_draining_an_upgrade_waits_for_a_drain_slot_and_cuts_no_connection() 
     for (generation, connection) in (1..).zip(held.iter_mut()) {
         assert_eq!(connection.whoami().expect("a draining worker still serves"), generation);
     }
-    // A request meanwhile folds into the waiting upgrade.
+    // A request meanwhile folds into the waiting upgrade (once its reload has been applied, it is queued).
     baton.signal(Signal::SIGHUP);
+    wait_for("the fifth reload", || match baton.count_log("reload applied") {
+        5 => Ok(()),
+        n => Err(format!("{n} reloads applied")),
+    });
     // Generation 2's last connection closes: its worker stops and the waiting upgrade takes its slot.
     drop(held.remove(1));
     baton.wait_generation("web", 5);

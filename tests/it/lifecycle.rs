@@ -98,14 +98,7 @@ fn sighups_during_an_upgrade_coalesce_into_one_follow_up() {
         "watchdog = \"0s\"",
     ));
     baton.signal(Signal::SIGHUP);
-    wait_for("the upgrade to wait for readiness", || {
-        let service = baton.service("web");
-        if service["phase"] == "waiting_ready" {
-            Ok(())
-        } else {
-            Err(service.to_string())
-        }
-    });
+    baton.wait_phase("web", "waiting_ready");
     for _ in 0..10 {
         baton.signal(Signal::SIGHUP);
         std::thread::yield_now();

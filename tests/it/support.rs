@@ -281,6 +281,18 @@ impl Baton {
         });
     }
 
+    /// Waits until service `name` is in phase `phase`, and returns its status then.
+    pub fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        wait_for(&format!("service {name} in phase {phase}"), || {
+            let service = self.service(name);
+            if service["phase"] == phase {
+                Ok(service)
+            } else {
+                Err(service.to_string())
+            }
+        })
+    }
+
     /// Waits until service `name` serves generation `generation` or newer, and returns the newest.
     pub fn wait_generation(&self, name: &str, generation: u64) -> u64 {
         wait_for(&format!("service {name} at generation {generation}"), || {
