@@ -297,7 +297,7 @@ pub enum Event {
         generation: u64,
         /// Its process id.
         pid: u32,
-        /// From spawn to ready.
+        /// From its spawn to ready.
         ready_ms: u64,
     },
     /// New connections go to the new worker.
@@ -975,7 +975,7 @@ impl Machine {
         out.push(Effect::Event(Event::Ready {
             generation,
             pid: process.pid,
-            ready_ms: record.duration_ms,
+            ready_ms: millis(now.since(process.spawned)),
         }));
         out.push(Effect::Event(Event::Switched {
             generation,
