@@ -165,6 +165,7 @@ fn the_first_worker_is_spawned_probed_and_routed_and_the_service_starts_acceptin
     let effects = run.request(Trigger::Start, None);
     assert_eq!(spawns(&effects), [1]);
     assert_eq!(run.machine.phase(), Phase::Spawning);
+    run.now = run.now + Duration::from_millis(50);
     let effects = run.spawned(1);
     assert_eq!(run.machine.phase(), Phase::WaitingReady);
     assert!(has(
@@ -183,7 +184,17 @@ fn the_first_worker_is_spawned_probed_and_routed_and_the_service_starts_acceptin
         (record.result, record.new_generation, record.new_pid),
         (UpgradeResult::Success, 1, Some(101))
     );
-    assert_eq!(record.duration_ms, 250);
+    assert_eq!(
+        (record.duration_ms, record.phases.spawn_ms, record.phases.ready_ms),
+        (300, Some(50), Some(250))
+    );
+    let ready = Event::Ready {
+        generation: 1,
+        pid: 101,
+        ready_ms: 250,
+    };
+    assert!(has(&effects, &Effect::Event(ready)), "from the spawn: {effects:?}");
+    assert!(has(&effects, &Effect::Count(Count::Ready(Duration::from_millis(300)))));
     assert_eq!(run.machine.phase(), Phase::Idle);
     assert_eq!(run.active(), Some(1));
 }
