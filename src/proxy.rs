@@ -141,7 +141,7 @@ pub async fn serve(mut client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
 
 /// Finds a worker and dials it. While the service has no ready worker, or its worker refuses (it may have
 /// just died), the connection waits for the route to change, up to `deadline`: nothing has been sent yet, so
-/// trying again is safe.
+/// trying again is safe. Only a connection that waits registers for the route's change.
 async fn connect(
     route: &ArcSwap<Route>,
     first: &Route,
@@ -152,9 +152,6 @@ async fn connect(
     let mut pending = None;
     let mut outcome = Outcome::PendingTimeout;
     loop {
-        let changed = shared.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
         let (snapshot, guard) = Route::pick(route);
         // A first dial has its whole connect_timeout; a redial must end by the deadline.
         let mut connect_timeout = snapshot.settings.connect_timeout;
@@ -191,6 +188,14 @@ async fn connect(
             return Err(outcome);
         }
         pending.get_or_insert_with(|| Pending::new(&metrics.pending));
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        // A route stored between the pick and the registration woke nobody: look again at once. (The service
+        // stores a route before it notifies, and `snapshot` is held, so its address is not reused.)
+        if !Arc::ptr_eq(&route.load(), &snapshot) {
+            continue;
+        }
         let _ = tokio::time::timeout_at(wait_until, changed).await;
     }
 }
@@ -316,7 +321,9 @@ async fn relay<W: Socket>(
     // connection: its worker has ended cleanly already.
     let hold_end = || settings.resend_unanswered && guard.is_answered() && guard.upstream().is_draining();
     let mut held_until: Option<Instant> = None;
-    tokio::pin!(to_worker, to_client);
+    // Registered once, and polled without a lock.
+    let cut = guard.upstream().cut();
+    tokio::pin!(to_worker, to_client, cut);
     let (mut to_worker_done, mut to_client_done) = (false, false);
     let failure = loop {
         let half_closed = to_worker_done || to_client_done;
@@ -370,7 +377,7 @@ async fn relay<W: Socket>(
                 metrics.error(Side::Client, "idle_timeout");
                 return Relayed::Ended(Outcome::IdleTimeout);
             }
-            () = guard.upstream().cut(), if held_until.is_none() => {
+            () = &mut cut, if held_until.is_none() => {
                 // A reset, not a FIN, so that neither side takes the cut for a complete stream.
                 metrics.drain_cut.inc();
                 reset(client);

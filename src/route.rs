@@ -2,15 +2,21 @@
 //!
 //! A connection loads the snapshot once, takes a [`Guard`] on the worker it names and keeps it until it
 //! closes. Everything a connection needs is in that one snapshot, so a switch is a single pointer store and
-//! no connection can see half of one. Nothing here takes a lock.
+//! no connection can see half of one.
+//!
+//! A connection waits for the cut of its worker's drain through a [`Signal`], which registers the waiting
+//! task once and takes no lock on the polls in between. Nothing here takes a lock on the data path.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::futures::Notified;
 
 use crate::endpoint::Endpoint;
 use crate::metrics::ServiceMetrics;
@@ -117,6 +123,95 @@ impl Drop for Admission<'_> {
     }
 }
 
+/// A flag that many connections wait for: raising it wakes them all. A waiter ([`Raised`]) registers its
+/// task once; its polls in between take no lock, only a load of the flag.
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// Odd while raised; every raise and every lowering adds one, so a waiter sees any change.
+    epoch: AtomicU64,
+    /// Wakes the waiters at every change.
+    notify: Notify,
+}
+
+impl Signal {
+    /// Raises the flag: every waiter resolves.
+    pub fn raise(&self) {
+        let raised = self
+            .epoch
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| (e % 2 == 0).then_some(e + 1));
+        if raised.is_ok() {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Lowers the flag again: waiters created from now on wait for the next raise.
+    pub fn lower(&self) {
+        let lowered = self
+            .epoch
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| (e % 2 == 1).then_some(e + 1));
+        if lowered.is_ok() {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Whether the flag is up.
+    pub fn is_raised(&self) -> bool {
+        self.epoch.load(Ordering::SeqCst) % 2 == 1
+    }
+
+    /// Resolves once the flag is up.
+    pub fn raised(&self) -> Raised<'_> {
+        Raised {
+            signal: self,
+            notified: self.notify.notified(),
+            registered: None,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Resolves once its [`Signal`] is raised. The first poll registers the task with the signal (one lock);
+    /// later polls look at the flag and return, unless the flag changed or the task's waker did.
+    #[derive(Debug)]
+    pub struct Raised<'a> {
+        signal: &'a Signal,
+        #[pin]
+        notified: Notified<'a>,
+        // The epoch and the waker `notified` was registered with.
+        registered: Option<(u64, Waker)>,
+    }
+}
+
+impl Future for Raised<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            // `notified` was created before this load, so a raise the load misses wakes it.
+            let epoch = this.signal.epoch.load(Ordering::SeqCst);
+            if epoch % 2 == 1 {
+                return Poll::Ready(());
+            }
+            let unchanged = this.registered.as_ref();
+            if unchanged.is_some_and(|(seen, waker)| *seen == epoch && waker.will_wake(cx.waker())) {
+                return Poll::Pending;
+            }
+            match this.notified.as_mut().poll(cx) {
+                Poll::Pending => {
+                    *this.registered = Some((epoch, cx.waker().clone()));
+                    return Poll::Pending;
+                }
+                // A raise and a lowering since: wait for the next raise.
+                Poll::Ready(()) => {
+                    this.notified.set(this.signal.notify.notified());
+                    *this.registered = None;
+                }
+            }
+        }
+    }
+}
+
 /// The private address of a worker is an [`Endpoint`]; the name stays for the data path, which dials it.
 pub use crate::endpoint::Endpoint as WorkerAddr;
 
@@ -134,8 +229,8 @@ pub struct Upstream {
     state: AtomicUsize,
     /// Woken when the last guard of a draining worker drops.
     idle: Notify,
-    /// Cancelled when the drain deadline passes: the remaining connections close.
-    cut: CancellationToken,
+    /// Raised when the drain deadline passes: the remaining connections close.
+    cut: Signal,
     /// Connections that have not yet had a byte from the worker: the worker may not have accepted them yet.
     unanswered: AtomicUsize,
 }
@@ -157,7 +252,7 @@ impl Upstream {
             addr,
             state: AtomicUsize::new(0),
             idle: Notify::new(),
-            cut: CancellationToken::new(),
+            cut: Signal::default(),
             unanswered: AtomicUsize::new(0),
         }
     }
@@ -222,17 +317,17 @@ impl Upstream {
 
     /// Closes this worker's remaining connections now.
     pub fn cut_now(&self) {
-        self.cut.cancel();
+        self.cut.raise();
     }
 
     /// Whether this worker's connections have been cut.
     pub fn is_cut(&self) -> bool {
-        self.cut.is_cancelled()
+        self.cut.is_raised()
     }
 
     /// Resolves when this worker's remaining connections must close.
-    pub fn cut(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.cut.cancelled()
+    pub fn cut(&self) -> Raised<'_> {
+        self.cut.raised()
     }
 }
 
@@ -385,6 +480,34 @@ mod tests {
         old.state.fetch_or(DRAINING, Ordering::AcqRel);
         let (_, guard) = Route::pick(&route);
         assert_eq!(guard.expect("guard").upstream().generation, 2);
+    }
+
+    #[tokio::test]
+    async fn a_signal_wakes_every_waiter_and_can_be_lowered_and_raised_again() {
+        let signal = Arc::new(Signal::default());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let signal = Arc::clone(&signal);
+                tokio::spawn(async move { signal.raised().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        signal.raise();
+        for waiter in waiters {
+            waiter.await.expect("woken");
+        }
+        signal.lower();
+        let raised = signal.raised();
+        tokio::pin!(raised);
+        assert!(futures_poll(raised.as_mut()).is_pending(), "lowered");
+        assert!(futures_poll(raised.as_mut()).is_pending(), "still lowered");
+        signal.raise();
+        assert!(futures_poll(raised.as_mut()).is_ready(), "raised again");
+    }
+
+    /// Polls `future` once with a waker that does nothing.
+    fn futures_poll<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(Waker::noop()))
     }
 
     #[test]
