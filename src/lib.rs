@@ -14,7 +14,8 @@
 //! - [`readiness`]: HTTP and TCP probes of a new worker.
 //! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
 //! - [`listener`]: public sockets (socket2) and the accept loop.
-//! - [`proxy`]: one connection: dial, copy both ways, half-close, reset.
+//! - [`proxy`]: one connection: dial, copy both ways, half-close, reset; park and resume.
+//! - [`connection`]: one proxied connection as data, parked and resumed; its serialisable record.
 //! - [`control`]: commands and published state shared by the supervisor and the admin API.
 //! - [`admin`]: the admin HTTP API.
 //! - [`cli`]: the operator's commands, clients of the admin API.
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod control;
 pub mod endpoint;
 pub mod error;

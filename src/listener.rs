@@ -55,6 +55,12 @@ impl Listener {
     pub fn raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
+
+    /// The listening socket, whose options accepted sockets inherit.
+    #[cfg(test)]
+    pub(crate) fn socket(&self) -> &tokio::net::TcpListener {
+        &self.socket
+    }
 }
 
 /// Accepts connections on `listener` forever, serving each with the service's current route.

@@ -1,16 +1,17 @@
-//! One proxied connection: pick the route, dial the worker, copy both ways, pass half-closes and resets on.
+//! One proxied connection: pick the route, dial the worker, copy both ways, pass half-closes and resets on,
+//! park when asked and resume.
 //!
 //! A connection loads its service's route once and stays with the worker it dialled until it ends or that
-//! worker's drain deadline cuts it. This module never looks at configuration or processes; failures are
-//! logged at debug and counted in metrics, never raised.
+//! worker's drain deadline cuts it (a resend, below, is the one exception). Everything the copy loop must
+//! not lose lives in the connection's struct ([`crate::connection`]), never in a local across an await, so
+//! the loop can stop at any await point when its service asks its connections to park. This module never
+//! looks at configuration or processes; failures are logged at debug and counted in metrics, never raised.
 
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,25 +20,18 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::unistd::pipe2;
 use prometheus::IntCounter;
 use socket2::{Domain, Protocol, SockRef, Type};
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
+use crate::clock::Time;
+use crate::connection::{Activity, Connection, Flow, Pipe, State, WorkerStream};
+pub use crate::connection::{BUFFER_SIZE, FIRST_BUFFER_SIZE, RESEND_LIMIT};
 use crate::metrics::Side;
-use crate::route::{Guard, Route, WorkerAddr};
-
-/// Bytes read from one side before they are written to the other.
-pub const BUFFER_SIZE: usize = 64 * 1024;
-
-/// The buffer a direction starts with; it grows to [`BUFFER_SIZE`] once a read fills it. Most exchanges
-/// (and every close) fit, so a burst of short connections never allocates the large buffers.
-pub const FIRST_BUFFER_SIZE: usize = 4 * 1024;
+use crate::route::{Admission, Guard, ParkedConnection, Route, Shared, WorkerAddr};
 
 /// The pipe size asked for when splicing.
 const PIPE_SIZE: i32 = 1 << 20;
-
-/// The most unanswered bytes a connection keeps to resend (see [`Tail`]).
-pub const RESEND_LIMIT: usize = 64 * 1024;
 
 /// How long the FIN of a draining worker waits for a request from the client already on its way.
 pub const END_HOLD: Duration = Duration::from_millis(25);
@@ -67,76 +61,125 @@ pub enum Outcome {
     HalfCloseTimeout,
     /// The worker's drain deadline passed.
     Cut,
-}
-
-/// A dialled worker connection.
-enum WorkerStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    /// The service asked its connections to park: this one waits in its [`crate::route::Parking`] to be
+    /// resumed ([`resume`]) or handed over.
+    Parked,
+    /// Parking failed (a splice pipe could not be read back); both sides were reset.
+    ParkFailed,
 }
 
 /// Serves one accepted client connection of the service whose route is `route`. The client socket has
 /// TCP_NODELAY already, from the listening socket.
-pub async fn serve(mut client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
-    let accepted = Instant::now();
+pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
+    let now = Instant::now();
     let first = route.load_full();
     let shared = &first.shared;
     let metrics = &shared.metrics;
     metrics.accepted.inc();
-    let Some(_admission) = shared.admit(first.settings.max_connections) else {
+    let Some(admission) = shared.admit(first.settings.max_connections) else {
         metrics.rejected_max_connections.inc();
         reset(&client);
         return Outcome::OverLimit;
     };
-    let deadline = accepted + first.settings.pending_timeout;
-    let (mut snapshot, mut guard, mut worker) = match connect(route, &first, deadline).await {
+    let deadline = now + first.settings.pending_timeout;
+    let (snapshot, guard, worker) = match connect(route, &first, deadline).await {
         Ok(connected) => connected,
         Err(outcome) => {
             reset(&client);
             return outcome;
         }
     };
-    let mut tail = Tail::new(first.settings.resend_unanswered);
+    let resend = snapshot.settings.resend_unanswered;
+    let connection = Connection::new(client, worker, Time::of(now), resend);
+    run(connection, route, shared, snapshot, guard, admission).await
+}
+
+/// Serves a parked connection again, from where it stopped: the bytes it had read and not written go
+/// first, ends it had passed on are not passed on again, and its timers have the time they had left.
+pub async fn resume(parked: ParkedConnection, route: &ArcSwap<Route>) -> Outcome {
+    let first = route.load_full();
+    let shared = &first.shared;
+    let admission = shared.readmit();
+    let ParkedConnection { connection, guard } = parked;
+    run(connection.resume(), route, shared, Arc::clone(&first), guard, admission).await
+}
+
+/// Relays `connection` until it ends or parks, resending its unanswered bytes when its worker closes on
+/// them.
+async fn run(
+    mut connection: Connection,
+    route: &ArcSwap<Route>,
+    shared: &Shared,
+    mut snapshot: Arc<Route>,
+    mut guard: Guard,
+    admission: Admission<'_>,
+) -> Outcome {
+    let metrics = &shared.metrics;
     let outcome = loop {
-        let relayed = match &mut worker {
-            WorkerStream::Tcp(worker) => relay(&mut client, worker, &snapshot, &guard, &mut tail).await,
-            WorkerStream::Unix(worker) => relay(&mut client, worker, &snapshot, &guard, &mut tail).await,
+        let Connection { client, worker, state } = &mut connection;
+        let relayed = match worker {
+            WorkerStream::Tcp(worker) => relay(client, worker, state, &snapshot, &guard).await,
+            WorkerStream::Unix(worker) => relay(client, worker, state, &snapshot, &guard).await,
         };
-        if let Relayed::Ended(outcome) = relayed {
-            break outcome;
+        match relayed {
+            Relayed::Ended(outcome) => break outcome,
+            Relayed::Park => return park(connection, guard, shared, admission),
+            Relayed::Resend => {}
         }
         // The worker closed without reading what it was last sent, after it had answered what came before:
         // the current worker gets those bytes on a new connection, and the client never sees the close.
         let gone = guard.upstream().generation;
-        (snapshot, guard, worker) =
-            match connect(route, &snapshot, Instant::now() + snapshot.settings.pending_timeout).await {
-                Ok(connected) => connected,
-                Err(outcome) => {
-                    metrics.worker_resets.inc();
-                    reset(&client);
-                    break outcome;
-                }
-            };
+        let deadline = Instant::now() + snapshot.settings.pending_timeout;
+        let (next, next_guard, worker) = match connect(route, &snapshot, deadline).await {
+            Ok(connected) => connected,
+            Err(outcome) => {
+                metrics.worker_resets.inc();
+                reset(&connection.client);
+                break outcome;
+            }
+        };
+        (snapshot, guard) = (next, next_guard);
         tracing::debug!(
             from = gone,
             to = guard.upstream().generation,
-            bytes = tail.bytes().len(),
+            bytes = connection.state.tail.bytes().len(),
             "worker closed on unread bytes: resending them"
         );
         metrics.resent.inc();
-        let sent = match &worker {
-            WorkerStream::Tcp(worker) => write_all(worker, tail.bytes()).await,
-            WorkerStream::Unix(worker) => write_all(worker, tail.bytes()).await,
-        };
-        if let Err(error) = sent {
-            tracing::debug!(%error, "connection broken while resending");
-            metrics.worker_resets.inc();
-            reset(&client);
-            break Outcome::Broken(Side::Worker);
+        connection.worker = worker;
+        connection.state.resend();
+    };
+    let accepted = connection.state.accepted;
+    metrics
+        .connection_duration
+        .observe(Time::now().since(accepted).as_secs_f64());
+    outcome
+}
+
+/// Parks `connection` in its service's [`crate::route::Parking`], with its guard; the admission is given
+/// back only then, so that a service that counts no open connection has every parked one kept.
+fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Admission<'_>) -> Outcome {
+    let from_pipes = match connection.empty_pipes() {
+        Ok(moved) => moved,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read a splice pipe back: resetting the connection");
+            reset(&connection.client);
+            match &connection.worker {
+                WorkerStream::Tcp(worker) => reset(worker),
+                WorkerStream::Unix(worker) => reset(worker),
+            }
+            return Outcome::ParkFailed;
         }
     };
-    metrics.connection_duration.observe(accepted.elapsed().as_secs_f64());
-    outcome
+    let upstream = guard.upstream();
+    let parked = connection.park(upstream.generation, guard.is_answered(), from_pipes);
+    tracing::debug!(generation = upstream.generation, from_pipes, "connection parked");
+    shared.parking.keep(ParkedConnection {
+        connection: parked,
+        guard,
+    });
+    drop(admission);
+    Outcome::Parked
 }
 
 /// Finds a worker and dials it. While the service has no ready worker, or its worker refuses (it may have
@@ -261,31 +304,57 @@ async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
 enum Relayed {
     /// The connection is over.
     Ended(Outcome),
-    /// The worker closed without reading the connection's unanswered bytes (see [`Tail`]); the client is
-    /// untouched and the bytes can go to another worker.
+    /// The worker closed without reading the connection's unanswered bytes (see [`crate::connection::Tail`]);
+    /// the client is untouched and the bytes can go to another worker.
     Resend,
+    /// The service asked its connections to park: everything is in the connection's state.
+    Park,
 }
 
 async fn relay<W: Socket>(
     client: &mut TcpStream,
     worker: &mut W,
+    state: &mut State,
     route: &Route,
     guard: &Guard,
-    tail: &mut Tail,
 ) -> Relayed {
     let metrics = &route.shared.metrics;
     let settings = &route.settings;
-    let activity = Activity::new();
+    let State {
+        to_worker: up,
+        to_client: down,
+        worker_shut,
+        client_shut,
+        held_until,
+        tail,
+        activity,
+        ..
+    } = state;
+    let activity = &*activity;
     // Borrowed halves: their reads know that a short read drained the socket, so the next read waits for
     // readiness instead of probing with a system call that would only say EWOULDBLOCK.
     let (client_read, client_write) = client.halves();
     let (worker_read, worker_write) = worker.halves();
     let (client, worker): (&TcpStream, &W) = (client_write.as_ref(), worker_write.as_ref());
+    let (mut to_worker_done, mut to_client_done) = (up.is_done(), down.is_done());
+    if to_worker_done && to_client_done {
+        return Relayed::Ended(Outcome::Completed);
+    }
+    // An end read before the connection parked, or before a resend, and not passed on yet.
+    if to_worker_done && !*worker_shut {
+        half_close(worker);
+        *worker_shut = true;
+    }
+    if to_client_done && !*client_shut && held_until.is_none() {
+        half_close(client);
+        *client_shut = true;
+    }
     let to_worker = copy(
         (client_read, Side::Client),
         (worker, Side::Worker),
+        up,
         &metrics.bytes_to_worker,
-        &activity,
+        activity,
         |chunk| {
             let answered = activity.take_answered();
             let kept = match chunk {
@@ -300,8 +369,9 @@ async fn relay<W: Socket>(
     let to_client = copy(
         (worker_read, Side::Worker),
         (client, Side::Client),
+        down,
         &metrics.bytes_to_client,
-        &activity,
+        activity,
         |_| {
             activity.answered();
             // The worker's first byte shows that it has accepted the connection.
@@ -320,11 +390,10 @@ async fn relay<W: Socket>(
     // of the stream sees it that much later, during drains only. A drain cut does not reset such a
     // connection: its worker has ended cleanly already.
     let hold_end = || settings.resend_unanswered && guard.is_answered() && guard.upstream().is_draining();
-    let mut held_until: Option<Instant> = None;
-    // Registered once, and polled without a lock.
+    // Both wait with one registration each and take no lock when polled.
+    let parking = route.shared.parking.requested();
     let cut = guard.upstream().cut();
-    tokio::pin!(to_worker, to_client, cut);
-    let (mut to_worker_done, mut to_client_done) = (false, false);
+    tokio::pin!(to_worker, to_client, parking, cut);
     let failure = loop {
         let half_closed = to_worker_done || to_client_done;
         let silence = match (half_closed, settings.idle_timeout.is_zero()) {
@@ -333,39 +402,44 @@ async fn relay<W: Socket>(
             (true, false) => settings.idle_timeout.min(settings.half_close_timeout),
         };
         tokio::select! {
+            biased;
+            // Asked to park: the copies stop where they wait, and everything they hold is in the state.
+            () = &mut parking => return Relayed::Park,
             // The client first: bytes it sent as the worker closed reach the worker (and its refusal) before
             // the worker's end is looked at.
-            biased;
             // The first end is passed on with a FIN; after the second, dropping the sockets closes both.
             result = &mut to_worker, if !to_worker_done => match result {
-                Ok(_) if to_client_done => return Relayed::Ended(Outcome::Completed),
-                Ok(_) => {
+                Ok(()) if to_client_done => return Relayed::Ended(Outcome::Completed),
+                Ok(()) => {
                     half_close(worker);
+                    *worker_shut = true;
                     to_worker_done = true;
                 }
                 Err(failure) => break failure,
             },
             result = &mut to_client, if !to_client_done => match result {
                 // A FIN, but the bytes sent after it were refused: the worker closed without reading them.
-                Ok(_) if resendable() && matches!(SockRef::from(worker).take_error(), Ok(Some(_))) => {
+                Ok(()) if resendable() && matches!(SockRef::from(worker).take_error(), Ok(Some(_))) => {
                     return Relayed::Resend;
                 }
-                Ok(_) if to_worker_done => return Relayed::Ended(Outcome::Completed),
-                Ok(_) if hold_end() => {
+                Ok(()) if to_worker_done => return Relayed::Ended(Outcome::Completed),
+                Ok(()) if hold_end() => {
                     activity.end_worker();
-                    held_until = Some(Instant::now() + END_HOLD);
+                    *held_until = Some(Time::now() + END_HOLD);
                     to_client_done = true;
                 }
-                Ok(_) => {
+                Ok(()) => {
                     half_close(client);
+                    *client_shut = true;
                     to_client_done = true;
                 }
                 Err(failure) => break failure,
             },
-            () = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)), if held_until.is_some() => {
+            () = tokio::time::sleep_until(held_until.map_or_else(Instant::now, Time::instant)), if held_until.is_some() => {
                 // The client sent nothing: it learns of the worker's end.
                 half_close(client);
-                held_until = None;
+                *client_shut = true;
+                *held_until = None;
             }
             () = activity.silent_for(silence), if !silence.is_zero() => {
                 if half_closed {
@@ -405,141 +479,6 @@ async fn relay<W: Socket>(
     Relayed::Ended(Outcome::Broken(side))
 }
 
-/// The bytes a connection sent its worker since the worker last sent any: the part of the stream the worker
-/// has not answered. Should the worker close without reading them, they can go to another worker. A
-/// connection that sends more than [`RESEND_LIMIT`] without an answer keeps nothing until the next answer.
-#[derive(Debug)]
-enum Tail {
-    /// `resend_unanswered` is off.
-    Off,
-    Kept(Vec<u8>),
-    Overflowed,
-}
-
-impl Tail {
-    fn new(enabled: bool) -> Tail {
-        if enabled { Tail::Kept(Vec::new()) } else { Tail::Off }
-    }
-
-    /// Notes `chunk`, about to go to the worker; `answered` says whether the worker has sent anything since
-    /// the previous chunk. Returns whether the unanswered bytes are all kept.
-    fn record(&mut self, chunk: &[u8], answered: bool) -> bool {
-        match self {
-            Tail::Off => return false,
-            // A long unanswered run (an upload) does not leave its memory behind on an idle connection.
-            Tail::Kept(bytes) if answered && bytes.capacity() > FIRST_BUFFER_SIZE => *bytes = Vec::new(),
-            Tail::Kept(bytes) if answered => bytes.clear(),
-            Tail::Overflowed if answered => *self = Tail::Kept(Vec::new()),
-            _ => {}
-        }
-        match self {
-            Tail::Kept(bytes) if bytes.len() + chunk.len() <= RESEND_LIMIT => {
-                bytes.extend_from_slice(chunk);
-                true
-            }
-            Tail::Kept(_) => {
-                *self = Tail::Overflowed;
-                false
-            }
-            Tail::Off | Tail::Overflowed => false,
-        }
-    }
-
-    /// Notes bytes that went to the worker unseen (spliced): nothing can be resent until the next answer.
-    fn lose(&mut self) -> bool {
-        if !matches!(self, Tail::Off) {
-            *self = Tail::Overflowed;
-        }
-        false
-    }
-
-    /// The unanswered bytes.
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Tail::Kept(bytes) => bytes,
-            Tail::Off | Tail::Overflowed => &[],
-        }
-    }
-}
-
-/// What both directions of a connection note for each other: when a byte last moved (for the idle and
-/// half-close timeouts) and where the exchange stands (for resending). They run on the same task, so the
-/// atomics are never contended; relaxed loads and stores are plain moves.
-struct Activity {
-    start: Instant,
-    /// Milliseconds from `start` to the last read.
-    last: AtomicU64,
-    /// Whether the worker has sent bytes since the client's last chunk.
-    answered: AtomicBool,
-    /// Whether the client's bytes since the worker's last answer are all kept in the [`Tail`].
-    kept: AtomicBool,
-    /// Whether the worker's end is being held back from the client: what the client sends now cannot go to it.
-    worker_ended: AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-            answered: AtomicBool::new(false),
-            kept: AtomicBool::new(false),
-            worker_ended: AtomicBool::new(false),
-        }
-    }
-
-    /// The worker sent bytes.
-    fn answered(&self) {
-        self.answered.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the worker sent bytes since the last call.
-    fn take_answered(&self) -> bool {
-        let answered = self.answered.load(Ordering::Relaxed);
-        if answered {
-            self.answered.store(false, Ordering::Relaxed);
-        }
-        answered
-    }
-
-    /// The client sent a chunk; `kept` says whether the tail holds every unanswered byte.
-    fn sent(&self, kept: bool) {
-        self.kept.store(kept, Ordering::Relaxed);
-    }
-
-    /// The worker closed its side, and the client is not told yet.
-    fn end_worker(&self) {
-        self.worker_ended.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the worker's end is being held back.
-    fn worker_ended(&self) -> bool {
-        self.worker_ended.load(Ordering::Relaxed)
-    }
-
-    /// Whether there are unanswered bytes and the tail holds them all.
-    fn resendable(&self) -> bool {
-        self.kept.load(Ordering::Relaxed) && !self.answered.load(Ordering::Relaxed)
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `limit`. One timer, re-armed only when it fires early.
-    async fn silent_for(&self, limit: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let deadline = last + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
 /// A failed copy, tagged with the side whose socket failed.
 #[derive(Debug)]
 struct Failure {
@@ -547,13 +486,20 @@ struct Failure {
     error: io::Error,
 }
 
-/// Copies `src` to `dst` until `src` ends; the caller passes the end on. A buffer is held only while data
-/// moves: it is allocated when `src` becomes readable and given back once `src` is drained, so an idle
-/// connection, fresh or kept alive, holds none. `on_read` sees every chunk before it is written and says
-/// whether `dst` still takes it; if not, the copy fails as if `dst` had refused it.
+/// Copies `src` to `dst` until `src` ends and `flow` holds nothing more; the caller passes the end on.
+///
+/// Everything the copy must not lose is in `flow`, updated before each await: what was read and not yet
+/// written, and what sits in the splice pipe, so the copy can be dropped at any await point (to park) and
+/// started again from `flow` (to resume). What `flow` holds is written before anything more is read.
+///
+/// A buffer is held only while data moves: it is allocated when `src` becomes readable and given back once
+/// `src` is drained, so an idle connection, fresh or kept alive, holds none. `on_read` sees every chunk
+/// before it is written and says whether `dst` still takes it; if not, the copy fails as if `dst` had
+/// refused it.
 async fn copy<H, R, W>(
     (mut half, src_side): (H, Side),
     (dst, dst_side): (&W, Side),
+    flow: &mut Flow,
     counter: &IntCounter,
     activity: &Activity,
     mut on_read: impl FnMut(Option<&[u8]>) -> bool,
@@ -564,144 +510,151 @@ where
     W: Socket,
 {
     let read_failed = |error| Failure { side: src_side, error };
-    let mut size = FIRST_BUFFER_SIZE;
-    let mut buffer: Option<Vec<u8>> = None;
+    let write_failed = |error| Failure { side: dst_side, error };
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
-        let buf = match &mut buffer {
+        // What was read and not yet written.
+        if let Some(buf) = &mut flow.buffer {
+            if flow.written < buf.len() {
+                while flow.written < buf.len() {
+                    match dst.try_write(&buf[flow.written..]) {
+                        Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            flow.written += n;
+                            counter.inc_by(n as u64);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            dst.writable().await.map_err(write_failed)?
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(write_failed(e)),
+                    }
+                }
+                let (n, capacity) = (buf.len(), buf.capacity());
+                buf.clear();
+                flow.written = 0;
+                if n == flow.size && flow.size < BUFFER_SIZE {
+                    // A bulk transfer: larger reads, fewer system calls.
+                    flow.size = BUFFER_SIZE;
+                    flow.buffer = Some(Vec::with_capacity(BUFFER_SIZE));
+                } else if n == BUFFER_SIZE {
+                    // Still bulk: the kernel moves the data through a pipe, with no copy through this process.
+                    flow.buffer = None;
+                    flow.pipe = new_pipe();
+                } else {
+                    if n < FIRST_BUFFER_SIZE {
+                        flow.size = FIRST_BUFFER_SIZE;
+                    }
+                    if capacity < flow.size {
+                        // A buffer resumed with the bytes it held only: a read gets a full one.
+                        flow.buffer = None;
+                    }
+                }
+            }
+        }
+        // What sits in the pipe.
+        if let Some(pipe) = &mut flow.pipe {
+            while pipe.held > 0 {
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, dst, None, pipe.held, flags).map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                    Ok(moved) => {
+                        pipe.held -= moved;
+                        counter.inc_by(moved as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(write_failed)?,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(write_failed(e)),
+                }
+            }
+            if pipe.last < BUFFER_SIZE {
+                // A read moved less than a full buffer: back to plain copies.
+                flow.pipe = None;
+            }
+        }
+        if flow.ended {
+            flow.buffer = None;
+            return Ok(());
+        }
+        let src = half.as_ref();
+        if let Some(pipe) = &mut flow.pipe {
+            // Bulk: socket to pipe to socket, for as long as each read moves a full BUFFER_SIZE.
+            std::future::poll_fn(|cx| src.poll_read_ready(cx))
+                .await
+                .map_err(read_failed)?;
+            // The pipe is empty here, so EAGAIN can only mean that `src` is drained; try_io then clears readiness.
+            let n = match src.try_io(Interest::READABLE, || {
+                splice(src, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
+            }) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+                Err(e) => return Err(read_failed(e)),
+            };
+            activity.touch();
+            (pipe.held, pipe.last) = (n, n);
+            if n == 0 {
+                flow.ended = true;
+                flow.pipe = None;
+            } else if !on_read(None) {
+                return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
+            }
+            continue;
+        }
+        let buf = match &mut flow.buffer {
             Some(buf) => buf,
             None => {
                 // Waits through the task's budget too: a task that has used it up yields here.
-                std::future::poll_fn(|cx| half.as_ref().poll_read_ready(cx))
+                std::future::poll_fn(|cx| src.poll_read_ready(cx))
                     .await
                     .map_err(read_failed)?;
-                buffer.insert(Vec::with_capacity(size))
+                flow.buffer.insert(Vec::with_capacity(flow.size))
             }
         };
         // One poll of the half's read: a short read tells tokio the socket is drained, so this returns
         // Pending without a system call once there is nothing left. Pending drops the buffer; the wait
         // above then either parks the task or, if the budget ran out, yields it.
-        let mut read = ReadBuf::uninit(buf.spare_capacity_mut());
-        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut half).poll_read(cx, &mut read))).await;
+        let polled = {
+            let read = half.read_buf(buf);
+            tokio::pin!(read);
+            std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+        };
         let n = match polled {
             Poll::Pending => {
-                buffer = None;
+                flow.buffer = None;
                 continue;
             }
-            Poll::Ready(Ok(())) => read.filled().len(),
+            Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
             Poll::Ready(Err(e)) => return Err(read_failed(e)),
         };
         activity.touch();
         if n == 0 {
-            return Ok(());
+            flow.ended = true;
+            continue;
         }
-        if !on_read(Some(read.filled())) {
-            return Err(Failure {
-                side: dst_side,
-                error: io::ErrorKind::BrokenPipe.into(),
-            });
-        }
-        write_all(dst, read.filled())
-            .await
-            .map_err(|error| Failure { side: dst_side, error })?;
-        counter.inc_by(n as u64);
-        if n == size && size < BUFFER_SIZE {
-            // A bulk transfer: larger reads, fewer system calls.
-            size = BUFFER_SIZE;
-            buffer = Some(Vec::with_capacity(size));
-        } else if n == BUFFER_SIZE {
-            // Still bulk: the kernel moves the data through a pipe, with no copy through this process.
-            buffer = None;
-            let sides = (src_side, dst_side);
-            if splice_bulk(half.as_ref(), dst, sides, counter, activity, &mut on_read).await? == Spliced::End {
-                return Ok(());
-            }
-        } else if n < FIRST_BUFFER_SIZE {
-            size = FIRST_BUFFER_SIZE;
+        if !on_read(Some(&buf[..n])) {
+            return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
         }
     }
 }
 
-/// How a spliced stretch of a copy ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Spliced {
-    /// `src` ended.
-    End,
-    /// A read moved less than a full buffer (or no pipe could be had): back to plain copies.
-    Short,
-}
-
-/// Moves `src` to `dst` through a pipe with splice(2), so the bytes never cross this process, for as long as
-/// each read moves a full [`BUFFER_SIZE`]. The pipe is empty whenever this returns.
-async fn splice_bulk<R: Socket, W: Socket>(
-    src: &R,
-    dst: &W,
-    (src_side, dst_side): (Side, Side),
-    counter: &IntCounter,
-    activity: &Activity,
-    on_read: &mut impl FnMut(Option<&[u8]>) -> bool,
-) -> Result<Spliced, Failure> {
-    let Ok((pipe_out, pipe_in)) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
-        // Out of descriptors, say: plain copies still work.
-        return Ok(Spliced::Short);
-    };
+/// A pipe for splicing, or none when the process cannot have one (out of descriptors, say): plain copies
+/// still work.
+fn new_pipe() -> Option<Pipe> {
+    let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
     // A larger pipe moves more per call; the kernel may refuse, and the default (64 KiB) does too.
-    let capacity = fcntl(pipe_in.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
+    let capacity = fcntl(write.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
         .ok()
         .and_then(|size| usize::try_from(size).ok())
         .unwrap_or(BUFFER_SIZE);
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let read_failed = |error| Failure { side: src_side, error };
-    loop {
-        std::future::poll_fn(|cx| src.poll_read_ready(cx))
-            .await
-            .map_err(read_failed)?;
-        // The pipe is empty here, so EAGAIN can only mean that `src` is drained; try_io then clears readiness.
-        let n = match src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe_in, None, capacity, flags).map_err(io::Error::from)
-        }) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => return Err(read_failed(e)),
-        };
-        activity.touch();
-        if n == 0 {
-            return Ok(Spliced::End);
-        }
-        let write_failed = |error| Failure { side: dst_side, error };
-        if !on_read(None) {
-            return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
-        }
-        let mut left = n;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe_out, None, dst, None, left, flags).map_err(io::Error::from)
-            }) {
-                Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
-                Ok(moved) => left -= moved,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(write_failed)?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(write_failed(e)),
-            }
-        }
-        counter.inc_by(n as u64);
-        if n < BUFFER_SIZE {
-            return Ok(Spliced::Short);
-        }
-    }
-}
-
-async fn write_all<W: Socket>(dst: &W, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match dst.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    Some(Pipe {
+        read,
+        write,
+        capacity,
+        held: 0,
+        last: BUFFER_SIZE,
+    })
 }
 
 /// Shuts down writing on `socket`: its peer reads the end of the stream. A peer that is gone already does not
@@ -762,55 +715,511 @@ socket!(UnixStream, unix);
 
 #[cfg(test)]
 mod tests {
+    //! Hundreds of connections through the real accept loop and [`serve`], against a worker server in this
+    //! process, parked mid-stream in both directions and in every half-closed state, carried through their
+    //! record and descriptors as a handover would, resumed, and finished: every byte checked at both ends.
+
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+    use tokio::sync::{Semaphore, mpsc, watch};
+
     use super::*;
+    use crate::connection::{Parked, ParkedRecord};
+    use crate::listener::{Listener, accept_loop};
+    use crate::route::{Settings, Upstream};
 
-    #[test]
-    fn the_tail_holds_what_was_sent_since_the_last_answer() {
-        let mut tail = Tail::new(true);
-        assert!(tail.record(b"GET /a", false));
-        assert!(tail.record(b" HTTP/1.1", false));
-        assert_eq!(tail.bytes(), b"GET /a HTTP/1.1");
-        // The worker answered: what came before is answered, the new chunk starts the tail.
-        assert!(tail.record(b"GET /b", true));
-        assert_eq!(tail.bytes(), b"GET /b");
+    /// How long any one wait of these tests may take.
+    const DEADLINE: Duration = Duration::from_secs(60);
+
+    /// A small receive buffer on the test's own sockets, so that bytes back up inside baton.
+    const SMALL_BUFFER: u32 = 4 * 1024;
+
+    /// A deterministic byte stream (xorshift64*), to write and to check what is read against.
+    struct Bytes {
+        state: u64,
+        word: [u8; 8],
+        used: usize,
     }
 
-    #[test]
-    fn a_tail_over_the_limit_keeps_nothing_until_the_next_answer() {
-        let mut tail = Tail::new(true);
-        assert!(tail.record(&vec![1; RESEND_LIMIT], false));
-        assert!(!tail.record(b"x", false), "one byte over the limit");
-        assert!(tail.bytes().is_empty());
-        assert!(!tail.record(b"more", false), "still over until an answer");
-        assert!(tail.record(b"next", true));
-        assert_eq!(tail.bytes(), b"next");
+    impl Bytes {
+        fn new(seed: u64) -> Bytes {
+            Bytes {
+                state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+                word: [0; 8],
+                used: 8,
+            }
+        }
+
+        fn next_word(&mut self) -> [u8; 8] {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+        }
+
+        fn fill(&mut self, buf: &mut [u8]) {
+            let mut at = 0;
+            while at < buf.len() {
+                if self.used == 8 {
+                    if buf.len() - at >= 8 {
+                        buf[at..at + 8].copy_from_slice(&self.next_word());
+                        at += 8;
+                        continue;
+                    }
+                    self.word = self.next_word();
+                    self.used = 0;
+                }
+                buf[at] = self.word[self.used];
+                self.used += 1;
+                at += 1;
+            }
+        }
     }
 
-    #[test]
-    fn an_answered_upload_gives_its_memory_back() {
-        let mut tail = Tail::new(true);
-        tail.record(&vec![1; 32 * 1024], false);
-        tail.record(b"small", true);
-        let Tail::Kept(bytes) = &tail else {
-            panic!("kept: {tail:?}")
+    /// What one connection does, by its number.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Scenario {
+        /// Bulk both ways (through the splice path); both readers pause mid-stream.
+        Bulk,
+        /// A few kilobytes both ways; both readers pause mid-stream.
+        Small,
+        /// The client sends a little and shuts its side before the park; the worker's bulk is mid-stream.
+        ClientShut,
+        /// The worker sends a little and shuts its side before the park; the client's bulk is mid-stream.
+        WorkerShut,
+    }
+
+    impl Scenario {
+        fn of(id: u64) -> Scenario {
+            [
+                Scenario::Bulk,
+                Scenario::Small,
+                Scenario::ClientShut,
+                Scenario::WorkerShut,
+            ][(id % 4) as usize]
+        }
+
+        /// Each way (to the worker, to the client): the bytes, where the writer pauses until the resume,
+        /// and where the reader pauses until the resume.
+        fn plan(self) -> (Plan, Plan) {
+            const BULK: Plan = Plan {
+                len: 384 * 1024,
+                write_pause: Some(256 * 1024),
+                read_pause: Some(128 * 1024),
+            };
+            const SMALL: Plan = Plan {
+                len: 16 * 1024,
+                write_pause: Some(12 * 1024),
+                read_pause: Some(4 * 1024),
+            };
+            const SHUT: Plan = Plan {
+                len: 8 * 1024,
+                write_pause: None,
+                read_pause: None,
+            };
+            match self {
+                Scenario::Bulk => (BULK, BULK),
+                Scenario::Small => (SMALL, SMALL),
+                Scenario::ClientShut => (SHUT, BULK),
+                Scenario::WorkerShut => (BULK, SHUT),
+            }
+        }
+    }
+
+    /// One direction of a connection.
+    #[derive(Debug, Clone, Copy)]
+    struct Plan {
+        /// Bytes in all.
+        len: usize,
+        /// Where the writer waits for the resume.
+        write_pause: Option<usize>,
+        /// Where the reader waits for the resume.
+        read_pause: Option<usize>,
+    }
+
+    /// What the two ends of every connection report to the test.
+    #[derive(Default)]
+    struct Progress {
+        /// Readers paused mid-stream.
+        paused: AtomicUsize,
+        /// Readers that read the end of a stream.
+        ended: AtomicUsize,
+    }
+
+    /// Writes `len` bytes of stream `seed`, pausing after `pause` bytes until `go`, then shuts the writing
+    /// side.
+    async fn write_stream(
+        mut writer: impl AsyncWriteExt + Unpin,
+        seed: u64,
+        (len, pause): (usize, Option<usize>),
+        mut go: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        let mut bytes = Bytes::new(seed);
+        let mut chunk = vec![0; 64 * 1024];
+        let mut written = 0;
+        while written < len {
+            let mut n = (len - written).min(chunk.len());
+            if let Some(at) = pause.filter(|at| written < *at) {
+                n = n.min(at - written);
+            }
+            bytes.fill(&mut chunk[..n]);
+            writer.write_all(&chunk[..n]).await?;
+            written += n;
+            if pause == Some(written) {
+                go.wait_for(|go| *go).await.map_err(io::Error::other)?;
+            }
+        }
+        writer.shutdown().await
+    }
+
+    /// Reads stream `seed` to its end and checks it is exactly `len` bytes of it; pauses after `pause`
+    /// bytes until `go`.
+    async fn read_stream(
+        mut reader: impl AsyncReadExt + Unpin,
+        seed: u64,
+        len: usize,
+        pause: Option<usize>,
+        mut go: watch::Receiver<bool>,
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let mut expected = Bytes::new(seed);
+        let (mut buf, mut want) = (vec![0; 64 * 1024], vec![0; 64 * 1024]);
+        let mut read = 0;
+        let mut pause = pause;
+        loop {
+            if pause.is_some_and(|at| read >= at) {
+                pause = None;
+                progress.paused.fetch_add(1, Ordering::SeqCst);
+                go.wait_for(|go| *go).await.map_err(|e| e.to_string())?;
+            }
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("after {read} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            expected.fill(&mut want[..n]);
+            if buf[..n] != want[..n] {
+                return Err(format!("the bytes after {read} differ from what was sent"));
+            }
+            read += n;
+        }
+        progress.ended.fetch_add(1, Ordering::SeqCst);
+        if read == len {
+            Ok(())
+        } else {
+            Err(format!("{read} bytes of {len}"))
+        }
+    }
+
+    /// Seeds of the two streams of connection `id`.
+    fn seeds(id: u64) -> (u64, u64) {
+        (2 * id + 1, 2 * id + 2)
+    }
+
+    /// A socket whose receive buffer is small.
+    fn small_socket() -> TcpSocket {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(SMALL_BUFFER).expect("SO_RCVBUF");
+        socket
+    }
+
+    /// The in-process worker: reads a connection's number, then sends its stream and checks the client's.
+    async fn worker_server(
+        progress: Arc<Progress>,
+        go: watch::Receiver<bool>,
+        done: mpsc::Sender<Result<(), String>>,
+    ) -> SocketAddr {
+        let socket = small_socket();
+        socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let listener = socket.listen(1024).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (progress, go, done) = (Arc::clone(&progress), go.clone(), done.clone());
+                tokio::spawn(async move {
+                    let (mut reader, writer) = stream.into_split();
+                    let result = async {
+                        let id = reader.read_u64().await.map_err(|e| e.to_string())?;
+                        let (up, down) = Scenario::of(id).plan();
+                        let (up_seed, down_seed) = seeds(id);
+                        let (read, written) = tokio::join!(
+                            read_stream(reader, up_seed, up.len, up.read_pause, go.clone(), &progress),
+                            write_stream(writer, down_seed, (down.len, down.write_pause), go),
+                        );
+                        written.map_err(|e| format!("worker writing: {e}"))?;
+                        read.map_err(|e| format!("worker reading connection {id}: {e}"))
+                    }
+                    .await;
+                    let _ = done.send(result).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// One client: sends its number and stream, checks the worker's.
+    async fn client(
+        id: u64,
+        addr: SocketAddr,
+        progress: Arc<Progress>,
+        go: watch::Receiver<bool>,
+        addrs: Arc<Mutex<HashMap<SocketAddr, u64>>>,
+    ) -> Result<(), String> {
+        let stream = small_socket().connect(addr).await.map_err(|e| e.to_string())?;
+        let local = stream.local_addr().map_err(|e| e.to_string())?;
+        addrs.lock().expect("addresses").insert(local, id);
+        let (reader, mut writer) = stream.into_split();
+        let (up, down) = Scenario::of(id).plan();
+        let (up_seed, down_seed) = seeds(id);
+        let write_go = go.clone();
+        let write = async move {
+            writer.write_u64(id).await?;
+            write_stream(writer, up_seed, (up.len, up.write_pause), write_go).await
         };
-        assert!(bytes.capacity() < 32 * 1024, "capacity {}", bytes.capacity());
+        let read = read_stream(reader, down_seed, down.len, down.read_pause, go, &progress);
+        let (read, written) = tokio::join!(read, write);
+        written.map_err(|e| format!("client writing: {e}"))?;
+        read.map_err(|e| format!("client reading connection {id}: {e}"))
     }
 
-    #[test]
-    fn spliced_bytes_make_the_tail_unresendable_until_the_next_answer() {
-        let mut tail = Tail::new(true);
-        tail.record(b"GET /", false);
-        assert!(!tail.lose());
-        assert!(!tail.record(b"more", false));
-        assert!(tail.bytes().is_empty());
-        assert!(tail.record(b"GET /b", true));
+    /// Polls `check` until it holds, or panics with what it last saw.
+    async fn wait_until(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match check() {
+                Ok(()) => return,
+                Err(seen) if Instant::now() >= deadline => panic!("{what}: {seen}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
     }
 
-    #[test]
-    fn a_disabled_tail_keeps_nothing() {
-        let mut tail = Tail::new(false);
-        assert!(!tail.record(b"GET / HTTP/1.1", false));
-        assert!(tail.bytes().is_empty());
+    fn route_to(worker: SocketAddr) -> (Arc<ArcSwap<Route>>, Arc<Upstream>) {
+        let upstream = Arc::new(Upstream::new(1, 0, WorkerAddr::Tcp(worker)));
+        let route = Arc::new(ArcSwap::from_pointee(Route {
+            upstream: Some(Arc::clone(&upstream)),
+            hold: true,
+            settings: Settings {
+                connect_timeout: Duration::from_secs(5),
+                pending_timeout: Duration::from_secs(5),
+                max_connections: 0,
+                idle_timeout: Duration::from_secs(300),
+                half_close_timeout: Duration::from_secs(300),
+                resend_unanswered: true,
+            },
+            shared: Arc::new(Shared::new(crate::metrics::Metrics::new().service("park"))),
+        }));
+        (route, upstream)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundreds_of_connections_park_mid_stream_and_resume_byte_exact() {
+        const CONNECTIONS: u64 = 300;
+        let progress = Arc::new(Progress::default());
+        let (go, gate) = watch::channel(false);
+        let (worker_done, mut worker_results) = mpsc::channel(CONNECTIONS as usize);
+        let worker = worker_server(Arc::clone(&progress), gate.clone(), worker_done).await;
+        let (route, upstream) = route_to(worker);
+        let shared = Arc::clone(&route.load().shared);
+        let listener = Listener::bind("127.0.0.1:0".parse().expect("address"), 1024).expect("bind");
+        // Baton's client sockets inherit a small send buffer: its writes to paused clients stop early, so it
+        // parks with bytes it has read and not written.
+        SockRef::from(listener.socket())
+            .set_send_buffer_size(SMALL_BUFFER as usize)
+            .expect("SO_SNDBUF");
+        let listener = Arc::new(listener);
+        let public = listener.local;
+        let budget = Arc::new(Semaphore::new(4 * CONNECTIONS as usize));
+        let accepting = tokio::spawn(accept_loop(listener, "park".into(), Arc::clone(&route), budget));
+        let addrs = Arc::new(Mutex::new(HashMap::new()));
+        let clients: Vec<_> = (0..CONNECTIONS)
+            .map(|id| {
+                let (progress, gate, addrs) = (Arc::clone(&progress), gate.clone(), Arc::clone(&addrs));
+                tokio::spawn(client(id, public, progress, gate, addrs))
+            })
+            .collect();
+
+        // Every reader that pauses has paused, and every end that comes before the park has been read.
+        let quarter = (CONNECTIONS / 4) as usize;
+        let (paused, ended) = (6 * quarter, 2 * quarter);
+        wait_until("the streams reach their pauses", || {
+            let seen = (
+                progress.paused.load(Ordering::SeqCst),
+                progress.ended.load(Ordering::SeqCst),
+            );
+            (seen == (paused, ended))
+                .then_some(())
+                .ok_or(format!("paused, ended: {seen:?}"))
+        })
+        .await;
+        accepting.abort();
+
+        shared.parking.request();
+        tokio::time::timeout(DEADLINE, shared.all_parked())
+            .await
+            .expect("every connection parks");
+        let parked = shared.parking.take();
+        assert_eq!(parked.len(), CONNECTIONS as usize, "parked connections");
+        assert_eq!(
+            upstream.connections(),
+            CONNECTIONS as usize,
+            "the worker still counts them all"
+        );
+
+        // Each state a handover would find, by scenario.
+        let addrs = addrs.lock().expect("addresses").clone();
+        let (mut pending, mut from_pipes) = (0, 0);
+        let mut resumed = Vec::new();
+        for ParkedConnection { connection, guard } in parked {
+            let id = addrs[&connection.client_addr().expect("client address")];
+            let record = &connection.record;
+            match Scenario::of(id) {
+                Scenario::ClientShut => assert!(
+                    record.to_worker.ended && record.worker_shut && !record.to_client.ended,
+                    "connection {id}: the client's end was passed on: {:?}",
+                    (record.to_worker.ended, record.worker_shut, record.to_client.ended)
+                ),
+                Scenario::WorkerShut => assert!(
+                    record.to_client.ended && record.client_shut && !record.to_worker.ended,
+                    "connection {id}: the worker's end was passed on"
+                ),
+                Scenario::Bulk | Scenario::Small => assert!(
+                    !record.to_worker.ended && !record.to_client.ended,
+                    "connection {id}: mid-stream both ways"
+                ),
+            }
+            pending += usize::from(!record.to_worker.pending.is_empty());
+            pending += usize::from(!record.to_client.pending.is_empty());
+            from_pipes += usize::from(connection.from_pipes > 0);
+            // What a handover does: the record through JSON, the sockets as descriptors, a new guard.
+            let (record, fds) = connection.into_parts().expect("into parts");
+            let text = serde_json::to_string(&record).expect("serialise");
+            let back: ParkedRecord = serde_json::from_str(&text).expect("deserialise");
+            assert_eq!(back, record);
+            let connection = Parked::from_parts(back, fds).expect("from parts");
+            let adopted = upstream.adopt(record.answered);
+            drop(guard);
+            resumed.push(ParkedConnection {
+                connection,
+                guard: adopted,
+            });
+        }
+        eprintln!("parked: {pending} directions with pending bytes, {from_pipes} connections with piped bytes");
+        assert!(pending > 0, "some connections parked with bytes read and not written");
+        assert!(from_pipes > 0, "some connections parked with bytes in a splice pipe");
+
+        shared.parking.cancel();
+        let outcomes: Vec<_> = resumed
+            .into_iter()
+            .map(|parked| {
+                let route = Arc::clone(&route);
+                tokio::spawn(async move { resume(parked, &route).await })
+            })
+            .collect();
+        go.send(true).expect("open the gate");
+        for (id, client) in clients.into_iter().enumerate() {
+            let result = tokio::time::timeout(DEADLINE, client).await.expect("client in time");
+            result
+                .expect("client task")
+                .unwrap_or_else(|e| panic!("client {id}: {e}"));
+        }
+        for _ in 0..CONNECTIONS {
+            let result = tokio::time::timeout(DEADLINE, worker_results.recv())
+                .await
+                .expect("worker in time");
+            result.expect("a result").unwrap_or_else(|e| panic!("{e}"));
+        }
+        for outcome in outcomes {
+            assert_eq!(outcome.await.expect("relay task"), Outcome::Completed);
+        }
+        assert_eq!(shared.open(), 0);
+        assert_eq!(upstream.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_draining_workers_held_end_parks_and_reaches_the_client_after_the_resume() {
+        let workers = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let deadline = Instant::now() + DEADLINE;
+        'attempt: loop {
+            assert!(
+                Instant::now() < deadline,
+                "the worker's end was never held when the connection parked"
+            );
+            // A fresh worker each attempt: the last one is draining.
+            let (route, upstream) = route_to(workers.local_addr().expect("address"));
+            let shared = Arc::clone(&route.load().shared);
+            let mut client = TcpStream::connect(public.local_addr().expect("address"))
+                .await
+                .expect("connect");
+            let (accepted, _) = public.accept().await.expect("accept");
+            let serving = tokio::spawn({
+                let route = Arc::clone(&route);
+                async move { serve(accepted, &route).await }
+            });
+            let (mut worker, _) = workers.accept().await.expect("worker accept");
+            client.write_all(b"hello").await.expect("write");
+            let mut hello = [0; 5];
+            worker.read_exact(&mut hello).await.expect("worker read");
+            worker.write_all(b"hi").await.expect("worker write");
+            let mut hi = [0; 2];
+            client.read_exact(&mut hi).await.expect("client read");
+            assert_eq!((&hello, &hi), (b"hello", b"hi"));
+            // The worker drains and closes: baton holds its end back from the client for a moment.
+            upstream.begin_drain();
+            worker.shutdown().await.expect("worker shutdown");
+            let parked = loop {
+                shared.parking.request();
+                tokio::time::timeout(DEADLINE, shared.all_parked())
+                    .await
+                    .expect("parks");
+                let mut taken = shared.parking.take();
+                let connection = taken.pop().expect("one parked connection");
+                let record = &connection.connection.record;
+                if record.held_until.is_some() {
+                    assert!(record.to_client.ended && !record.client_shut && record.worker_ended);
+                    break connection;
+                }
+                shared.parking.cancel();
+                if record.client_shut {
+                    // The hold ended before the park: try again with a new connection.
+                    continue 'attempt;
+                }
+                // Parked before baton read the worker's end: let it run and park it again.
+                let route = Arc::clone(&route);
+                tokio::spawn(async move { resume(connection, &route).await });
+                tokio::task::yield_now().await;
+            };
+            assert_eq!(serving.await.expect("serve"), Outcome::Parked);
+            let ParkedConnection { connection, guard } = parked;
+            let (record, fds) = connection.into_parts().expect("into parts");
+            let back: ParkedRecord =
+                serde_json::from_str(&serde_json::to_string(&record).expect("serialise")).expect("deserialise");
+            let connection = Parked::from_parts(back, fds).expect("from parts");
+            shared.parking.cancel();
+            let resumed = tokio::spawn({
+                let route = Arc::clone(&route);
+                async move { resume(ParkedConnection { connection, guard }, &route).await }
+            });
+            // The held end reaches the client once the hold's remaining time has passed.
+            let mut rest = Vec::new();
+            tokio::time::timeout(DEADLINE, client.read_to_end(&mut rest))
+                .await
+                .expect("the end in time")
+                .expect("no reset");
+            assert!(rest.is_empty(), "nothing but the end: {rest:?}");
+            client.shutdown().await.expect("client shutdown");
+            let mut end = [0; 1];
+            assert_eq!(worker.read(&mut end).await.expect("worker reads the end"), 0);
+            assert_eq!(resumed.await.expect("resumed"), Outcome::Completed);
+            return;
+        }
     }
 }

@@ -4,13 +4,14 @@
 //! closes. Everything a connection needs is in that one snapshot, so a switch is a single pointer store and
 //! no connection can see half of one.
 //!
-//! A connection waits for the cut of its worker's drain through a [`Signal`], which registers the waiting
-//! task once and takes no lock on the polls in between. Nothing here takes a lock on the data path.
+//! A connection waits for the cut of its worker's drain and for a request to park ([`Parking`]) through
+//! [`Signal`]s, which register the waiting task once and take no lock on the polls in between. The only
+//! lock here is the list of parked connections', taken when a connection parks and when they are taken.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
+use crate::connection::Parked;
 use crate::endpoint::Endpoint;
 use crate::metrics::ServiceMetrics;
 
@@ -82,14 +84,16 @@ pub struct Shared {
     pub metrics: ServiceMetrics,
     /// Woken whenever the service stores a new route, for connections waiting for a worker.
     pub changed: Notify,
-    /// The service's open connections, counted only when `max_connections` is set.
+    /// Asks the service's connections to park, and keeps them once parked.
+    pub parking: Parking,
+    /// The service's open connections (parked ones are not open).
     open: AtomicUsize,
 }
 
-/// One connection counted against `max_connections`; uncounts it when dropped.
+/// One open connection, counted against `max_connections`; uncounts it when dropped.
 #[derive(Debug)]
 pub struct Admission<'a> {
-    open: Option<&'a AtomicUsize>,
+    shared: &'a Shared,
 }
 
 impl Shared {
@@ -98,27 +102,52 @@ impl Shared {
         Shared {
             metrics,
             changed: Notify::new(),
+            parking: Parking::default(),
             open: AtomicUsize::new(0),
         }
     }
 
     /// Counts a new connection unless `max` (zero: no limit) are open already.
     pub fn admit(&self, max: usize) -> Option<Admission<'_>> {
-        if max == 0 {
-            return Some(Admission { open: None });
-        }
-        if self.open.fetch_add(1, Ordering::AcqRel) >= max {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= max && max != 0 {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Admission { open: Some(&self.open) })
+        Some(Admission { shared: self })
+    }
+
+    /// Counts a parked connection that resumes: it was admitted before it parked, so no limit applies.
+    pub fn readmit(&self) -> Admission<'_> {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Admission { shared: self }
+    }
+
+    /// The service's open connections: admitted, and neither ended nor parked.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection of the service is open: each has parked or ended. Call it after
+    /// [`Parking::request`]; new connections must have stopped coming (the accept loops stopped). A
+    /// connection still waiting for a worker counts as open until it has dialled one and parked.
+    pub async fn all_parked(&self) {
+        loop {
+            let settled = self.parking.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            settled.await;
+        }
     }
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        if let Some(open) = self.open {
-            open.fetch_sub(1, Ordering::AcqRel);
+        let shared = self.shared;
+        if shared.open.fetch_sub(1, Ordering::AcqRel) == 1 && shared.parking.is_requested() {
+            shared.parking.settled.notify_waiters();
         }
     }
 }
@@ -209,6 +238,61 @@ impl Future for Raised<'_> {
                 }
             }
         }
+    }
+}
+
+/// A service's request that its connections park, and the connections that did.
+///
+/// A connection relaying data parks at once when asked; one still dialling its worker, or waiting for a
+/// worker to be ready, finishes that first (nothing has been sent yet) and parks before it moves a byte.
+#[derive(Debug, Default)]
+pub struct Parking {
+    /// Up while the service's connections are to park.
+    signal: Signal,
+    /// Woken when the last open connection parks or ends while parking is requested.
+    settled: Notify,
+    /// The parked connections.
+    parked: Mutex<Vec<ParkedConnection>>,
+}
+
+/// A parked connection, with the guard that keeps it counted against its worker meanwhile.
+#[derive(Debug)]
+pub struct ParkedConnection {
+    /// The connection.
+    pub connection: Parked,
+    /// Its worker's guard: the worker does not drain away from under it.
+    pub guard: Guard,
+}
+
+impl Parking {
+    /// Asks every connection of the service to park. [`Shared::all_parked`] says when they all have.
+    pub fn request(&self) {
+        self.signal.raise();
+    }
+
+    /// Lets connections run again: from now on, none parks (those parked stay parked until resumed).
+    pub fn cancel(&self) {
+        self.signal.lower();
+    }
+
+    /// Whether connections are asked to park.
+    pub fn is_requested(&self) -> bool {
+        self.signal.is_raised()
+    }
+
+    /// Resolves once connections are asked to park.
+    pub fn requested(&self) -> Raised<'_> {
+        self.signal.raised()
+    }
+
+    /// Keeps a connection that parked.
+    pub fn keep(&self, parked: ParkedConnection) {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner).push(parked);
+    }
+
+    /// The connections parked so far.
+    pub fn take(&self) -> Vec<ParkedConnection> {
+        std::mem::take(&mut *self.parked.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -328,6 +412,21 @@ impl Upstream {
     /// Resolves when this worker's remaining connections must close.
     pub fn cut(&self) -> Raised<'_> {
         self.cut.raised()
+    }
+
+    /// Counts a connection that was this worker's before it parked (across a handover, say), draining or
+    /// not; `answered` says whether the worker had sent it a byte.
+    pub fn adopt(self: &Arc<Self>, answered: bool) -> Guard {
+        self.state.fetch_add(1, Ordering::AcqRel);
+        self.unanswered.fetch_add(1, Ordering::AcqRel);
+        let guard = Guard {
+            upstream: Arc::clone(self),
+            answered: AtomicBool::new(false),
+        };
+        if answered {
+            guard.answered();
+        }
+        guard
     }
 }
 
