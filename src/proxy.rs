@@ -82,7 +82,7 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         return Outcome::OverLimit;
     };
     let deadline = now + first.settings.pending_timeout;
-    let (snapshot, guard, worker) = match connect(route, &first, deadline).await {
+    let (snapshot, mut guard, worker) = match connect(route, &first, deadline).await {
         Ok(connected) => connected,
         Err(outcome) => {
             reset(&client);
@@ -90,8 +90,11 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         }
     };
     let resend = snapshot.settings.resend_unanswered;
-    let connection = Connection::new(client, worker, Time::of(now), resend);
-    run(connection, route, shared, snapshot, guard, admission).await
+    let mut connection = Connection::new(client, worker, Time::of(now), resend);
+    match run(&mut connection, route, shared, snapshot, &mut guard).await {
+        Ran::Ended(outcome) => outcome,
+        Ran::Park => park(connection, guard, shared, admission),
+    }
 }
 
 /// Serves a parked connection again, from where it stopped: the bytes it had read and not written go
@@ -100,30 +103,45 @@ pub async fn resume(parked: ParkedConnection, route: &ArcSwap<Route>) -> Outcome
     let first = route.load_full();
     let shared = &first.shared;
     let admission = shared.readmit();
-    let ParkedConnection { connection, guard } = parked;
-    run(connection.resume(), route, shared, Arc::clone(&first), guard, admission).await
+    let ParkedConnection { connection, mut guard } = parked;
+    let mut connection = connection.resume();
+    match run(&mut connection, route, shared, Arc::clone(&first), &mut guard).await {
+        Ran::Ended(outcome) => outcome,
+        Ran::Park => park(connection, guard, shared, admission),
+    }
+}
+
+/// How [`run`] stopped.
+enum Ran {
+    /// The connection is over.
+    Ended(Outcome),
+    /// The service asked its connections to park: the caller parks the connection with its guard.
+    Park,
 }
 
 /// Relays `connection` until it ends or parks, resending its unanswered bytes when its worker closes on
-/// them.
+/// them (`guard` then becomes the new worker's).
+///
+/// The connection and its guard stay in the caller's future and are only borrowed here: an async fn keeps
+/// the arguments it owns twice over (as arguments and as locals), and this future lives as long as the
+/// connection, so owning them here would cost an idle connection a second copy of its whole state.
 async fn run(
-    mut connection: Connection,
+    connection: &mut Connection,
     route: &ArcSwap<Route>,
     shared: &Shared,
     mut snapshot: Arc<Route>,
-    mut guard: Guard,
-    admission: Admission<'_>,
-) -> Outcome {
+    guard: &mut Guard,
+) -> Ran {
     let metrics = &shared.metrics;
     let outcome = loop {
-        let Connection { client, worker, state } = &mut connection;
+        let Connection { client, worker, state } = &mut *connection;
         let relayed = match worker {
-            WorkerStream::Tcp(worker) => relay(client, worker, state, &snapshot, &guard).await,
-            WorkerStream::Unix(worker) => relay(client, worker, state, &snapshot, &guard).await,
+            WorkerStream::Tcp(worker) => relay(client, worker, state, &snapshot, guard).await,
+            WorkerStream::Unix(worker) => relay(client, worker, state, &snapshot, guard).await,
         };
         match relayed {
             Relayed::Ended(outcome) => break outcome,
-            Relayed::Park => return park(connection, guard, shared, admission),
+            Relayed::Park => return Ran::Park,
             Relayed::Resend => {}
         }
         // The worker closed without reading what it was last sent, after it had answered what came before:
@@ -138,7 +156,7 @@ async fn run(
                 break outcome;
             }
         };
-        (snapshot, guard) = (next, next_guard);
+        (snapshot, *guard) = (next, next_guard);
         tracing::debug!(
             from = gone,
             to = guard.upstream().generation,
@@ -153,7 +171,7 @@ async fn run(
     metrics
         .connection_duration
         .observe(Time::now().since(accepted).as_secs_f64());
-    outcome
+    Ran::Ended(outcome)
 }
 
 /// Parks `connection` in its service's [`crate::route::Parking`], with its guard; the admission is given
