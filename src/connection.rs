@@ -129,8 +129,9 @@ pub(crate) struct Flow {
     pub(crate) written: usize,
     /// The size of the next buffer: [`FIRST_BUFFER_SIZE`], or [`BUFFER_SIZE`] during a bulk transfer.
     pub(crate) size: usize,
-    /// The splice pipe, while the direction moves bulk data.
-    pub(crate) pipe: Option<Pipe>,
+    /// The splice pipe, while the direction moves bulk data: boxed, so that the many connections that
+    /// never splice (and every idle one) carry a pointer instead of the pipe's state.
+    pub(crate) pipe: Option<Box<Pipe>>,
     /// Whether the source's end of stream has been read.
     pub(crate) ended: bool,
 }
@@ -385,7 +386,7 @@ impl Connection {
                 let mut pending = flow.buffer.take().unwrap_or_default();
                 pending.drain(..flow.written.min(pending.len()));
                 flow.written = 0;
-                pipe.read_back(&mut pending)?;
+                (*pipe).read_back(&mut pending)?;
                 flow.buffer = (!pending.is_empty()).then_some(pending);
             }
         }

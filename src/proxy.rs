@@ -659,20 +659,20 @@ where
 
 /// A pipe for splicing, or none when the process cannot have one (out of descriptors, say): plain copies
 /// still work.
-fn new_pipe() -> Option<Pipe> {
+fn new_pipe() -> Option<Box<Pipe>> {
     let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
     // A larger pipe moves more per call; the kernel may refuse, and the default (64 KiB) does too.
     let capacity = fcntl(write.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
         .ok()
         .and_then(|size| usize::try_from(size).ok())
         .unwrap_or(BUFFER_SIZE);
-    Some(Pipe {
+    Some(Box::new(Pipe {
         read,
         write,
         capacity,
         held: 0,
         last: BUFFER_SIZE,
-    })
+    }))
 }
 
 /// Shuts down writing on `socket`: its peer reads the end of the stream. A peer that is gone already does not
