@@ -514,32 +514,77 @@ struct Failure {
 /// `src` is drained, so an idle connection, fresh or kept alive, holds none. `on_read` sees every chunk
 /// before it is written and says whether `dst` still takes it; if not, the copy fails as if `dst` had
 /// refused it.
-async fn copy<H, R, W>(
+///
+/// Not an `async fn`, which would keep its arguments twice (as arguments and as the locals they are moved
+/// into) in a future that every open connection holds two of: the block below keeps each once.
+#[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice")]
+fn copy<H, R, W>(
     (mut half, src_side): (H, Side),
     (dst, dst_side): (&W, Side),
     flow: &mut Flow,
     counter: &IntCounter,
     activity: &Activity,
     mut on_read: impl FnMut(Option<&[u8]>) -> bool,
-) -> Result<(), Failure>
+) -> impl Future<Output = Result<(), Failure>>
 where
     H: AsyncRead + Unpin + AsRef<R>,
     R: Socket,
     W: Socket,
 {
-    let read_failed = |error| Failure { side: src_side, error };
-    let write_failed = |error| Failure { side: dst_side, error };
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
-        // What was read and not yet written.
-        if let Some(buf) = &mut flow.buffer {
-            if flow.written < buf.len() {
-                while flow.written < buf.len() {
-                    match dst.try_write(&buf[flow.written..]) {
+    async move {
+        let read_failed = |error| Failure { side: src_side, error };
+        let write_failed = |error| Failure { side: dst_side, error };
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        loop {
+            // What was read and not yet written.
+            if let Some(buf) = &mut flow.buffer {
+                if flow.written < buf.len() {
+                    while flow.written < buf.len() {
+                        match dst.try_write(&buf[flow.written..]) {
+                            Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                            Ok(n) => {
+                                flow.written += n;
+                                counter.inc_by(n as u64);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                dst.writable().await.map_err(write_failed)?
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(write_failed(e)),
+                        }
+                    }
+                    let (n, capacity) = (buf.len(), buf.capacity());
+                    buf.clear();
+                    flow.written = 0;
+                    if n == flow.size && flow.size < BUFFER_SIZE {
+                        // A bulk transfer: larger reads, fewer system calls.
+                        flow.size = BUFFER_SIZE;
+                        flow.buffer = Some(Vec::with_capacity(BUFFER_SIZE));
+                    } else if n == BUFFER_SIZE {
+                        // Still bulk: the kernel moves the data through a pipe, with no copy through this process.
+                        flow.buffer = None;
+                        flow.pipe = new_pipe();
+                    } else {
+                        if n < FIRST_BUFFER_SIZE {
+                            flow.size = FIRST_BUFFER_SIZE;
+                        }
+                        if capacity < flow.size {
+                            // A buffer resumed with the bytes it held only: a read gets a full one.
+                            flow.buffer = None;
+                        }
+                    }
+                }
+            }
+            // What sits in the pipe.
+            if let Some(pipe) = &mut flow.pipe {
+                while pipe.held > 0 {
+                    match dst.try_io(Interest::WRITABLE, || {
+                        splice(&pipe.read, None, dst, None, pipe.held, flags).map_err(io::Error::from)
+                    }) {
                         Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
-                        Ok(n) => {
-                            flow.written += n;
-                            counter.inc_by(n as u64);
+                        Ok(moved) => {
+                            pipe.held -= moved;
+                            counter.inc_by(moved as u64);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             dst.writable().await.map_err(write_failed)?
@@ -548,111 +593,74 @@ where
                         Err(e) => return Err(write_failed(e)),
                     }
                 }
-                let (n, capacity) = (buf.len(), buf.capacity());
-                buf.clear();
-                flow.written = 0;
-                if n == flow.size && flow.size < BUFFER_SIZE {
-                    // A bulk transfer: larger reads, fewer system calls.
-                    flow.size = BUFFER_SIZE;
-                    flow.buffer = Some(Vec::with_capacity(BUFFER_SIZE));
-                } else if n == BUFFER_SIZE {
-                    // Still bulk: the kernel moves the data through a pipe, with no copy through this process.
-                    flow.buffer = None;
-                    flow.pipe = new_pipe();
-                } else {
-                    if n < FIRST_BUFFER_SIZE {
-                        flow.size = FIRST_BUFFER_SIZE;
-                    }
-                    if capacity < flow.size {
-                        // A buffer resumed with the bytes it held only: a read gets a full one.
-                        flow.buffer = None;
-                    }
+                if pipe.last < BUFFER_SIZE {
+                    // A read moved less than a full buffer: back to plain copies.
+                    flow.pipe = None;
                 }
             }
-        }
-        // What sits in the pipe.
-        if let Some(pipe) = &mut flow.pipe {
-            while pipe.held > 0 {
-                match dst.try_io(Interest::WRITABLE, || {
-                    splice(&pipe.read, None, dst, None, pipe.held, flags).map_err(io::Error::from)
-                }) {
-                    Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
-                    Ok(moved) => {
-                        pipe.held -= moved;
-                        counter.inc_by(moved as u64);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await.map_err(write_failed)?,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(write_failed(e)),
-                }
+            if flow.ended {
+                flow.buffer = None;
+                return Ok(());
             }
-            if pipe.last < BUFFER_SIZE {
-                // A read moved less than a full buffer: back to plain copies.
-                flow.pipe = None;
-            }
-        }
-        if flow.ended {
-            flow.buffer = None;
-            return Ok(());
-        }
-        let src = half.as_ref();
-        if let Some(pipe) = &mut flow.pipe {
-            // Bulk: socket to pipe to socket, for as long as each read moves a full BUFFER_SIZE.
-            std::future::poll_fn(|cx| src.poll_read_ready(cx))
-                .await
-                .map_err(read_failed)?;
-            // The pipe is empty here, so EAGAIN can only mean that `src` is drained; try_io then clears readiness.
-            let n = match src.try_io(Interest::READABLE, || {
-                splice(src, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
-            }) {
-                Ok(n) => n,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-                Err(e) => return Err(read_failed(e)),
-            };
-            activity.touch();
-            (pipe.held, pipe.last) = (n, n);
-            if n == 0 {
-                flow.ended = true;
-                flow.pipe = None;
-            } else if !on_read(None) {
-                return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
-            }
-            continue;
-        }
-        let buf = match &mut flow.buffer {
-            Some(buf) => buf,
-            None => {
-                // Waits through the task's budget too: a task that has used it up yields here.
+            let src = half.as_ref();
+            if let Some(pipe) = &mut flow.pipe {
+                // Bulk: socket to pipe to socket, for as long as each read moves a full BUFFER_SIZE.
                 std::future::poll_fn(|cx| src.poll_read_ready(cx))
                     .await
                     .map_err(read_failed)?;
-                flow.buffer.insert(Vec::with_capacity(flow.size))
-            }
-        };
-        // One poll of the half's read: a short read tells tokio the socket is drained, so this returns
-        // Pending without a system call once there is nothing left. Pending drops the buffer; the wait
-        // above then either parks the task or, if the budget ran out, yields it.
-        let polled = {
-            let read = half.read_buf(buf);
-            tokio::pin!(read);
-            std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
-        };
-        let n = match polled {
-            Poll::Pending => {
-                flow.buffer = None;
+                // The pipe is empty here, so EAGAIN can only mean that `src` is drained; try_io then clears readiness.
+                let n = match src.try_io(Interest::READABLE, || {
+                    splice(src, None, &pipe.write, None, pipe.capacity, flags).map_err(io::Error::from)
+                }) {
+                    Ok(n) => n,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+                    Err(e) => return Err(read_failed(e)),
+                };
+                activity.touch();
+                (pipe.held, pipe.last) = (n, n);
+                if n == 0 {
+                    flow.ended = true;
+                    flow.pipe = None;
+                } else if !on_read(None) {
+                    return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
+                }
                 continue;
             }
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Poll::Ready(Err(e)) => return Err(read_failed(e)),
-        };
-        activity.touch();
-        if n == 0 {
-            flow.ended = true;
-            continue;
-        }
-        if !on_read(Some(&buf[..n])) {
-            return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
+            let buf = match &mut flow.buffer {
+                Some(buf) => buf,
+                None => {
+                    // Waits through the task's budget too: a task that has used it up yields here.
+                    std::future::poll_fn(|cx| src.poll_read_ready(cx))
+                        .await
+                        .map_err(read_failed)?;
+                    flow.buffer.insert(Vec::with_capacity(flow.size))
+                }
+            };
+            // One poll of the half's read: a short read tells tokio the socket is drained, so this returns
+            // Pending without a system call once there is nothing left. Pending drops the buffer; the wait
+            // above then either parks the task or, if the budget ran out, yields it.
+            let polled = {
+                let read = half.read_buf(buf);
+                tokio::pin!(read);
+                std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
+            };
+            let n = match polled {
+                Poll::Pending => {
+                    flow.buffer = None;
+                    continue;
+                }
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Poll::Ready(Err(e)) => return Err(read_failed(e)),
+            };
+            activity.touch();
+            if n == 0 {
+                flow.ended = true;
+                continue;
+            }
+            if !on_read(Some(&buf[..n])) {
+                return Err(write_failed(io::ErrorKind::BrokenPipe.into()));
+            }
         }
     }
 }
