@@ -154,6 +154,11 @@ impl Drop for Admission<'_> {
 
 /// A flag that many connections wait for: raising it wakes them all. A waiter ([`Raised`]) registers its
 /// task once; its polls in between take no lock, only a load of the flag.
+///
+/// A `CancellationToken`'s `cancelled()` future, even pinned once per relay, would not do: every poll of
+/// it takes the token's mutex (to ask whether it is cancelled) and, while it waits, the `Notify`'s
+/// waiter-list mutex (to compare wakers), both shared by every connection of the worker, on every wake-up
+/// of every connection's task. A bare `Notify` wait has the second of those.
 #[derive(Debug, Default)]
 pub struct Signal {
     /// Odd while raised; every raise and every lowering adds one, so a waiter sees any change.
