@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -496,6 +496,15 @@ pub struct FlowRecord {
 }
 
 impl Parked {
+    /// The descriptors of the two sockets, client first, as a handover names them.
+    pub fn raw_fds(&self) -> [RawFd; 2] {
+        let worker = match &self.worker {
+            WorkerStream::Tcp(worker) => worker.as_raw_fd(),
+            WorkerStream::Unix(worker) => worker.as_raw_fd(),
+        };
+        [self.client.as_raw_fd(), worker]
+    }
+
     /// The record and the two sockets, client first, as owned descriptors (non-blocking).
     pub fn into_parts(self) -> io::Result<(ParkedRecord, [OwnedFd; 2])> {
         let client = OwnedFd::from(self.client.into_std()?);

@@ -5,6 +5,7 @@
 //! [`crate::clock::Time`]s on the monotonic clock, which an exec keeps too. [`State::encode`] writes it,
 //! [`State::decode`] reads it back and refuses, with a clear error, a state of a format this binary does not
 //! know. A fresh start is a start from [`State::fresh`]. `/v1/state` shows the state of a running daemon.
+//! Parked connections ([`crate::connection`]) are carried as their records and descriptors.
 //! Nothing here does I/O.
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Time;
+use crate::connection::ParkedRecord;
 use crate::endpoint::Endpoint;
 use crate::lifecycle::Machine;
 
@@ -112,6 +114,20 @@ pub struct ServiceSnapshot {
     pub machine: Machine,
     /// Every worker process the machine names.
     pub workers: Vec<WorkerState>,
+    /// The service's parked connections (none while it runs; every open one just before an exec).
+    pub parked: Vec<ParkedState>,
+}
+
+/// A parked connection: everything but its sockets, and the sockets' descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkedState {
+    /// Where the connection stands.
+    pub record: ParkedRecord,
+    /// The client socket's descriptor.
+    pub client_fd: RawFd,
+    /// The worker socket's descriptor.
+    pub worker_fd: RawFd,
 }
 
 /// One worker process.
@@ -268,6 +284,41 @@ mod tests {
         machine
     }
 
+    /// A connection parked mid-stream: bytes pending both ways, the client's end passed on, a FIN held.
+    fn parked() -> ParkedState {
+        use crate::connection::{Backend, FlowRecord, Tail};
+        let at = |ms| Time::from_origin(Duration::from_millis(ms));
+        ParkedState {
+            record: ParkedRecord {
+                generation: 1,
+                backend: Backend::Tcp,
+                answered: true,
+                accepted: at(1_000),
+                parked_at: at(9_000),
+                last_moved: at(8_500),
+                held_until: Some(at(9_020)),
+                to_worker: FlowRecord {
+                    pending: b"GET /next HTTP/1.1\r\n".to_vec(),
+                    size: 4096,
+                    ended: true,
+                },
+                to_client: FlowRecord {
+                    pending: vec![0, 255, 7],
+                    size: 65536,
+                    ended: false,
+                },
+                worker_shut: true,
+                client_shut: false,
+                tail: Tail::Kept(b"GET /next".to_vec()),
+                answered_since_sent: false,
+                kept: true,
+                worker_ended: true,
+            },
+            client_fd: 21,
+            worker_fd: 22,
+        }
+    }
+
     /// A state with something in every field.
     fn full() -> State {
         let worker = |generation: u64, addr: &str| WorkerState {
@@ -303,6 +354,7 @@ mod tests {
                 ServiceSnapshot {
                     machine: machine(),
                     workers: vec![worker(1, "127.0.0.1:4001"), worker(2, "unix:/run/baton/web-2.sock")],
+                    parked: vec![parked()],
                 },
             )]),
             metrics: vec![MetricFamily {

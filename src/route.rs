@@ -23,7 +23,7 @@ use crate::connection::Parked;
 use crate::endpoint::Endpoint;
 use crate::metrics::ServiceMetrics;
 
-/// How often [`Upstream::settle`] looks at the unanswered connections.
+/// How often [`Upstream::settled`] looks at the unanswered connections.
 const SETTLE_POLL: Duration = Duration::from_millis(5);
 
 /// Bit of [`Upstream::state`] set once the worker drains: no new guard may be taken.
@@ -270,6 +270,15 @@ pub struct ParkedConnection {
 }
 
 impl Parking {
+    /// The parked connections as a handover names them: each record with its two descriptors.
+    pub fn records(&self) -> Vec<(crate::connection::ParkedRecord, [std::os::fd::RawFd; 2])> {
+        let parked = self.parked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        parked
+            .iter()
+            .map(|p| (p.connection.record.clone(), p.connection.raw_fds()))
+            .collect()
+    }
+
     /// Asks every connection of the service to park. [`Shared::all_parked`] says when they all have.
     pub fn request(&self) {
         self.signal.raise();

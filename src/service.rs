@@ -24,7 +24,7 @@ use crate::clock::Time;
 use crate::config::ServiceConfig;
 use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
 use crate::error::chain;
-use crate::handover::{ServiceSnapshot, WorkerState};
+use crate::handover::{ParkedState, ServiceSnapshot, WorkerState};
 use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
@@ -251,9 +251,21 @@ impl Service {
             })
             .collect();
         workers.sort_by_key(|w| w.generation);
+        let parked = self
+            .shared
+            .parking
+            .records()
+            .into_iter()
+            .map(|(record, [client_fd, worker_fd])| ParkedState {
+                record,
+                client_fd,
+                worker_fd,
+            })
+            .collect();
         ServiceSnapshot {
             machine: self.machine.clone(),
             workers,
+            parked,
         }
     }
 
