@@ -170,20 +170,21 @@ pub struct Signal {
 impl Signal {
     /// Raises the flag: every waiter resolves.
     pub fn raise(&self) {
-        let raised = self
-            .epoch
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| (e % 2 == 0).then_some(e + 1));
-        if raised.is_ok() {
-            self.notify.notify_waiters();
-        }
+        self.set(true);
     }
 
     /// Lowers the flag again: waiters created from now on wait for the next raise.
     pub fn lower(&self) {
-        let lowered = self
-            .epoch
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| (e % 2 == 1).then_some(e + 1));
-        if lowered.is_ok() {
+        self.set(false);
+    }
+
+    /// Moves the epoch on to the next odd (raised) or even (lowered) value, unless it is there already, and
+    /// wakes every waiter when it moved.
+    fn set(&self, raised: bool) {
+        let moved = self.epoch.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+            ((e % 2 == 1) != raised).then_some(e + 1)
+        });
+        if moved.is_ok() {
             self.notify.notify_waiters();
         }
     }

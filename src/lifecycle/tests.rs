@@ -107,44 +107,37 @@ fn pid(generation: u64) -> u32 {
     u32::try_from(100 + generation).expect("small")
 }
 
+/// What `pick` finds in each of `effects`, in order.
+fn pick<T>(effects: &[Effect], pick: impl Fn(&Effect) -> Option<T>) -> Vec<T> {
+    effects.iter().filter_map(pick).collect()
+}
+
 fn spawns(effects: &[Effect]) -> Vec<u64> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Spawn { generation } => Some(*generation),
-            _ => None,
-        })
-        .collect()
+    pick(effects, |e| match e {
+        Effect::Spawn { generation } => Some(*generation),
+        _ => None,
+    })
 }
 
 fn events(effects: &[Effect]) -> Vec<String> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Event(event) => serde_json::to_value(event).ok()?["event"].as_str().map(str::to_owned),
-            _ => None,
-        })
-        .collect()
+    pick(effects, |e| match e {
+        Effect::Event(event) => serde_json::to_value(event).ok()?["event"].as_str().map(str::to_owned),
+        _ => None,
+    })
 }
 
 fn finished(effects: &[Effect]) -> Vec<UpgradeRecord> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Event(Event::UpgradeFinished(record)) => Some(record.clone()),
-            _ => None,
-        })
-        .collect()
+    pick(effects, |e| match e {
+        Effect::Event(Event::UpgradeFinished(record)) => Some(record.clone()),
+        _ => None,
+    })
 }
 
 fn replies(effects: &[Effect]) -> Vec<(WaiterId, Result<UpgradeRecord, ActionError>)> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Reply { waiter, outcome } => Some((*waiter, outcome.clone())),
-            _ => None,
-        })
-        .collect()
+    pick(effects, |e| match e {
+        Effect::Reply { waiter, outcome } => Some((*waiter, outcome.clone())),
+        _ => None,
+    })
 }
 
 fn has(effects: &[Effect], wanted: &Effect) -> bool {
