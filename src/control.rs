@@ -467,7 +467,7 @@ pub struct Control {
     /// The metrics registry.
     pub metrics: Metrics,
     /// When baton started.
-    pub started: std::time::Instant,
+    pub started: crate::clock::Time,
     /// The bearer token requests must present, when one is configured.
     pub token: Arc<arc_swap::ArcSwapOption<String>>,
     /// Lifecycle events.
@@ -481,7 +481,7 @@ impl Control {
         StatusView {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
-            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            uptime_seconds: crate::clock::Time::now().since(self.started).as_secs_f64(),
             services: directory
                 .iter()
                 .map(|(name, state)| (name.clone(), state.borrow().view()))

@@ -113,8 +113,6 @@ struct Supervisor {
     /// The admin API's socket, as a handover names it.
     admin_socket: SocketState,
     control: Control,
-    /// When the daemon started.
-    started: Time,
 }
 
 /// Runs the daemon until `shutdown` resolves: binds, starts every service, reloads on `reload` (SIGHUP) and on
@@ -141,7 +139,7 @@ pub async fn run(
         commands: commands_tx,
         directory: directory_rx,
         metrics: metrics.clone(),
-        started: std::time::Instant::now(),
+        started: Time::now(),
         token,
         events: events.clone(),
     };
@@ -163,7 +161,6 @@ pub async fn run(
         admin,
         admin_socket,
         control,
-        started: Time::now(),
     };
     let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
     let mut first = Vec::new();
@@ -368,7 +365,7 @@ impl Supervisor {
             .collect();
         listeners.sort_by_key(|l| (l.local, l.service.clone()));
         State {
-            started: Some(self.started),
+            started: Some(self.control.started),
             config: Some(ConfigSource {
                 path: self.config.path.clone(),
                 text: self.config.text.clone(),
