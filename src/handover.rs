@@ -142,6 +142,8 @@ pub struct WorkerState {
     pub addr: Endpoint,
     /// The read ends of its stdout and stderr pipes, when its output is logged.
     pub output: Option<(RawFd, RawFd)>,
+    /// A pidfd of the process, where the kernel has them.
+    pub pidfd: Option<RawFd>,
     /// Whether baton has asked it to stop (its exit is expected).
     pub stopping: bool,
     /// Connections open to it.
@@ -326,6 +328,7 @@ mod tests {
             pid: 40 + u32::try_from(generation).expect("small"),
             addr: addr.parse().expect("endpoint"),
             output: Some((10, 11)),
+            pidfd: Some(12),
             stopping: false,
             connections: 3,
             unanswered: 1,

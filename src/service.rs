@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -244,6 +245,7 @@ impl Service {
                 pid: held.worker.pid,
                 addr: held.worker.addr.clone(),
                 output: held.worker.output,
+                pidfd: held.worker.pidfd.as_ref().map(AsRawFd::as_raw_fd),
                 stopping: held.worker.is_stopping(),
                 connections: held.upstream.connections(),
                 unanswered: held.upstream.unanswered(),

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -206,6 +206,9 @@ pub struct Worker {
     pub addr: Endpoint,
     /// The read ends of its stdout and stderr pipes, while its output is logged.
     pub output: Option<(RawFd, RawFd)>,
+    /// A pidfd of the process: it names this process and no other even once its pid is reused, and a new
+    /// image of baton can wait on it. `None` where the kernel has no pidfds (before 5.3).
+    pub pidfd: Option<OwnedFd>,
     exit: watch::Receiver<Option<ExitStatus>>,
     /// Set when baton asks the worker to stop, so that its exit is not reported as a crash.
     stopping: Arc<AtomicBool>,
@@ -268,6 +271,9 @@ impl Worker {
             .await?
             .map_err(|source| SpawnError::Exec { program, source })?;
         let pid = child.id().expect("a child not yet waited for has a pid");
+        // The child is not reaped before its wait task runs, so the pid still names it here.
+        let pidfd = rustix::process::Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
         let output = child
             .stdout
             .as_ref()
@@ -308,6 +314,7 @@ impl Worker {
             pid,
             addr,
             output,
+            pidfd,
             exit,
             stopping,
         })

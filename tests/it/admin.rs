@@ -253,6 +253,14 @@ fn the_state_document_names_every_socket_worker_and_counter_and_reads_back() {
         web.workers[1].addr.to_string(),
         service["worker"].as_str().expect("worker")
     );
+    // Each worker's pidfd names that very process.
+    for worker in &web.workers {
+        let pidfd = worker.pidfd.expect("a pidfd");
+        let target = std::fs::read_link(format!("/proc/{}/fd/{pidfd}", baton.pid())).expect("pidfd");
+        assert_eq!(target.display().to_string(), "anon_inode:[pidfd]");
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{pidfd}", baton.pid())).expect("fdinfo");
+        assert!(info.lines().any(|l| l == format!("Pid:\t{}", worker.pid)), "{info}");
+    }
     // Every descriptor named is the very socket: the public one by its inode in the kernel's table.
     let fd_target = |fd: i32| std::fs::read_link(format!("/proc/{}/fd/{fd}", baton.pid())).ok();
     let listener = &state.listeners[0];
