@@ -64,6 +64,14 @@ impl Run {
         })
     }
 
+    /// Reports the exit of worker `generation`.
+    fn exited(&mut self, generation: u64, status: &str) -> Vec<Effect> {
+        self.step(Input::Exited {
+            generation,
+            status: status.into(),
+        })
+    }
+
     /// Answers the spawn of `generation` and its readiness.
     fn ready(&mut self, generation: u64) -> Vec<Effect> {
         let mut effects = self.spawned(generation);
@@ -138,6 +146,11 @@ fn replies(effects: &[Effect]) -> Vec<(WaiterId, Result<UpgradeRecord, ActionErr
         Effect::Reply { waiter, outcome } => Some((*waiter, outcome.clone())),
         _ => None,
     })
+}
+
+/// The error a record carries, or "".
+fn error_of(record: &UpgradeRecord) -> &str {
+    record.error.as_deref().unwrap_or_default()
 }
 
 fn has(effects: &[Effect], wanted: &Effect) -> bool {
@@ -236,10 +249,7 @@ fn an_upgrade_goes_spawn_ready_switch_watch_drain_stop() {
             signal: Signal::SIGTERM
         }
     ));
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "exit code 0".into(),
-    });
+    let effects = run.exited(1, "exit code 0");
     assert!(has(&effects, &Effect::Forget { generation: 1 }));
     assert_eq!(events(&effects), ["worker_stopped"]);
     assert!(run.draining().is_empty());
@@ -329,13 +339,7 @@ fn failed_health_checks_in_the_window_roll_back_and_fewer_do_not() {
             );
             let record = &finished(&effects)[0];
             assert_eq!(record.result, UpgradeResult::RolledBack);
-            assert!(
-                record
-                    .error
-                    .as_deref()
-                    .unwrap_or_default()
-                    .contains("failed 3 health checks")
-            );
+            assert!(error_of(record).contains("failed 3 health checks"));
         }
     }
     assert_eq!(run.active(), Some(1));
@@ -346,20 +350,11 @@ fn failed_health_checks_in_the_window_roll_back_and_fewer_do_not() {
 fn a_new_worker_that_exits_in_the_window_is_rolled_back() {
     let mut run = Run::serving(policy());
     run.upgrade(None);
-    let effects = run.step(Input::Exited {
-        generation: 2,
-        status: "exit code 1".into(),
-    });
+    let effects = run.exited(2, "exit code 1");
     assert_eq!(run.active(), Some(1));
     let record = &finished(&effects)[0];
     assert_eq!(record.result, UpgradeResult::RolledBack);
-    assert!(
-        record
-            .error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("exited (exit code 1)")
-    );
+    assert!(error_of(record).contains("exited (exit code 1)"));
     // The dead worker drains what it left and is forgotten without a signal: it has no process.
     let effects = run.step(Input::Closed { generation: 2 });
     assert!(!effects.iter().any(|e| matches!(e, Effect::Stop { .. })), "{effects:?}");
@@ -371,10 +366,7 @@ fn a_new_worker_that_exits_in_the_window_is_rolled_back() {
 fn a_warm_worker_that_dies_ends_the_window_as_a_success() {
     let mut run = Run::serving(policy());
     run.upgrade(Some(3));
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "killed by SIGKILL".into(),
-    });
+    let effects = run.exited(1, "killed by SIGKILL");
     let (_, record) = replies(&effects).remove(0);
     assert_eq!(record.expect("record").result, UpgradeResult::Success);
     assert_eq!(run.machine.phase(), Phase::Idle);
@@ -417,10 +409,7 @@ fn a_worker_exiting_while_it_starts_fails_the_upgrade_at_once_and_a_first_failur
     let mut run = Run::new(policy());
     run.request(Trigger::Start, None);
     run.spawned(1);
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "exit code 3".into(),
-    });
+    let effects = run.exited(1, "exit code 3");
     let Some(Effect::Started(Err(error))) = effects.iter().find(|e| matches!(e, Effect::Started(_))) else {
         panic!("{effects:?}")
     };
@@ -485,10 +474,7 @@ fn a_drain_waits_for_its_connections_then_stops_the_worker_and_kills_it_after_st
     let effects = run.pass(10 * SECOND);
     assert!(has(&effects, &Effect::Kill { generation: 1 }));
     assert_eq!(events(&effects), ["stop_timeout"]);
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "killed by SIGKILL".into(),
-    });
+    let effects = run.exited(1, "killed by SIGKILL");
     let Some(Effect::Event(Event::WorkerStopped {
         status, cut, drain_ms, ..
     })) = effects
@@ -525,10 +511,7 @@ fn connections_are_cut_only_at_the_drain_timeout() {
         connections: 4,
     });
     assert_eq!(events(&effects), ["drain_cut"]);
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "exit code 0".into(),
-    });
+    let effects = run.exited(1, "exit code 0");
     assert!(
         effects
             .iter()
@@ -565,10 +548,7 @@ fn with_drain_policy_signal_the_worker_is_told_once_it_holds_every_connection() 
         !effects.iter().any(|e| matches!(e, Effect::Stop { .. })),
         "signalled once: {effects:?}"
     );
-    let effects = run.step(Input::Exited {
-        generation: 1,
-        status: "exit code 0".into(),
-    });
+    let effects = run.exited(1, "exit code 0");
     assert!(has(&effects, &Effect::Forget { generation: 1 }));
 }
 
@@ -609,10 +589,7 @@ fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
     );
     // Generation 2 finishes first: its slot goes to the waiting upgrade.
     run.step(Input::Closed { generation: 2 });
-    let effects = run.step(Input::Exited {
-        generation: 2,
-        status: "exit code 0".into(),
-    });
+    let effects = run.exited(2, "exit code 0");
     assert_eq!(spawns(&effects), [4]);
     let effects = run.ready(4);
     let told: Vec<WaiterId> = replies(&effects).iter().map(|(w, _)| *w).collect();
@@ -630,10 +607,7 @@ fn a_dead_worker_takes_no_drain_slot() {
     run.upgrade(None);
     assert_eq!(run.draining(), [1]);
     // The active worker dies: the replacement does not wait for generation 1.
-    let effects = run.step(Input::Exited {
-        generation: 2,
-        status: "exit code 1".into(),
-    });
+    let effects = run.exited(2, "exit code 1");
     assert!(has(&effects, &Effect::Route), "connections wait for the replacement");
     assert_eq!(run.active(), None);
     let effects = run.pass(Duration::from_millis(100));
@@ -646,10 +620,7 @@ fn restarts_back_off_doubling_to_the_maximum_and_reset_after_a_stable_run() {
     let mut expected = RESTART_BACKOFF_MIN;
     let mut generation = 1;
     for _ in 0..10 {
-        let effects = run.step(Input::Exited {
-            generation,
-            status: "exit code 1".into(),
-        });
+        let effects = run.exited(generation, "exit code 1");
         let wait = effects
             .iter()
             .find_map(|e| match e {
@@ -669,10 +640,7 @@ fn restarts_back_off_doubling_to_the_maximum_and_reset_after_a_stable_run() {
     assert_eq!(expected, RESTART_BACKOFF_MAX);
     // A worker that ran well for long starts the backoff afresh.
     run.pass(RESTART_STABLE_AFTER);
-    let effects = run.step(Input::Exited {
-        generation,
-        status: "exit code 1".into(),
-    });
+    let effects = run.exited(generation, "exit code 1");
     assert!(has(
         &effects,
         &Effect::Event(Event::RestartScheduled {
@@ -765,10 +733,7 @@ fn shutdown_abandons_the_upgrade_in_flight_and_drains_every_worker() {
     assert_eq!(effects, [Effect::Abandon { waiters: vec![3] }]);
     for generation in [1, 2] {
         run.step(Input::Closed { generation });
-        run.step(Input::Exited {
-            generation,
-            status: "exit code 0".into(),
-        });
+        run.exited(generation, "exit code 0");
     }
     assert!(run.machine.is_stopped());
     assert_eq!(run.machine.phase(), Phase::Stopped);
