@@ -19,6 +19,14 @@ fn policy() -> Policy {
     }
 }
 
+/// The policy with no watchdog window: the previous worker drains at the switch.
+fn without_watchdog() -> Policy {
+    Policy {
+        watchdog: Duration::ZERO,
+        ..policy()
+    }
+}
+
 /// A machine, its clock, and what it asked for since the last look.
 struct Run {
     machine: Machine,
@@ -441,9 +449,7 @@ fn a_spawn_that_fails_is_recorded_with_its_reason() {
 
 #[test]
 fn a_drain_waits_for_its_connections_then_stops_the_worker_and_kills_it_after_stop_timeout() {
-    let mut policy = policy();
-    policy.watchdog = Duration::ZERO;
-    let mut run = Run::serving(policy);
+    let mut run = Run::serving(without_watchdog());
     let (_, effects) = run.upgrade(None);
     assert!(
         at(&effects, &Effect::Route)
@@ -489,9 +495,7 @@ fn a_drain_waits_for_its_connections_then_stops_the_worker_and_kills_it_after_st
 
 #[test]
 fn connections_are_cut_only_at_the_drain_timeout() {
-    let mut policy = policy();
-    policy.watchdog = Duration::ZERO;
-    let mut run = Run::serving(policy);
+    let mut run = Run::serving(without_watchdog());
     run.upgrade(None);
     let effects = run.pass(29 * SECOND);
     assert!(!effects.iter().any(|e| matches!(e, Effect::Cut { .. })), "{effects:?}");
@@ -522,8 +526,7 @@ fn connections_are_cut_only_at_the_drain_timeout() {
 
 #[test]
 fn with_drain_policy_signal_the_worker_is_told_once_it_holds_every_connection() {
-    let mut policy = policy();
-    policy.watchdog = Duration::ZERO;
+    let mut policy = without_watchdog();
     policy.signal_first = true;
     let mut run = Run::serving(policy);
     let (_, effects) = run.upgrade(None);
@@ -554,8 +557,7 @@ fn with_drain_policy_signal_the_worker_is_told_once_it_holds_every_connection() 
 
 #[test]
 fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
-    let mut policy = policy();
-    policy.watchdog = Duration::ZERO;
+    let mut policy = without_watchdog();
     policy.max_draining = 2;
     let mut run = Run::serving(policy);
     run.upgrade(None);
@@ -600,8 +602,7 @@ fn past_max_draining_an_upgrade_waits_for_a_slot_and_never_cuts() {
 
 #[test]
 fn a_dead_worker_takes_no_drain_slot() {
-    let mut policy = policy();
-    policy.watchdog = Duration::ZERO;
+    let mut policy = without_watchdog();
     policy.max_draining = 1;
     let mut run = Run::serving(policy);
     run.upgrade(None);
