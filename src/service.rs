@@ -311,15 +311,23 @@ impl Service {
     }
 
     /// Steps the machine with `input` and carries out what it asks, feeding back what that yields; then
-    /// publishes the service's state, the one place it is written.
+    /// publishes the service's state, the one place it is written. Whoever waits for an outcome is told
+    /// only after that, so that what they read next (`/status`) already shows it.
     fn feed(&mut self, input: Input) {
         let mut inputs = VecDeque::from([input]);
+        let mut answers = Vec::new();
         while let Some(input) = inputs.pop_front() {
             for effect in self.machine.step(input, Time::now()) {
-                inputs.extend(self.perform(effect));
+                match effect {
+                    Effect::Reply { .. } | Effect::Abandon { .. } | Effect::Started(_) => answers.push(effect),
+                    effect => inputs.extend(self.perform(effect)),
+                }
             }
         }
         self.publish();
+        for answer in answers {
+            self.perform(answer);
+        }
     }
 
     fn perform(&mut self, effect: Effect) -> Option<Input> {
