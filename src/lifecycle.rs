@@ -663,7 +663,6 @@ impl Machine {
             (Some(_), _, _) => Phase::Spawning,
             (None, Some(_), _) => Phase::Watching,
             (None, None, Some(follow_up)) if follow_up.waiting_since.is_some() => Phase::WaitingForDrain,
-            _ if self.last_generation == 0 => Phase::Spawning,
             _ => Phase::Idle,
         }
     }
@@ -869,6 +868,7 @@ impl Machine {
         // The upgrade will make the active worker drain: past the cap it waits for a slot instead of
         // cutting anyone's connections. A dead worker holds no process and takes no slot.
         let alive = usize::from(self.active.as_ref().is_some_and(|a| a.exited.is_none()));
+        // `live_draining`, spelled on the field: `follow_up` is borrowed mutably here.
         let live: Vec<&Draining> = self.draining.iter().filter(|d| d.exited.is_none()).collect();
         if alive > 0 && live.len() >= self.policy.max_draining as usize {
             if follow_up.waiting_since.is_none() {

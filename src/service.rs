@@ -493,13 +493,13 @@ impl Service {
 
     /// Logs `event` and publishes it on the event bus, with the live connection count where it has one.
     fn emit(&self, event: Event) {
-        self.log(&event);
         let connections = match &event {
             Event::DrainStarted { generation, .. } | Event::DrainProgress { generation, .. } => {
                 self.workers.get(generation).map(|h| h.upstream.connections())
             }
             _ => None,
         };
+        self.log(&event, connections.unwrap_or(0));
         let Ok(serde_json::Value::Object(mut fields)) = serde_json::to_value(&event) else {
             return;
         };
@@ -513,7 +513,8 @@ impl Service {
             .emit(&self.config.name, kind, serde_json::Value::Object(fields));
     }
 
-    fn log(&self, event: &Event) {
+    /// Logs `event`; `connections` is the live count of the draining worker it is about, if any.
+    fn log(&self, event: &Event, connections: usize) {
         let name = &self.config.name;
         match event {
             Event::UpgradeStarted { generation, trigger } => {
@@ -554,7 +555,6 @@ impl Service {
                 tracing::warn!(service = %name, wait_ms = in_ms, reason = reason.label(), "replacing the worker");
             }
             Event::DrainStarted { generation, pid, .. } => {
-                let connections = self.workers.get(generation).map_or(0, |h| h.upstream.connections());
                 tracing::info!(service = %name, generation, pid, connections, policy = ?self.config.drain_policy, "draining");
             }
             Event::DrainCut { generation, pid, cut } => {

@@ -156,6 +156,14 @@ fn replies(effects: &[Effect]) -> Vec<(WaiterId, Result<UpgradeRecord, ActionErr
     })
 }
 
+/// The stop of worker `generation` with the default signal.
+fn term(generation: u64) -> Effect {
+    Effect::Stop {
+        generation,
+        signal: Signal::SIGTERM,
+    }
+}
+
 /// The error a record carries, or "".
 fn error_of(record: &UpgradeRecord) -> &str {
     record.error.as_deref().unwrap_or_default()
@@ -250,13 +258,7 @@ fn an_upgrade_goes_spawn_ready_switch_watch_drain_stop() {
     assert_eq!(run.machine.phase(), Phase::Idle);
     // 5: its last connection closes: it is told to stop, and forgotten once reaped.
     let effects = run.step(Input::Closed { generation: 1 });
-    assert!(has(
-        &effects,
-        &Effect::Stop {
-            generation: 1,
-            signal: Signal::SIGTERM
-        }
-    ));
+    assert!(has(&effects, &term(1)));
     let effects = run.exited(1, "exit code 0");
     assert!(has(&effects, &Effect::Forget { generation: 1 }));
     assert_eq!(events(&effects), ["worker_stopped"]);
@@ -470,13 +472,7 @@ fn a_drain_waits_for_its_connections_then_stops_the_worker_and_kills_it_after_st
             .any(|e| matches!(e, Effect::Stop { .. } | Effect::Cut { .. }))
     );
     let effects = run.step(Input::Closed { generation: 1 });
-    assert!(has(
-        &effects,
-        &Effect::Stop {
-            generation: 1,
-            signal: Signal::SIGTERM
-        }
-    ));
+    assert!(has(&effects, &term(1)));
     let effects = run.pass(10 * SECOND);
     assert!(has(&effects, &Effect::Kill { generation: 1 }));
     assert_eq!(events(&effects), ["stop_timeout"]);
@@ -500,16 +496,7 @@ fn connections_are_cut_only_at_the_drain_timeout() {
     let effects = run.pass(29 * SECOND);
     assert!(!effects.iter().any(|e| matches!(e, Effect::Cut { .. })), "{effects:?}");
     let effects = run.pass(SECOND);
-    assert!(
-        at(&effects, &Effect::Cut { generation: 1 })
-            < at(
-                &effects,
-                &Effect::Stop {
-                    generation: 1,
-                    signal: Signal::SIGTERM
-                }
-            )
-    );
+    assert!(at(&effects, &Effect::Cut { generation: 1 }) < at(&effects, &term(1)));
     let effects = run.step(Input::Cut {
         generation: 1,
         connections: 4,
@@ -539,13 +526,7 @@ fn with_drain_policy_signal_the_worker_is_told_once_it_holds_every_connection() 
     ));
     assert!(!effects.iter().any(|e| matches!(e, Effect::Stop { .. })));
     let effects = run.step(Input::Settled { generation: 1 });
-    assert!(has(
-        &effects,
-        &Effect::Stop {
-            generation: 1,
-            signal: Signal::SIGTERM
-        }
-    ));
+    assert!(has(&effects, &term(1)));
     let effects = run.step(Input::Closed { generation: 1 });
     assert!(
         !effects.iter().any(|e| matches!(e, Effect::Stop { .. })),
