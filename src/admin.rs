@@ -130,6 +130,26 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
                 Err(message) => bad_request(message),
             }
         }
+        (["v1", "reexec"], &Method::POST) => {
+            let timeout = match query.get("check_timeout").map(humantime::parse_duration) {
+                None => Ok(crate::reexec::CHECK_TIMEOUT),
+                Some(Ok(timeout)) if !timeout.is_zero() && timeout <= MAX_CHECK_TIMEOUT => Ok(timeout),
+                Some(_) => Err(format!(
+                    "check_timeout={} is not a duration between 1ms and {}",
+                    query.get("check_timeout").unwrap_or_default(),
+                    humantime::format_duration(MAX_CHECK_TIMEOUT)
+                )),
+            };
+            let binary = query.get("binary").map(std::path::PathBuf::from);
+            match query.only(&["binary", "check_timeout"]).and(timeout) {
+                Ok(_) if has_body(&request) => bad_request(format!("{path} takes no request body")),
+                Ok(_) if binary.as_ref().is_some_and(|b| !b.is_absolute()) => {
+                    bad_request("binary must be an absolute path".into())
+                }
+                Ok(timeout) => reexec(control, binary, timeout).await,
+                Err(message) => bad_request(message),
+            }
+        }
         (["v1", "services", name, action @ ("upgrade" | "rollback")], &Method::POST) => {
             if !control.directory.borrow().contains_key(*name) {
                 return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
@@ -143,12 +163,17 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
         (["healthz"] | ["status"] | ["v1", "status"] | ["metrics"] | ["v1", "events"], _) => {
             not_allowed(&method, &path, "GET")
         }
-        (["v1", "reload"] | ["v1", "services", _, "upgrade" | "rollback"], _) => not_allowed(&method, &path, "POST"),
+        (["v1", "reload"] | ["v1", "reexec"] | ["v1", "services", _, "upgrade" | "rollback"], _) => {
+            not_allowed(&method, &path, "POST")
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
 
-/// The parameters of a query string, `a=b&c=d`.
+/// The longest a new binary's check may be given.
+const MAX_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The parameters of a query string, `a=b&c=d`, percent-decoded.
 struct Query(Vec<(String, String)>);
 
 impl Query {
@@ -156,10 +181,22 @@ impl Query {
         let mut pairs = Vec::new();
         for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if key.is_empty() || key.len() > 64 || value.len() > 256 {
-                return Err(format!("malformed query parameter `{pair}`"));
+            let malformed = || {
+                format!(
+                    "malformed query parameter `{}`",
+                    pair.chars().take(80).collect::<String>()
+                )
+            };
+            if key.is_empty() || key.len() > 64 || value.len() > 4096 {
+                return Err(malformed());
             }
-            pairs.push((key.to_owned(), value.to_owned()));
+            let decode = |text: &str| {
+                percent_encoding::percent_decode_str(text)
+                    .decode_utf8()
+                    .map(|t| t.into_owned())
+                    .map_err(|_| malformed())
+            };
+            pairs.push((decode(key)?, decode(value)?));
         }
         Ok(Query(pairs))
     }
@@ -252,6 +289,36 @@ async fn reload(control: &Control, scope: ReloadScope, wait: bool) -> Response<B
             &serde_json::json!({"result": "applied", "services": services}),
         ),
         Ok(Err(message)) => error(StatusCode::BAD_REQUEST, message),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
+    }
+}
+
+/// `POST /v1/reexec`: 200 once the new binary has passed its check, with what the hand-over starts with (the
+/// outcome is `/status`'s `last_reexec` once the new image runs); 422 with the reason when it was refused.
+async fn reexec(
+    control: &Control,
+    binary: Option<std::path::PathBuf>,
+    check_timeout: std::time::Duration,
+) -> Response<Body> {
+    let (reply, outcome) = oneshot::channel();
+    let command = Command::Reexec {
+        binary,
+        check_timeout,
+        reply,
+    };
+    if control.commands.send(command).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
+    }
+    match outcome.await {
+        Ok(Ok(accepted)) => {
+            let mut response = json(StatusCode::OK, &accepted);
+            // The process is about to become another image: nothing more comes on this connection.
+            response
+                .headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+        Ok(Err(message)) => error(StatusCode::UNPROCESSABLE_ENTITY, message),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
     }
 }

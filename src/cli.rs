@@ -1,4 +1,4 @@
-//! The operator's commands (`status`, `upgrade`, `rollback`, `reload`): a client of the admin API.
+//! The operator's commands (`status`, `upgrade`, `rollback`, `reload`, `reexec`): a client of the admin API.
 //!
 //! It finds the API from the configuration file (or `--admin`), speaks HTTP/1.1 over TCP or a Unix socket
 //! with hyper, and prints what happens as it happens: on a terminal a drain countdown updates in place,
@@ -357,6 +357,108 @@ pub async fn reload(client: &Client, changed_only: bool) -> Result<(), CliError>
             failed.join(", ")
         )))
     }
+}
+
+/// How long `baton reexec` waits for the new image to report, beyond the check.
+const REEXEC_WAIT: Duration = Duration::from_secs(60);
+/// How often it looks.
+const REEXEC_POLL: Duration = Duration::from_millis(50);
+
+/// `baton reexec`: asks baton to re-execute itself with `binary` (or the binary at the path it was started
+/// from), prints the check, what is handed over and how long connections paused; fails, with the reason, if
+/// the new binary was refused or could not take over (baton then carries on unchanged).
+pub async fn reexec(
+    client: &Client,
+    binary: Option<&std::path::Path>,
+    check_timeout: Duration,
+) -> Result<(), CliError> {
+    let (_, before) = client.call(Method::GET, "/status").await?;
+    let pid = before["pid"].as_u64();
+    let mut path = format!("/v1/reexec?check_timeout={}", humantime::format_duration(check_timeout)).replace(' ', "");
+    if let Some(binary) = binary {
+        let absolute =
+            std::path::absolute(binary).map_err(|e| CliError::Refused(format!("{}: {e}", binary.display())))?;
+        let text = absolute.to_string_lossy();
+        let encoded = percent_encoding::utf8_percent_encode(&text, percent_encoding::NON_ALPHANUMERIC);
+        path.push_str(&format!("&binary={encoded}"));
+    }
+    // The answer comes once the new binary has passed its check; the connection may also close as the
+    // process becomes the new image, which is no failure.
+    let attempt = match client.call(Method::POST, &path).await {
+        Ok((code, answer)) => {
+            if !code.is_success() {
+                return Err(CliError::Refused(format!(
+                    "re-exec refused, nothing changed: {}",
+                    error_text(&answer)
+                )));
+            }
+            println!(
+                "checking {} ({}) ... ok",
+                text(&answer["binary"]),
+                text(&answer["version"])
+            );
+            answer["attempt"].as_u64()
+        }
+        Err(CliError::Protocol { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let earlier = before["last_reexec"]["attempt"].as_u64().unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + check_timeout + REEXEC_WAIT;
+    let record = loop {
+        if let Ok((_, status)) = client.call(Method::GET, "/status").await {
+            let last = &status["last_reexec"];
+            let done = last["attempt"].as_u64().is_some_and(|a| match attempt {
+                Some(attempt) => a >= attempt,
+                None => a > earlier,
+            });
+            if done {
+                break (status["pid"].as_u64(), last.clone());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Refused(
+                "no word from baton on the re-exec: see its log and `baton status`".into(),
+            ));
+        }
+        tokio::time::sleep(REEXEC_POLL).await;
+    };
+    let (now_pid, record) = record;
+    if record["result"].as_str() != Some("ok") {
+        let error = record["error"].as_str().unwrap_or("no reason given");
+        return Err(CliError::Refused(format!(
+            "re-exec {}: {error}; baton {} carries on",
+            text(&record["result"]),
+            text(&record["from_version"])
+        )));
+    }
+    println!(
+        "handing over: {} listeners, {} workers, {} connections",
+        grouped(record["listeners"].as_u64().unwrap_or(0)),
+        grouped(record["workers"].as_u64().unwrap_or(0)),
+        grouped(record["connections"].as_u64().unwrap_or(0)),
+    );
+    let same = if now_pid == pid { "unchanged" } else { "changed!" };
+    println!(
+        "re-executed in {:.0} ms: baton {} -> {}, pid {} ({same})",
+        record["pause_ms"].as_f64().unwrap_or(0.0),
+        text(&record["from_version"]),
+        text(&record["to_version"]),
+        now_pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+    );
+    Ok(())
+}
+
+/// `1204` as `1,204`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }
 
 fn refused(code: StatusCode, answer: &Value) -> Result<(), CliError> {

@@ -45,6 +45,55 @@ pub enum Command {
         /// Told the state document, or why it could not be written.
         reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
+    /// Re-execute baton in place with a new binary (see `reexec`).
+    Reexec {
+        /// The binary to run, instead of the one at the path baton was started from.
+        binary: Option<std::path::PathBuf>,
+        /// How long the new binary's check may take.
+        check_timeout: Duration,
+        /// Told, once the new binary's check has passed, what the hand-over starts with; or why the re-exec
+        /// was refused.
+        reply: oneshot::Sender<Result<ReexecAccepted, String>>,
+    },
+}
+
+/// A re-exec whose new binary passed its check: the hand-over starts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReexecAccepted {
+    /// Which attempt it is: `/status`'s `last_reexec.attempt` names it once it has ended.
+    pub attempt: u64,
+    /// The binary.
+    pub binary: std::path::PathBuf,
+    /// Its version, as its check told it.
+    pub version: String,
+    /// The version running now.
+    pub from_version: String,
+    /// The process, which keeps its id.
+    pub pid: u32,
+}
+
+/// Re-execs of this process, as `/status` shows them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReexecView {
+    /// How many times this process has re-executed into a new image.
+    pub reexecs: u64,
+    /// The last re-exec that ended.
+    pub last_reexec: Option<crate::reexec::ReexecRecord>,
+    /// A re-exec asked for and not yet ended.
+    pub reexec: Option<ReexecProgress>,
+}
+
+/// A re-exec under way.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReexecProgress {
+    /// Which attempt it is.
+    pub attempt: u64,
+    /// The binary.
+    pub binary: std::path::PathBuf,
+    /// `waiting` (for an upgrade's watchdog window to close, say) or `checking` (the new binary).
+    pub stage: &'static str,
+    /// What it waits for, while it waits.
+    pub waiting_for: Option<String>,
 }
 
 /// Why an action on a service was not carried out.
@@ -450,6 +499,9 @@ pub struct StatusView {
     pub pid: u32,
     /// Seconds since baton started.
     pub uptime_seconds: f64,
+    /// Re-execs of this process.
+    #[serde(flatten)]
+    pub reexec: ReexecView,
     /// Every service by name.
     pub services: BTreeMap<String, ServiceView>,
 }
@@ -472,6 +524,8 @@ pub struct Control {
     pub token: Arc<arc_swap::ArcSwapOption<String>>,
     /// Lifecycle events.
     pub events: Events,
+    /// Re-execs of this process.
+    pub reexec: watch::Receiver<ReexecView>,
 }
 
 impl Control {
@@ -482,6 +536,7 @@ impl Control {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
             uptime_seconds: crate::clock::Time::now().since(self.started).as_secs_f64(),
+            reexec: self.reexec.borrow().clone(),
             services: directory
                 .iter()
                 .map(|(name, state)| (name.clone(), state.borrow().view()))

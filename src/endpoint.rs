@@ -145,6 +145,33 @@ impl Endpoint {
         }
     }
 
+    /// Listens on `fd`, a socket a previous image of baton listened on at this endpoint. Must run inside the
+    /// runtime. Fails if `fd` is not a listening socket of the endpoint's kind.
+    pub fn adopt(&self, fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        let socket = socket2::Socket::from(fd);
+        if !socket.is_listener()? {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a listening socket"));
+        }
+        socket.set_nonblocking(true)?;
+        match self {
+            Endpoint::Tcp(_) => {
+                let listener = std::net::TcpListener::from(socket);
+                let local = Endpoint::Tcp(listener.local_addr()?);
+                Ok(Listener {
+                    socket: Socket::Tcp(TcpListener::from_std(listener)?),
+                    local,
+                })
+            }
+            Endpoint::Unix(path) => Ok(Listener {
+                socket: Socket::Unix(UnixSocket {
+                    listener: UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))?,
+                    path: path.clone(),
+                }),
+                local: self.clone(),
+            }),
+        }
+    }
+
     /// Dials the endpoint.
     pub async fn connect(&self) -> io::Result<Stream> {
         match self {

@@ -19,6 +19,7 @@ use crate::clock::Time;
 use crate::connection::ParkedRecord;
 use crate::endpoint::Endpoint;
 use crate::lifecycle::Machine;
+use crate::reexec::{InFlight, ReexecRecord};
 
 /// The format this binary writes, and the newest it reads.
 pub const VERSION: u32 = 1;
@@ -70,6 +71,21 @@ pub struct State {
     pub services: BTreeMap<String, ServiceSnapshot>,
     /// Every metric's value.
     pub metrics: Vec<MetricFamily>,
+    /// The path baton was first started from: a re-exec runs the binary found there now.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// How many times this process has re-executed into a new image.
+    #[serde(default)]
+    pub reexecs: u64,
+    /// How many re-execs were asked for, whatever came of them.
+    #[serde(default)]
+    pub reexec_attempts: u64,
+    /// The last re-exec that ended.
+    #[serde(default)]
+    pub last_reexec: Option<ReexecRecord>,
+    /// The re-exec that wrote this state, for the image that takes over.
+    #[serde(default)]
+    pub reexec: Option<InFlight>,
 }
 
 /// A configuration file's text and where it came from.
@@ -207,6 +223,38 @@ impl State {
             fd_limit: None,
             services: BTreeMap::new(),
             metrics: Vec::new(),
+            binary: None,
+            reexecs: 0,
+            reexec_attempts: 0,
+            last_reexec: None,
+            reexec: None,
+        }
+    }
+
+    /// Every descriptor the state names, in no particular order: what an exec must keep open.
+    pub fn descriptors(&self) -> Vec<RawFd> {
+        // A socket bound for an ephemeral port and configured by its address too is listed twice.
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|l| l.fd).collect();
+        fds.sort_unstable();
+        fds.dedup();
+        fds.extend(self.admin.iter().map(|a| a.fd));
+        for service in self.services.values() {
+            for worker in &service.workers {
+                fds.extend(worker.pidfd);
+                fds.extend(worker.output.iter().flat_map(|(out, err)| [*out, *err]));
+            }
+            fds.extend(service.parked.iter().flat_map(|p| [p.client_fd, p.worker_fd]));
+        }
+        fds
+    }
+
+    /// Checks that the state names each descriptor once, so that adopting them gives each one owner.
+    pub fn check_descriptors(&self) -> Result<(), String> {
+        let mut fds = self.descriptors();
+        fds.sort_unstable();
+        match fds.windows(2).find(|pair| pair[0] == pair[1]) {
+            Some(pair) => Err(format!("the state names descriptor {} twice", pair[0])),
+            None => Ok(()),
         }
     }
 

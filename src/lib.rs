@@ -21,6 +21,8 @@
 //! - [`cli`]: the operator's commands, clients of the admin API.
 //! - [`clock`]: [`clock::Time`], a serialisable moment on the monotonic clock.
 //! - [`metrics`]: the Prometheus registry; every metric name.
+//! - [`reexec`]: re-executing baton in place: the new binary's check, the exec, the fall-back.
+//! - [`handover`]: the daemon's whole state as one versioned document, which a re-exec carries.
 //! - [`endpoint`]: [`endpoint::Endpoint`], a TCP address or Unix socket path: parse, print, bind, connect.
 //! - [`error`]: [`error::chain`], an error and its causes on one line, for every layer.
 
@@ -38,6 +40,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;
+pub mod reexec;
 pub mod route;
 pub mod service;
 pub mod supervisor;

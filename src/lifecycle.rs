@@ -623,6 +623,64 @@ impl Machine {
         out
     }
 
+    /// What keeps this machine from being handed over now: an upgrade or a replacement in flight, whose
+    /// spawn or readiness wait belongs to the driver of this image. `None` when it can be.
+    pub fn busy(&self) -> Option<String> {
+        if let Some(candidate) = &self.candidate {
+            return Some(format!("generation {} is starting", candidate.generation));
+        }
+        self.watch
+            .as_ref()
+            .map(|watch| format!("generation {} is in its watchdog window", watch.record.new_generation))
+    }
+
+    /// Taken over by a new driver (a new image of baton, after a re-exec), at `now`: the waits this state is
+    /// in are set up again, and what only the old driver could answer is dropped. Returns the effects that
+    /// re-establish them: the route, each live drain's watch, a probe that was in flight, accepting.
+    pub fn adopted(&mut self, now: Time) -> Vec<Effect> {
+        // The callers waiting for an outcome were the old image's; they are gone with it.
+        if let Some(candidate) = &mut self.candidate {
+            candidate.waiters.clear();
+        }
+        if let Some(watch) = &mut self.watch {
+            watch.waiters.clear();
+        }
+        if let Some(follow_up) = &mut self.follow_up {
+            follow_up.waiters.clear();
+        }
+        let mut out = vec![Effect::Route];
+        if let Some(candidate) = &self.candidate {
+            out.push(match candidate.process {
+                Some(process) => Effect::WaitReady {
+                    generation: candidate.generation,
+                    deadline: process.deadline,
+                },
+                // The spawn was the old driver's: start the generation again.
+                None => Effect::Spawn {
+                    generation: candidate.generation,
+                },
+            });
+        }
+        for drain in self.draining.iter().filter(|d| d.exited.is_none()) {
+            match drain.step {
+                DrainStep::Settling | DrainStep::Closing => out.push(Effect::Drain {
+                    generation: drain.generation,
+                    settle: drain.step == DrainStep::Settling,
+                }),
+                // Waiting for the exit, which the new driver watches anyway.
+                DrainStep::Stopping { .. } | DrainStep::Killed => {}
+            }
+        }
+        if let Some(active) = self.active.as_mut().filter(|a| a.exited.is_none()) {
+            // A probe was running: it ran in the old image, so one is due now.
+            active.next_probe.get_or_insert(now);
+        }
+        if self.accepting {
+            out.push(Effect::Accept);
+        }
+        out
+    }
+
     /// When the machine must next be stepped (with [`Input::Tick`]) if nothing else happens.
     pub fn next_deadline(&self) -> Option<Time> {
         let mut next: Option<Time> = None;

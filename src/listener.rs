@@ -51,6 +51,26 @@ impl Listener {
         })
     }
 
+    /// Listens on `fd`, a TCP socket a previous image of baton bound for `configured`. Must run inside the
+    /// runtime. Fails if `fd` is not a listening TCP socket.
+    pub fn adopt(configured: SocketAddr, fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        let socket = Socket::from(fd);
+        if !socket.is_listener()? || socket.r#type()? != Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a listening TCP socket",
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let std_listener: std::net::TcpListener = socket.into();
+        let local = std_listener.local_addr()?;
+        Ok(Listener {
+            configured,
+            local,
+            socket: tokio::net::TcpListener::from_std(std_listener)?,
+        })
+    }
+
     /// The listening socket's file descriptor, to hand to another process.
     pub fn raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()

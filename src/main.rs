@@ -1,7 +1,9 @@
 //! The `baton` command: parses arguments, sets up logging and the runtime, maps errors to exit codes.
 //!
 //! The process's main thread is kept for one job: forking workers (see `baton::worker::Spawner`), so that
-//! their parent-death signal is tied to a thread that lives as long as baton.
+//! their parent-death signal is tied to a thread that lives as long as baton; and, the same thread, replacing
+//! baton's image in a re-exec. An image started by a re-exec that cannot take over runs the previous binary
+//! again on the same state.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -11,10 +13,11 @@ use anyhow::Context as _;
 use baton::cli;
 use baton::config::Config;
 use baton::error::chain;
-use baton::worker::Spawner;
+use baton::handover::State;
+use baton::reexec::{self, Inherited};
+use baton::supervisor::{Signals, Start};
+use baton::worker::{FdLimit, Spawner};
 use clap::{Parser, Subcommand, ValueEnum};
-use nix::sys::signal::{SigSet, Signal};
-use tokio::signal::unix::{SignalKind, signal};
 
 /// Exit code of a runtime failure.
 const EXIT_FAILURE: u8 = 1;
@@ -82,6 +85,22 @@ enum Command {
         #[arg(long)]
         changed: bool,
     },
+    /// Re-execute baton in place with the binary now on disk: same process, sockets, workers and
+    /// connections. The running configuration is kept (SIGHUP re-reads it).
+    Reexec {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The binary to run, instead of the one at the path baton was started from.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long the new binary's check may take.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        check_timeout: std::time::Duration,
+    },
+    /// Check mode of a re-exec, run by the baton handing over: reads the state on standard input and says
+    /// whether this binary can take over from it.
+    #[command(name = "reexec-check", hide = true)]
+    ReexecCheck,
 }
 
 /// Where the admin API is.
@@ -107,12 +126,25 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    // Until their handlers are installed, the signals baton handles are held pending rather than fatal.
-    let handled = signal_set();
+    // Until their handlers are installed, the signals baton handles are held pending rather than fatal (and,
+    // after a re-exec, the ones that came during the exec wait here).
+    let handled = reexec::handled_signals();
     let _ = handled.thread_block();
+    let inherited = match Inherited::take() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("error: cannot read the state handed over by the previous image: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            if let Some(inherited) = &inherited {
+                let message = e.to_string();
+                let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ");
+                return fall_back(inherited, &[], &format!("the new image cannot start: {first}"));
+            }
             let usage = e.use_stderr();
             let _ = e.print();
             return ExitCode::from(if usage { EXIT_USAGE } else { 0 });
@@ -150,8 +182,34 @@ fn main() -> ExitCode {
         Command::Reload { admin, changed } => {
             client(admin, |client| async move { cli::reload(&client, changed).await })
         }
-        Command::Run { config, threads } => match run(&config, threads) {
+        Command::Reexec {
+            admin,
+            binary,
+            check_timeout,
+        } => client(admin, |client| async move {
+            cli::reexec(&client, binary.as_deref(), check_timeout).await
+        }),
+        Command::ReexecCheck => {
+            use std::io::Read as _;
+            let mut input = Vec::new();
+            let checked = std::io::stdin()
+                .read_to_end(&mut input)
+                .map_err(|e| format!("cannot read the state: {e}"))
+                .and_then(|_| reexec::check_mode(&input));
+            match checked {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot take over: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Run { config, threads } => match run(&config, threads, inherited) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Resume(why, inherited, descriptors)) => fall_back(&inherited, &descriptors, &why),
             Err(Failure::Config(e)) => {
                 eprintln!("error: {}", chain(&e));
                 ExitCode::from(EXIT_CONFIG)
@@ -199,6 +257,23 @@ where
 enum Failure {
     Config(baton::config::ConfigError),
     Runtime(anyhow::Error),
+    /// An image started by a re-exec could not take over: what it was handed, and the descriptors the state
+    /// names, for the fall-back.
+    Resume(String, Box<Inherited>, Vec<std::os::fd::RawFd>),
+}
+
+/// Runs the previous binary again on the state this image could not take over, telling it `why`. Returns
+/// only if that is impossible: the exit code then.
+fn fall_back(inherited: &Inherited, descriptors: &[std::os::fd::RawFd], why: &str) -> ExitCode {
+    use std::os::fd::AsRawFd as _;
+    let Some(previous) = &inherited.previous else {
+        eprintln!("error: {why}");
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    eprintln!("error: {why}: running the previous binary again");
+    let error = reexec::fall_back(previous, inherited.state_fd.as_raw_fd(), descriptors, why);
+    eprintln!("error: cannot run the previous binary again: {error}");
+    ExitCode::from(EXIT_FAILURE)
 }
 
 impl From<anyhow::Error> for Failure {
@@ -208,8 +283,24 @@ impl From<anyhow::Error> for Failure {
 }
 
 /// Runs the daemon on the runtime while the main thread forks workers. With one thread, the runtime is a
-/// current-thread one on a thread of its own: no work-stealing queues, no cross-thread wake-ups.
-fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
+/// current-thread one on a thread of its own: no work-stealing queues, no cross-thread wake-ups. With
+/// `inherited`, the daemon carries on from the state a previous image handed over instead of starting.
+fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -> Result<(), Failure> {
+    let mut inherited = inherited;
+    let resumed = match &inherited {
+        None => None,
+        Some(handed) => match resume(handed) {
+            Ok(resumed) => Some(resumed),
+            Err((why, descriptors)) => {
+                let handed = inherited.take().expect("handed over");
+                return Err(Failure::Resume(why, Box::new(handed), descriptors));
+            }
+        },
+    };
+    let descriptors = resumed
+        .as_ref()
+        .map(|(state, _)| state.descriptors())
+        .unwrap_or_default();
     let single = threads == Some(1);
     let mut builder = if single {
         tokio::runtime::Builder::new_current_thread()
@@ -225,10 +316,20 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
         .build()
         .context("cannot start the runtime")?;
     let runtime = std::sync::Arc::new(runtime);
-    let worker_fd_limit = match baton::worker::raise_fd_limit() {
-        Ok(limit) => Some(limit),
-        Err(e) => {
+    let raised = baton::worker::raise_fd_limit();
+    let worker_fd_limit = match (&resumed, raised) {
+        // The limit as it was before the first image raised it.
+        (Some((state, _)), _) => state.fd_limit.map(|(soft, hard)| FdLimit { soft, hard }),
+        (None, Ok(limit)) => Some(limit),
+        (None, Err(e)) => {
             tracing::warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
+    };
+    let own_binary = match reexec::open_own_binary() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open baton's own binary: a failed re-exec could not fall back to it");
             None
         }
     };
@@ -237,30 +338,22 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
     let driver = {
         // Signals are registered before anything else, so that a SIGHUP during start-up is queued, not fatal.
         let _context = runtime.enter();
-        let reload = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        let config = Config::load(config_path).map_err(Failure::Config)?;
+        let signals = Signals::register().context("cannot handle signals")?;
+        let (config, start) = match resumed {
+            Some((state, config)) => (
+                config,
+                Start::Resume {
+                    state: Box::new(state),
+                    failure: inherited.as_ref().and_then(|i| i.failure.clone()),
+                },
+            ),
+            None => (Config::load(config_path).map_err(Failure::Config)?, Start::Fresh),
+        };
         // Ends the spawner loop on the main thread when the daemon ends, even by a panic.
         let exit_guard = SpawnerExit(spawner.clone());
         let daemon = async move {
             let _exit_guard = exit_guard;
-            let shutdown = async move {
-                let name = tokio::select! {
-                    _ = terminate.recv() => "SIGTERM",
-                    _ = interrupt.recv() => "SIGINT",
-                };
-                tracing::info!("{name}: draining, then exiting (send it again to exit at once)");
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = terminate.recv() => {},
-                        _ = interrupt.recv() => {},
-                    }
-                    tracing::warn!("second signal: exiting now; workers are killed");
-                    std::process::exit(i32::from(EXIT_FAILURE));
-                });
-            };
-            let result = baton::run(config, spawner, reload, shutdown).await;
+            let result = baton::run(config, spawner, signals, start).await;
             let _ = done_tx.send(result);
         };
         // The runtime's threads are started with the signals blocked (they are blocked on this thread now);
@@ -276,11 +369,20 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
             runtime.spawn(daemon);
             None
         };
-        let _ = signal_set().thread_unblock();
+        let _ = reexec::handled_signals().thread_unblock();
         driver
     };
-    spawner_loop.run(runtime.handle());
+    spawner_loop.run(runtime.handle(), own_binary.as_ref(), &mut inherited);
     let result = done.recv().context("the daemon task ended without a result")?;
+    if let (Err(baton::supervisor::StartError::Resume(why)), Some(handed)) = (&result, inherited.take()) {
+        // Nothing of what the daemon adopted may be closed before the previous binary takes it back.
+        std::mem::forget(runtime);
+        return Err(Failure::Resume(
+            format!("the new image cannot take over: {why}"),
+            Box::new(handed),
+            descriptors,
+        ));
+    }
     if let Some(driver) = driver {
         let _ = driver.join();
     }
@@ -290,13 +392,29 @@ fn run(config_path: &Path, threads: Option<u16>) -> Result<(), Failure> {
     result.map_err(|e| Failure::Runtime(anyhow::anyhow!(chain(&e))))
 }
 
-/// The signals baton handles: SIGHUP, SIGTERM, SIGINT.
-fn signal_set() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(signal);
+/// The state and configuration an image started by a re-exec carries on from; or why it cannot, with the
+/// descriptors the state names (as far as it could be read).
+fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os::fd::RawFd>)> {
+    let state = State::decode(&inherited.state).map_err(|e| {
+        (
+            format!("the new image cannot read the state: {}", chain(&e)),
+            Vec::new(),
+        )
+    })?;
+    let descriptors = state.descriptors();
+    let failed = |why: String| (format!("the new image cannot take over: {why}"), descriptors.clone());
+    state.check_descriptors().map_err(failed)?;
+    for fd in &descriptors {
+        if let Err(e) = nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_GETFD) {
+            return Err(failed(format!("descriptor {fd} of the state is not open: {e}")));
+        }
     }
-    set
+    let source = state
+        .config
+        .as_ref()
+        .ok_or_else(|| failed("the state carries no configuration".into()))?;
+    let config = Config::parse(&source.path, &source.text).map_err(|e| failed(chain(&e)))?;
+    Ok((state, config))
 }
 
 /// Calls [`Spawner::exit`] when dropped.

@@ -63,9 +63,15 @@ pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "baton_config_last_reload_succes
 pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str = "baton_config_last_reload_success_timestamp_seconds";
 /// Always 1, labelled with the version.
 pub const BUILD_INFO: &str = "baton_build_info";
+/// Re-execs of baton itself, by result ([`REEXEC_RESULTS`]).
+pub const REEXECS: &str = "baton_reexecs_total";
+/// How long connections went without baton moving their bytes during a re-exec.
+pub const REEXEC_PAUSE: &str = "baton_reexec_pause_seconds";
 
 /// The `result` values of [`CONFIG_RELOADS`]: the reload applied, or was rejected whole.
 pub const RELOAD_RESULTS: [&str; 2] = ["success", "failed"];
+/// The `result` values of [`REEXECS`].
+pub const REEXEC_RESULTS: [&str; 3] = ["ok", "refused", "failed"];
 /// The `trigger` values of [`UPGRADES`]: the labels of `control::Trigger`, every one of them.
 pub const UPGRADE_TRIGGERS: [&str; 5] = ["start", "signal", "api", "restart", "unhealthy"];
 /// The `result` values of [`UPGRADES`]: the labels of `control::UpgradeResult`, every one of them.
@@ -117,6 +123,11 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload_ok: IntGauge,
     last_reload_time: Gauge,
+    reexecs: IntCounterVec,
+    reexec_pause: Histogram,
+    /// Counter and histogram values a previous image of baton handed over: added to this image's own at
+    /// every gather, so that nothing resets across a re-exec.
+    carried: Arc<Mutex<Vec<crate::handover::MetricFamily>>>,
     /// How many live [`ServiceMetrics`] sets each service name has: a service removed by a reload may still
     /// drain while one of the same name has started again, and only the last to go removes the series.
     users: Arc<Mutex<HashMap<String, usize>>>,
@@ -305,9 +316,23 @@ impl Metrics {
                 "Unix time of the last configuration load that applied.",
             )
             .expect("metric options are valid"),
+            reexecs: counter(REEXECS, "Re-execs of baton itself, by result.", &["result"]),
+            reexec_pause: Histogram::with_opts(
+                HistogramOpts::new(
+                    REEXEC_PAUSE,
+                    "The longest time a connection went without baton moving its bytes, per re-exec.",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .expect("metric options are valid"),
             registry,
+            carried: Arc::default(),
             users: Arc::default(),
         };
+        for result in REEXEC_RESULTS {
+            metrics.reexecs.with_label_values(&[result]);
+        }
+        register(&metrics.registry, metrics.reexec_pause.clone());
         for result in RELOAD_RESULTS {
             metrics.reloads.with_label_values(&[result]);
         }
@@ -439,6 +464,11 @@ impl Metrics {
             }
             users.remove(service);
         }
+        for family in self.carried.lock().unwrap_or_else(PoisonError::into_inner).iter_mut() {
+            family
+                .series
+                .retain(|series| series.labels.get("service").is_none_or(|s| s != service));
+        }
         for vec in [&self.accepted, &self.resent] {
             let _ = vec.remove_label_values(&[service]);
         }
@@ -506,12 +536,110 @@ impl Metrics {
         }
     }
 
+    /// Records a re-exec that ended with `result` (one of [`REEXEC_RESULTS`]).
+    pub fn reexec(&self, result: &str) {
+        debug_assert!(REEXEC_RESULTS.contains(&result), "unlisted re-exec result {result}");
+        self.reexecs.with_label_values(&[result]).inc();
+    }
+
+    /// Records the pause of a re-exec.
+    pub fn reexec_pause(&self, pause: std::time::Duration) {
+        self.reexec_pause.observe(pause.as_secs_f64());
+    }
+
+    /// Carries on from the values a previous image handed over ([`Metrics::snapshot`]): counters and
+    /// histograms continue from them; of the gauges, those no live state sets again (the last reload's).
+    pub fn restore(&self, families: &[crate::handover::MetricFamily]) {
+        use crate::handover::Value;
+        let mut carried = Vec::new();
+        for family in families {
+            let gauge = family.series.first().and_then(|s| match s.value {
+                Value::Gauge(value) => Some(value),
+                _ => None,
+            });
+            match (family.name.as_str(), gauge) {
+                (CONFIG_LAST_RELOAD_SUCCESSFUL, Some(value)) => self.last_reload_ok.set(value as i64),
+                (CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP, Some(value)) => self.last_reload_time.set(value),
+                (_, Some(_)) => {}
+                (_, None) => carried.push(family.clone()),
+            }
+        }
+        *self.carried.lock().unwrap_or_else(PoisonError::into_inner) = carried;
+    }
+
+    /// Every family with the carried values added in.
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use crate::handover::Value;
+        use prometheus::proto::{Bucket, LabelPair, Metric};
+        let mut families = self.registry.gather();
+        let carried = self.carried.lock().unwrap_or_else(PoisonError::into_inner);
+        for old in carried.iter() {
+            let Some(family) = families.iter_mut().find(|f| f.name() == old.name) else {
+                continue;
+            };
+            for series in &old.series {
+                let found = family.get_metric().iter().position(|metric| {
+                    metric.get_label().len() == series.labels.len()
+                        && metric
+                            .get_label()
+                            .iter()
+                            .all(|l| series.labels.get(l.name()).is_some_and(|v| v == l.value()))
+                });
+                let index = match found {
+                    Some(index) => index,
+                    None => {
+                        let mut metric = Metric::default();
+                        let labels = series
+                            .labels
+                            .iter()
+                            .map(|(name, value)| {
+                                let mut pair = LabelPair::default();
+                                pair.set_name(name.clone());
+                                pair.set_value(value.clone());
+                                pair
+                            })
+                            .collect();
+                        metric.set_label(labels);
+                        family.mut_metric().push(metric);
+                        family.get_metric().len() - 1
+                    }
+                };
+                let metric = &mut family.mut_metric()[index];
+                match &series.value {
+                    Value::Counter(value) => {
+                        let counter = metric.counter.mut_or_insert_default();
+                        counter.set_value(counter.value() + value);
+                    }
+                    Value::Histogram { count, sum, buckets } => {
+                        let histogram = metric.histogram.mut_or_insert_default();
+                        histogram.set_sample_count(histogram.sample_count() + count);
+                        histogram.set_sample_sum(histogram.sample_sum() + sum);
+                        let live = &mut histogram.bucket;
+                        if live.is_empty() {
+                            for (bound, _) in buckets {
+                                let mut bucket = Bucket::default();
+                                bucket.set_upper_bound(*bound);
+                                live.push(bucket);
+                            }
+                        }
+                        for bucket in live.iter_mut() {
+                            if let Some((_, old)) = buckets.iter().find(|(b, _)| *b == bucket.upper_bound()) {
+                                bucket.set_cumulative_count(bucket.cumulative_count() + old);
+                            }
+                        }
+                    }
+                    Value::Gauge(_) => {}
+                }
+            }
+        }
+        families
+    }
+
     /// Every series' value, for a handover; the process metrics, which the kernel keeps, are left out.
     pub fn snapshot(&self) -> Vec<crate::handover::MetricFamily> {
         use crate::handover::{MetricFamily, Series, Value};
         use prometheus::proto::MetricType;
-        self.registry
-            .gather()
+        self.gather()
             .iter()
             .filter(|family| !family.name().starts_with("process_"))
             .map(|family| MetricFamily {
@@ -554,7 +682,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode(&self.gather(), &mut out)
             .expect("encoding to a Vec cannot fail");
         String::from_utf8(out).unwrap_or_default()
     }

@@ -23,14 +23,17 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::clock::Time;
 use crate::config::ServiceConfig;
+use crate::connection::Parked;
 use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
+use crate::endpoint::Endpoint;
 use crate::error::chain;
 use crate::handover::{ParkedState, ServiceSnapshot, WorkerState};
 use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{probe, wait_ready};
-use crate::route::{Route, Settings, Shared, SharedRoute, Upstream};
+use crate::reexec::{PARK_TIMEOUT, adopt_fd};
+use crate::route::{ParkedConnection, Route, Settings, Shared, SharedRoute, Upstream};
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 
 /// What the supervisor asks of a service.
@@ -49,6 +52,20 @@ pub enum ServiceCommand {
     },
     /// Tell the service's state as a handover carries it.
     Snapshot(oneshot::Sender<ServiceSnapshot>),
+    /// Stop accepting and park every connection, then tell the state with the parked connections in it. The
+    /// service then does nothing until [`ServiceCommand::Thaw`]: the process is to be replaced.
+    Freeze(oneshot::Sender<Result<ServiceSnapshot, FreezeError>>),
+    /// Carry on after a freeze (the re-exec did not happen): resume the connections, accept again.
+    Thaw,
+}
+
+/// Why a service could not be frozen for a hand-over; it runs on as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FreezeError {
+    /// An upgrade or a replacement is in flight: try again once it is over.
+    Busy(String),
+    /// Its connections did not all park in time.
+    Stuck(String),
 }
 
 /// Told the outcome of an upgrade once its watchdog window is over.
@@ -88,33 +105,86 @@ impl ServiceHandle {
         started: oneshot::Sender<Result<(), String>>,
         waiter: Option<Waiter>,
     ) -> ServiceHandle {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
-        let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
-        let route = Arc::new(ArcSwap::from_pointee(Route {
-            upstream: None,
-            hold: true,
-            settings: Settings::of(&config),
-            shared: Arc::clone(&shared),
-        }));
         let machine = Machine::new(config.name.clone(), Policy::of(&config));
-        let service = Service {
-            machine,
-            config,
-            route,
-            shared,
-            context,
-            listeners: Vec::new(),
-            pending_listeners: listeners,
-            workers: HashMap::new(),
-            tasks: JoinSet::new(),
-            replies: HashMap::new(),
-            next_waiter: 0,
-            started: Some(started),
-            state: state_tx,
-        };
-        let task = tokio::spawn(service.run(receiver, waiter));
-        ServiceHandle { commands, state, task }
+        let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
+        let (service, commands, state) = Service::new(config, listeners, context, machine, shared, Some(started));
+        let task = tokio::spawn(service.run(commands.1, Start::Fresh(waiter)));
+        ServiceHandle {
+            commands: commands.0,
+            state,
+            task,
+        }
+    }
+
+    /// Takes over a service that a previous image of baton ran, from its snapshot: the machine as it stood,
+    /// its worker processes (still this process's children) and its parked connections, which resume at once.
+    /// Fails, having started nothing, if a descriptor of the snapshot cannot be adopted.
+    pub fn adopt(
+        config: Arc<ServiceConfig>,
+        listeners: Vec<Arc<Listener>>,
+        context: Context,
+        snapshot: ServiceSnapshot,
+    ) -> std::io::Result<ServiceHandle> {
+        let ServiceSnapshot {
+            mut machine,
+            workers,
+            parked,
+        } = snapshot;
+        machine.policy = Policy::of(&config);
+        let mut held = HashMap::new();
+        for state in &workers {
+            let worker = Worker::adopt(&config.name, state)?;
+            let upstream = Arc::new(Upstream::new(state.generation, state.pid, state.addr.clone()));
+            if state.draining {
+                upstream.begin_drain();
+            }
+            held.insert(
+                state.generation,
+                Held {
+                    worker,
+                    upstream,
+                    tasks: Vec::new(),
+                },
+            );
+        }
+        let mut connections = Vec::with_capacity(parked.len());
+        for ParkedState {
+            record,
+            client_fd,
+            worker_fd,
+        } in parked
+        {
+            let fds = [adopt_fd(client_fd)?, adopt_fd(worker_fd)?];
+            let upstream = match held.get(&record.generation) {
+                Some(held) => Arc::clone(&held.upstream),
+                // Its worker is gone already: the connection still finishes, counted against nobody live.
+                None => {
+                    let upstream = Arc::new(Upstream::new(
+                        record.generation,
+                        0,
+                        Endpoint::Tcp(([0, 0, 0, 0], 0).into()),
+                    ));
+                    upstream.begin_drain();
+                    upstream
+                }
+            };
+            let guard = upstream.adopt(record.answered);
+            connections.push(ParkedConnection {
+                connection: Parked::from_parts(record, fds)?,
+                guard,
+            });
+        }
+        let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
+        let (mut service, commands, state) = Service::new(config, listeners, context, machine, shared, None);
+        for (generation, held) in held {
+            service.hold_worker(generation, held);
+        }
+        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections)));
+        Ok(ServiceHandle {
+            commands: commands.0,
+            state,
+            task,
+        })
     }
 
     /// Sends `command`; a service that has stopped ignores it.
@@ -127,6 +197,11 @@ impl ServiceHandle {
         let (reply, snapshot) = oneshot::channel();
         self.send(ServiceCommand::Snapshot(reply));
         snapshot.await.ok()
+    }
+
+    /// Carries on after a [`ServiceCommand::Freeze`].
+    pub fn thaw(&self) {
+        self.send(ServiceCommand::Thaw);
     }
 
     /// Stops accepting, drains and stops every worker, and resolves once none is left.
@@ -143,6 +218,14 @@ struct Held {
     upstream: Arc<Upstream>,
     /// Its exit watcher, probes and drain watchers, aborted when it is let go of.
     tasks: Vec<AbortHandle>,
+}
+
+/// How a service's task begins.
+enum Start {
+    /// With its first worker, whose upgrade `Option<Waiter>` waits for.
+    Fresh(Option<Waiter>),
+    /// From a previous image's state, with these connections to resume.
+    Adopted(Vec<ParkedConnection>),
 }
 
 /// What a task of the driver reports back.
@@ -185,18 +268,85 @@ struct Service {
     state: watch::Sender<ServiceState>,
 }
 
+type Commands = (
+    mpsc::UnboundedSender<ServiceCommand>,
+    mpsc::UnboundedReceiver<ServiceCommand>,
+);
+
 impl Service {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ServiceCommand>, waiter: Option<Waiter>) {
-        let waiter = waiter.map(|w| self.hold(Reply::Upgrade(w)));
-        self.feed(Input::Upgrade {
-            trigger: Trigger::Start,
-            waiter,
+    fn new(
+        config: Arc<ServiceConfig>,
+        listeners: Vec<Arc<Listener>>,
+        context: Context,
+        machine: Machine,
+        shared: Arc<Shared>,
+        started: Option<oneshot::Sender<Result<(), String>>>,
+    ) -> (Service, Commands, watch::Receiver<ServiceState>) {
+        let commands = mpsc::unbounded_channel();
+        let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
+        let route = Arc::new(ArcSwap::from_pointee(Route {
+            upstream: None,
+            hold: true,
+            settings: Settings::of(&config),
+            shared: Arc::clone(&shared),
+        }));
+        let service = Service {
+            machine,
+            config,
+            route,
+            shared,
+            context,
+            listeners: Vec::new(),
+            pending_listeners: listeners,
+            workers: HashMap::new(),
+            tasks: JoinSet::new(),
+            replies: HashMap::new(),
+            next_waiter: 0,
+            started,
+            state: state_tx,
+        };
+        (service, commands, state)
+    }
+
+    /// Holds worker `generation`, with the task that reports its exit.
+    fn hold_worker(&mut self, generation: u64, mut held: Held) {
+        let exit = held.worker.exit_watch();
+        let watcher = self.tasks.spawn(async move {
+            let status = describe(exit.await);
+            Report::Input(Input::Exited { generation, status })
         });
+        held.tasks.push(watcher);
+        self.workers.insert(generation, held);
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<ServiceCommand>, start: Start) {
+        match start {
+            Start::Fresh(waiter) => {
+                let waiter = waiter.map(|w| self.hold(Reply::Upgrade(w)));
+                self.feed(Input::Upgrade {
+                    trigger: Trigger::Start,
+                    waiter,
+                });
+            }
+            Start::Adopted(connections) => {
+                let effects = self.machine.adopted(Time::now());
+                for effect in effects {
+                    if let Some(input) = self.perform(effect) {
+                        self.feed(input);
+                    }
+                }
+                for connection in connections {
+                    self.resume(connection);
+                }
+                self.feed(Input::Tick);
+            }
+        }
         let mut open = true;
         while !self.machine.is_stopped() {
             let deadline = self.machine.next_deadline().map(Time::instant);
             tokio::select! {
                 command = commands.recv(), if open => match command {
+                    Some(ServiceCommand::Freeze(reply)) => self.freeze(reply, &mut commands).await,
                     Some(command) => self.command(command),
                     None => {
                         open = false;
@@ -232,7 +382,80 @@ impl Service {
             ServiceCommand::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            ServiceCommand::Freeze(reply) => {
+                let _ = reply.send(Err(FreezeError::Busy("a hand-over is already under way".into())));
+            }
+            ServiceCommand::Thaw => {}
         }
+    }
+
+    /// Parks every connection for a hand-over and answers with the snapshot; then waits, doing nothing else,
+    /// for the thaw that comes if the process was not replaced. Refuses while an upgrade is in flight, and
+    /// gives up (and carries on) if the connections do not park within [`PARK_TIMEOUT`].
+    async fn freeze(
+        &mut self,
+        reply: oneshot::Sender<Result<ServiceSnapshot, FreezeError>>,
+        commands: &mut mpsc::UnboundedReceiver<ServiceCommand>,
+    ) {
+        if let Some(busy) = self.machine.busy() {
+            let _ = reply.send(Err(FreezeError::Busy(busy)));
+            return;
+        }
+        // Dropping the handles stops the accept loops; new connections wait in the listen queues.
+        let accepting: Vec<Arc<Listener>> = self.listeners.drain(..).map(|(listener, _)| listener).collect();
+        self.shared.parking.request();
+        if tokio::time::timeout(PARK_TIMEOUT, self.shared.all_parked())
+            .await
+            .is_err()
+        {
+            let open = self.shared.open();
+            self.thaw(accepting);
+            let _ = reply.send(Err(FreezeError::Stuck(format!(
+                "{open} connection(s) did not park within {}",
+                humantime::format_duration(PARK_TIMEOUT)
+            ))));
+            return;
+        }
+        if reply.send(Ok(self.snapshot())).is_err() {
+            self.thaw(accepting);
+            return;
+        }
+        let mut later = Vec::new();
+        loop {
+            match commands.recv().await {
+                Some(ServiceCommand::Thaw) | None => break,
+                Some(ServiceCommand::Snapshot(reply)) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Some(command) => later.push(command),
+            }
+        }
+        self.thaw(accepting);
+        for command in later {
+            self.command(command);
+        }
+    }
+
+    /// Carries on after a freeze: the parked connections resume, the accept loops start again.
+    fn thaw(&mut self, accepting: Vec<Arc<Listener>>) {
+        self.shared.parking.cancel();
+        for connection in self.shared.parking.take() {
+            self.resume(connection);
+        }
+        for listener in accepting {
+            self.accept_on(listener);
+        }
+    }
+
+    /// Serves a parked connection again, with a permit of the connection budget when one is left (it was
+    /// counted before it parked, so it goes on even without one).
+    fn resume(&self, connection: ParkedConnection) {
+        let route = Arc::clone(&self.route);
+        let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
+        tokio::spawn(async move {
+            crate::proxy::resume(connection, &route).await;
+            drop(permit);
+        });
     }
 
     /// The machine and every worker it names, as plain data.
@@ -288,17 +511,12 @@ impl Service {
                     worker: worker.addr.to_string(),
                 };
                 let upstream = Arc::new(Upstream::new(generation, worker.pid, worker.addr.clone()));
-                let exit = worker.exit_watch();
-                let watcher = self.tasks.spawn(async move {
-                    let status = describe(exit.await);
-                    Report::Input(Input::Exited { generation, status })
-                });
-                self.workers.insert(
+                self.hold_worker(
                     generation,
                     Held {
                         worker,
                         upstream,
-                        tasks: vec![watcher],
+                        tasks: Vec::new(),
                     },
                 );
                 self.feed(input);

@@ -6,10 +6,11 @@
 //! running is touched. This module never touches a worker or a connection itself: services do.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::signal::unix::Signal;
@@ -21,14 +22,16 @@ use crate::admin;
 use crate::clock::Time;
 use crate::config::{AdminConfig, Config, ConfigError};
 use crate::control::{
-    ActionError, Command, Control, Directory, Events, ReloadReport, ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
+    ActionError, Command, Control, Directory, Events, Phase, ReexecAccepted, ReexecProgress, ReexecView, ReloadReport,
+    ReloadScope, ServiceOutcome, Trigger, UpgradeRecord,
 };
 use crate::endpoint::{self, Endpoint};
 use crate::error::chain;
-use crate::handover::{ConfigSource, ListenerState, SocketState, State};
+use crate::handover::{ConfigSource, ListenerState, ServiceSnapshot, SocketState, State};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
-use crate::service::{Context, ServiceCommand, ServiceHandle, Waiter};
+use crate::reexec::{self, CheckReport, ExecRequest, InFlight, ReexecRecord, ReexecResult, ReexecTrigger, adopt_fd};
+use crate::service::{Context, FreezeError, ServiceCommand, ServiceHandle, Waiter};
 use crate::worker::{RuntimeDir, Spawner};
 
 /// Why baton could not start.
@@ -69,6 +72,18 @@ pub enum StartError {
     /// A service's first worker did not become ready.
     #[error("{0}")]
     FirstWorker(String),
+    /// What a previous image handed over could not be taken over.
+    #[error("cannot take over from the previous image: {0}")]
+    Resume(String),
+}
+
+/// Why a hand-over did not happen.
+#[derive(Debug)]
+enum HandOverError {
+    /// A service began an upgrade meanwhile: the re-exec waits for it.
+    Busy(String),
+    /// It failed; everything runs on as before.
+    Failed(String),
 }
 
 /// Why a reload was rejected; the running configuration is kept.
@@ -113,35 +128,147 @@ struct Supervisor {
     /// The admin API's socket, as a handover names it.
     admin_socket: SocketState,
     control: Control,
+    /// Re-execs of this process: what they carry on, and the one under way.
+    reexec: Reexecs,
 }
 
-/// Runs the daemon until `shutdown` resolves: binds, starts every service, reloads on `reload` (SIGHUP) and on
-/// admin requests, then drains and stops everything.
-pub async fn run(
-    config: Config,
-    spawner: Spawner,
-    mut reload: Signal,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
+/// The signals the daemon handles.
+#[derive(Debug)]
+pub struct Signals {
+    /// SIGHUP: reload.
+    pub hangup: Signal,
+    /// SIGTERM: drain and exit.
+    pub terminate: Signal,
+    /// SIGINT: drain and exit.
+    pub interrupt: Signal,
+    /// SIGUSR2: re-exec.
+    pub user2: Signal,
+}
+
+impl Signals {
+    /// Registers the handlers. Until then, the signals are to be blocked (see `reexec::handled_signals`).
+    pub fn register() -> io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            user2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Takes every signal received and not yet handled and sends it to the process again, so that, blocked
+    /// now, it waits for the next image instead of being lost with this one.
+    fn hold_received(&mut self) {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let pid = nix::unistd::getpid();
+        for (stream, signal) in [
+            (&mut self.hangup, nix::sys::signal::Signal::SIGHUP),
+            (&mut self.terminate, nix::sys::signal::Signal::SIGTERM),
+            (&mut self.interrupt, nix::sys::signal::Signal::SIGINT),
+            (&mut self.user2, nix::sys::signal::Signal::SIGUSR2),
+        ] {
+            if let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {
+                while let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {}
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+        }
+    }
+}
+
+/// Where a daemon starts from.
+#[derive(Debug)]
+pub enum Start {
+    /// Nothing: bind, spawn, serve.
+    Fresh,
+    /// The state a previous image handed over by a re-exec.
+    Resume {
+        /// The state.
+        state: Box<State>,
+        /// Why the new binary could not start, when this is the previous binary run again.
+        failure: Option<String>,
+    },
+}
+
+/// Re-execs: the counts a new image carries on, and the one under way.
+#[derive(Debug)]
+struct Reexecs {
+    /// The path baton was first started from.
+    binary: Option<PathBuf>,
+    /// How many times this process has re-executed.
+    count: u64,
+    /// How many re-execs were asked for.
+    attempts: u64,
+    /// The last one that ended.
+    last: Option<ReexecRecord>,
+    /// The one under way.
+    job: Option<Job>,
+    /// Its check, while it runs.
+    check: Option<tokio::task::JoinHandle<Result<CheckReport, String>>>,
+    /// What `/status` shows.
+    view: watch::Sender<ReexecView>,
+}
+
+/// A re-exec asked for and not ended.
+#[derive(Debug)]
+struct Job {
+    attempt: u64,
+    trigger: ReexecTrigger,
+    binary: PathBuf,
+    check_timeout: Duration,
+    /// What it waits for before its check can start.
+    waiting_for: Option<String>,
+    /// Told once the check has passed, or why the re-exec was refused.
+    waiters: Vec<oneshot::Sender<Result<ReexecAccepted, String>>>,
+}
+
+/// How often a waiting re-exec looks again at what it waits for.
+const REEXEC_RETRY: Duration = Duration::from_millis(50);
+
+/// Runs the daemon until SIGTERM or SIGINT: binds (or, resuming, adopts what a previous image handed over),
+/// starts every service, reloads on SIGHUP and on admin requests, re-executes on SIGUSR2 and on admin
+/// requests, then drains and stops everything.
+pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: Start) -> Result<(), StartError> {
     let metrics = Metrics::new();
     let events = Events::new();
     let (fd_limit, _) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
     let budget = connection_budget(fd_limit);
     tracing::info!(fd_limit, connections = budget, "connection budget");
-    let runtime_dir = Arc::new(RuntimeDir::create().map_err(StartError::RuntimeDir)?);
-    let pool = bind_all(&config, &HashMap::new())?;
-    let admin_listener = bind_admin(&config.admin.listen)?;
+    let (mut state, failure) = match start {
+        Start::Fresh => (None, None),
+        Start::Resume { state, failure } => (Some(state), failure),
+    };
+    if let Some(state) = &state {
+        state.check_descriptors().map_err(StartError::Resume)?;
+        metrics.restore(&state.metrics);
+    }
+    let runtime_dir = match state.as_ref().and_then(|s| s.runtime_dir.clone()) {
+        Some(path) => RuntimeDir::adopt(path),
+        None => RuntimeDir::create(),
+    };
+    let runtime_dir = Arc::new(runtime_dir.map_err(StartError::RuntimeDir)?);
+    let (pool, admin_listener) = match &state {
+        Some(state) => adopt_sockets(&config, state)?,
+        None => (bind_all(&config, &HashMap::new())?, bind_admin(&config.admin.listen)?),
+    };
     let token = Arc::new(arc_swap::ArcSwapOption::new(load_token(&config.admin)?));
     let (commands_tx, mut commands) = mpsc::channel(16);
     let (directory, directory_rx) = watch::channel(Directory::default());
+    let carried = state
+        .as_ref()
+        .map(|s| (s.reexecs, s.reexec_attempts, s.last_reexec.clone(), s.binary.clone()));
+    let (count, attempts, last, binary) = carried.unwrap_or_default();
+    let binary = binary.or_else(|| std::env::current_exe().ok());
+    let (view, view_rx) = watch::channel(ReexecView::default());
     let control = Control {
         commands: commands_tx,
         directory: directory_rx,
         metrics: metrics.clone(),
-        started: Time::now(),
+        started: state.as_ref().and_then(|s| s.started).unwrap_or_else(Time::now),
         token,
         events: events.clone(),
+        reexec: view_rx,
     };
     let admin_socket = socket_state(&admin_listener);
     let admin = serve_admin(admin_listener, control.clone());
@@ -161,42 +288,66 @@ pub async fn run(
         admin,
         admin_socket,
         control,
+        reexec: Reexecs {
+            binary,
+            count,
+            attempts,
+            last,
+            job: None,
+            check: None,
+            view,
+        },
     };
-    let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
-    let mut first = Vec::new();
-    for name in names {
-        first.push((name.clone(), supervisor.start_service(&name, None)));
-    }
-    supervisor.publish_directory();
-    let first_workers = async {
-        for (name, started) in first {
-            started
-                .await
-                .unwrap_or_else(|_| Err(format!("service `{name}`: stopped while starting")))
-                .map_err(StartError::FirstWorker)?;
+    if let Some(state) = state.take() {
+        supervisor.resume(*state, failure)?;
+    } else {
+        let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
+        let mut first = Vec::new();
+        for name in names {
+            first.push((name.clone(), supervisor.start_service(&name, None)));
         }
-        Ok(())
-    };
-    tokio::pin!(shutdown);
-    // A shutdown signal during start-up is obeyed at once, not after the first workers are ready.
-    let started = tokio::select! {
-        started = first_workers => started,
-        () = &mut shutdown => {
-            supervisor.shut_down().await;
-            return Ok(());
+        supervisor.publish_directory();
+        let first_workers = async {
+            for (name, started) in first {
+                started
+                    .await
+                    .unwrap_or_else(|_| Err(format!("service `{name}`: stopped while starting")))
+                    .map_err(StartError::FirstWorker)?;
+            }
+            Ok(())
+        };
+        // A shutdown signal during start-up is obeyed at once, not after the first workers are ready.
+        let started = tokio::select! {
+            started = first_workers => started,
+            _ = signals.terminate.recv() => Err(None),
+            _ = signals.interrupt.recv() => Err(None),
+        };
+        match started {
+            Ok(()) => {}
+            Err(None) => {
+                supervisor.shut_down().await;
+                return Ok(());
+            }
+            Err(Some(error)) => {
+                supervisor.shut_down().await;
+                return Err(error);
+            }
         }
-    };
-    if let Err(error) = started {
-        supervisor.shut_down().await;
-        return Err(error);
+        tracing::info!(services = supervisor.services.len(), "baton ready");
     }
-    tracing::info!(services = supervisor.services.len(), "baton ready");
-    loop {
+    supervisor.publish_reexec();
+    let name = loop {
+        let waiting = supervisor.reexec.job.as_ref().is_some_and(|j| j.waiting_for.is_some());
         tokio::select! {
-            () = &mut shutdown => break,
-            Some(()) = reload.recv() => {
+            _ = signals.terminate.recv() => break "SIGTERM",
+            _ = signals.interrupt.recv() => break "SIGINT",
+            Some(()) = signals.hangup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", supervisor.config.path.display());
                 let _ = supervisor.reload(Trigger::Signal, ReloadScope::All).await;
+            }
+            Some(()) = signals.user2.recv() => {
+                tracing::info!("SIGUSR2: re-executing");
+                supervisor.request_reexec(ReexecTrigger::Signal, None, reexec::CHECK_TIMEOUT, None).await;
             }
             Some(command) = commands.recv() => match command {
                 Command::Reload { scope, wait, reply } => {
@@ -222,15 +373,410 @@ pub async fn run(
                     let state = supervisor.state().await;
                     let _ = reply.send(state.encode().map_err(|e| e.to_string()));
                 }
+                Command::Reexec { binary, check_timeout, reply } => {
+                    supervisor.request_reexec(ReexecTrigger::Api, binary, check_timeout, Some(reply)).await;
+                }
             },
+            checked = join_check(&mut supervisor.reexec.check) => {
+                supervisor.reexec.check = None;
+                supervisor.checked(checked, &mut signals).await;
+            }
+            () = tokio::time::sleep(REEXEC_RETRY), if waiting => supervisor.advance_reexec().await,
             Some(_) = supervisor.retiring.join_next(), if !supervisor.retiring.is_empty() => {}
         }
-    }
+    };
+    tracing::info!("{name}: draining, then exiting (send it again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = signals.terminate.recv() => {},
+            _ = signals.interrupt.recv() => {},
+        }
+        tracing::warn!("second signal: exiting now; workers are killed");
+        std::process::exit(1);
+    });
     supervisor.shut_down().await;
     Ok(())
 }
 
+/// The outcome of the re-exec check in flight; pending while there is none.
+async fn join_check(
+    check: &mut Option<tokio::task::JoinHandle<Result<CheckReport, String>>>,
+) -> Result<CheckReport, String> {
+    match check {
+        Some(handle) => handle
+            .await
+            .unwrap_or_else(|e| Err(format!("the check of the new binary failed: {e}"))),
+        None => std::future::pending().await,
+    }
+}
+
+/// The public sockets and the admin socket a previous image handed over, as the running configuration
+/// names them.
+fn adopt_sockets(
+    config: &Config,
+    state: &State,
+) -> Result<(HashMap<ListenKey, Arc<Listener>>, endpoint::Listener), StartError> {
+    let failed = |what: String, e: io::Error| StartError::Resume(format!("{what}: {e}"));
+    let mut pool = HashMap::new();
+    // A fixed address that an ephemeral entry bound is one socket under two keys.
+    let mut adopted: HashMap<std::os::fd::RawFd, Arc<Listener>> = HashMap::new();
+    for socket in &state.listeners {
+        let key = match &socket.service {
+            Some(service) => ListenKey::Ephemeral(service.clone(), socket.configured),
+            None => ListenKey::Fixed(socket.configured),
+        };
+        let listener = match adopted.get(&socket.fd) {
+            Some(listener) => Arc::clone(listener),
+            None => {
+                let listener = adopt_fd(socket.fd)
+                    .and_then(|fd| Listener::adopt(socket.configured, fd))
+                    .map_err(|e| failed(format!("listen {} (descriptor {})", socket.local, socket.fd), e))?;
+                let listener = Arc::new(listener);
+                adopted.insert(socket.fd, Arc::clone(&listener));
+                listener
+            }
+        };
+        pool.insert(key, listener);
+    }
+    for (name, service) in &config.services {
+        for addr in &service.listen {
+            if !pool.contains_key(&ListenKey::new(name, *addr)) {
+                return Err(StartError::Resume(format!(
+                    "service `{name}`: listen {addr} was not handed over"
+                )));
+            }
+        }
+    }
+    let admin = state
+        .admin
+        .as_ref()
+        .ok_or_else(|| StartError::Resume("the admin socket was not handed over".into()))?;
+    let listener = adopt_fd(admin.fd)
+        .and_then(|fd| admin.endpoint.adopt(fd))
+        .map_err(|e| failed(format!("admin {} (descriptor {})", admin.endpoint, admin.fd), e))?;
+    Ok((pool, listener))
+}
+
 impl Supervisor {
+    /// Takes over the services of a previous image's state: every service of the running configuration is
+    /// adopted from its snapshot, its workers and connections with it; then the re-exec is recorded.
+    fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
+        let names: Vec<String> = self.config.services.keys().cloned().collect();
+        for name in &names {
+            let config = Arc::clone(&self.config.services[name]);
+            let listeners = self.listeners_of(name);
+            let Some(snapshot) = state.services.remove(name) else {
+                tracing::warn!(service = %name, "not in the handed-over state: starting it afresh");
+                let started = self.start_service(name, None);
+                tokio::spawn(async move {
+                    if let Ok(Err(error)) = started.await {
+                        tracing::error!("{error}: retrying with a backoff");
+                    }
+                });
+                continue;
+            };
+            let handle = ServiceHandle::adopt(config, listeners, self.context.clone(), snapshot)
+                .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
+            self.services.insert(name.clone(), handle);
+        }
+        self.publish_directory();
+        let Some(in_flight) = state.reexec else {
+            return Ok(());
+        };
+        let (result, error) = match failure {
+            None => (ReexecResult::Ok, None),
+            Some(why) => (ReexecResult::Failed, Some(why)),
+        };
+        let record = in_flight.record(result, error);
+        let pause = Duration::from_secs_f64(record.pause_ms.unwrap_or_default() / 1e3);
+        self.context.metrics.reexec(result.label());
+        match result {
+            ReexecResult::Ok => {
+                self.reexec.count += 1;
+                self.context.metrics.reexec_pause(pause);
+                tracing::info!(
+                    pause_ms = record.pause_ms,
+                    listeners = record.listeners,
+                    workers = record.workers,
+                    connections = record.connections,
+                    "re-executed: baton {} -> {}, pid {} (unchanged)",
+                    record.from_version,
+                    env!("CARGO_PKG_VERSION"),
+                    std::process::id()
+                );
+            }
+            _ => tracing::error!(
+                binary = %record.binary.display(),
+                "re-exec failed, the previous binary carries on: {}",
+                record.error.as_deref().unwrap_or_default()
+            ),
+        }
+        self.finish_reexec(record);
+        self.context.spawner.adopted();
+        Ok(())
+    }
+
+    /// Asks for a re-exec with `binary` (or the one at the path baton was started from); joins the one under
+    /// way, if there is one.
+    async fn request_reexec(
+        &mut self,
+        trigger: ReexecTrigger,
+        binary: Option<PathBuf>,
+        check_timeout: Duration,
+        reply: Option<oneshot::Sender<Result<ReexecAccepted, String>>>,
+    ) {
+        if let Some(job) = &mut self.reexec.job {
+            tracing::info!(attempt = job.attempt, "a re-exec is under way already: joining it");
+            job.waiters.extend(reply);
+            return;
+        }
+        let Some(binary) = binary.or_else(|| self.reexec.binary.clone()) else {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err("the path baton was started from is unknown: name a binary".into()));
+            }
+            return;
+        };
+        self.reexec.attempts += 1;
+        self.reexec.job = Some(Job {
+            attempt: self.reexec.attempts,
+            trigger,
+            binary,
+            check_timeout,
+            waiting_for: None,
+            waiters: reply.into_iter().collect(),
+        });
+        self.advance_reexec().await;
+    }
+
+    /// Starts the check of the re-exec under way, unless something it must wait for is still going on.
+    async fn advance_reexec(&mut self) {
+        let blocker = self.reexec_blocker();
+        let Some(job) = &mut self.reexec.job else {
+            return;
+        };
+        if job.waiting_for.is_none() && blocker.is_some() {
+            tracing::info!(
+                attempt = job.attempt,
+                "re-exec waits: {}",
+                blocker.as_deref().unwrap_or_default()
+            );
+        }
+        job.waiting_for = blocker;
+        if job.waiting_for.is_none() {
+            let (binary, timeout) = (job.binary.clone(), job.check_timeout);
+            tracing::info!(binary = %binary.display(), "checking the new binary");
+            let state = self.state().await.encode();
+            self.reexec.check = Some(tokio::spawn(async move {
+                let state = state.map_err(|e| format!("cannot write the state: {e}"))?;
+                reexec::check(&binary, &state, timeout).await
+            }));
+        }
+        self.publish_reexec();
+    }
+
+    /// What a re-exec must wait for now: an upgrade in flight (until its watchdog window closes), a removed
+    /// service still draining.
+    fn reexec_blocker(&self) -> Option<String> {
+        for (name, handle) in &self.services {
+            let phase = handle.state.borrow().phase;
+            if matches!(phase, Phase::Spawning | Phase::WaitingReady | Phase::Watching) {
+                return Some(format!(
+                    "service `{name}`: an upgrade is in flight ({})",
+                    serde_json::to_value(phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        (!self.retiring.is_empty()).then(|| "a service removed by a reload is still draining".to_owned())
+    }
+
+    /// The check of the new binary has answered: refuse, or hand over.
+    async fn checked(&mut self, checked: Result<CheckReport, String>, signals: &mut Signals) {
+        let Some(mut job) = self.reexec.job.take() else {
+            return;
+        };
+        let report = match checked {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(binary = %job.binary.display(), "re-exec refused, nothing changed: {error}");
+                for waiter in job.waiters.drain(..) {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+                self.context.metrics.reexec(ReexecResult::Refused.label());
+                let record = self.record(&job, ReexecResult::Refused, None, Some(error));
+                self.finish_reexec(record);
+                return;
+            }
+        };
+        tracing::info!(binary = %job.binary.display(), version = %report.version, "the new binary can take over");
+        let accepted = ReexecAccepted {
+            attempt: job.attempt,
+            binary: job.binary.clone(),
+            version: report.version.clone(),
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+        };
+        for waiter in job.waiters.drain(..) {
+            let _ = waiter.send(Ok(accepted.clone()));
+        }
+        match self.hand_over(&job, &report, signals).await {
+            // Another upgrade began between the check and the hand-over: wait for it, and check again.
+            HandOverError::Busy(reason) => {
+                job.waiting_for = Some(reason);
+                self.reexec.job = Some(job);
+                self.publish_reexec();
+            }
+            HandOverError::Failed(error) => {
+                tracing::error!(binary = %job.binary.display(), "re-exec failed, nothing changed: {error}");
+                self.context.metrics.reexec(ReexecResult::Failed.label());
+                let record = self.record(&job, ReexecResult::Failed, Some(report.version), Some(error));
+                self.finish_reexec(record);
+            }
+        }
+    }
+
+    /// Parks every connection, writes the state and replaces the process's image. Returns only if that did
+    /// not happen, with everything running again as it was.
+    async fn hand_over(&mut self, job: &Job, report: &CheckReport, signals: &mut Signals) -> HandOverError {
+        let paused_at = Time::now();
+        self.context.events.emit(
+            "",
+            "reexec_started",
+            json!({"attempt": job.attempt, "binary": job.binary, "from_version": env!("CARGO_PKG_VERSION"),
+                   "to_version": report.version}),
+        );
+        let mut freezing = Vec::new();
+        for (name, handle) in &self.services {
+            let (reply, snapshot) = oneshot::channel();
+            handle.send(ServiceCommand::Freeze(reply));
+            freezing.push((name.clone(), snapshot));
+        }
+        let mut snapshots = BTreeMap::new();
+        let mut refused = None;
+        for (name, snapshot) in freezing {
+            match snapshot.await {
+                Ok(Ok(snapshot)) => {
+                    snapshots.insert(name, snapshot);
+                }
+                Ok(Err(FreezeError::Busy(reason))) => {
+                    refused.get_or_insert(HandOverError::Busy(format!("service `{name}`: {reason}")));
+                }
+                Ok(Err(FreezeError::Stuck(reason))) => {
+                    refused.get_or_insert(HandOverError::Failed(format!("service `{name}`: {reason}")));
+                }
+                Err(_) => {
+                    refused.get_or_insert(HandOverError::Failed(format!("service `{name}` has stopped")));
+                }
+            }
+        }
+        let thaw = |supervisor: &Supervisor, snapshots: &BTreeMap<String, ServiceSnapshot>| {
+            for name in snapshots.keys() {
+                if let Some(handle) = supervisor.services.get(name) {
+                    handle.thaw();
+                }
+            }
+        };
+        if let Some(refused) = refused {
+            thaw(self, &snapshots);
+            return refused;
+        }
+        if self.context.spawner.block_signals().await.is_err() {
+            thaw(self, &snapshots);
+            return HandOverError::Failed("baton is shutting down".into());
+        }
+        signals.hold_received();
+        let mut state = self.state_of(snapshots.clone());
+        let connections = state.services.values().map(|s| s.parked.len()).sum();
+        state.reexec = Some(InFlight {
+            attempt: job.attempt,
+            trigger: job.trigger,
+            binary: job.binary.clone(),
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            to_version: report.version.clone(),
+            paused_at,
+            listeners: state.listeners.len() + usize::from(state.admin.is_some()),
+            workers: state.services.values().map(|s| s.workers.len()).sum(),
+            connections,
+        });
+        let error = match state
+            .encode()
+            .map_err(io::Error::from)
+            .and_then(|bytes| reexec::carrier(&bytes))
+        {
+            Ok(carrier) => {
+                tracing::info!(
+                    binary = %job.binary.display(), connections,
+                    "handing over: the process becomes baton {}", report.version
+                );
+                let request = ExecRequest {
+                    binary: job.binary.clone(),
+                    state: carrier,
+                    inherit: state.descriptors(),
+                };
+                self.context.spawner.exec(request).await
+            }
+            Err(e) => e,
+        };
+        self.context.spawner.unblock_signals();
+        thaw(self, &snapshots);
+        HandOverError::Failed(format!("cannot run {}: {error}", job.binary.display()))
+    }
+
+    /// The record of `job`, ended now with `result`.
+    fn record(
+        &self,
+        job: &Job,
+        result: ReexecResult,
+        to_version: Option<String>,
+        error: Option<String>,
+    ) -> ReexecRecord {
+        ReexecRecord {
+            attempt: job.attempt,
+            result,
+            trigger: job.trigger,
+            binary: job.binary.clone(),
+            from_version: env!("CARGO_PKG_VERSION").to_owned(),
+            to_version,
+            pause_ms: None,
+            listeners: 0,
+            workers: 0,
+            connections: 0,
+            error,
+            at: reexec::unix_now(),
+        }
+    }
+
+    /// Keeps `record` as the last re-exec, and says so on the event bus and in `/status`.
+    fn finish_reexec(&mut self, record: ReexecRecord) {
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&record) {
+            self.context
+                .events
+                .emit("", "reexec_finished", serde_json::Value::Object(fields));
+        }
+        self.reexec.last = Some(record);
+        self.publish_reexec();
+    }
+
+    fn publish_reexec(&self) {
+        let progress = self.reexec.job.as_ref().map(|job| ReexecProgress {
+            attempt: job.attempt,
+            binary: job.binary.clone(),
+            stage: if job.waiting_for.is_some() {
+                "waiting"
+            } else {
+                "checking"
+            },
+            waiting_for: job.waiting_for.clone(),
+        });
+        self.reexec.view.send_replace(ReexecView {
+            reexecs: self.reexec.count,
+            last_reexec: self.reexec.last.clone(),
+            reexec: progress,
+        });
+    }
+
     /// Starts service `name` of the current configuration on the sockets of the pool.
     fn start_service(&mut self, name: &str, waiter: Option<Waiter>) -> oneshot::Receiver<Result<(), String>> {
         let config = Arc::clone(&self.config.services[name]);
@@ -350,6 +896,11 @@ impl Supervisor {
                 services.insert(name.clone(), snapshot);
             }
         }
+        self.state_of(services)
+    }
+
+    /// The daemon's state with these snapshots of its services.
+    fn state_of(&self, services: BTreeMap<String, ServiceSnapshot>) -> State {
         let mut listeners: Vec<ListenerState> = self
             .pool
             .iter()
@@ -376,6 +927,10 @@ impl Supervisor {
             fd_limit: self.context.spawner.worker_fd_limit().map(|l| (l.soft, l.hard)),
             services,
             metrics: self.context.metrics.snapshot(),
+            binary: self.reexec.binary.clone(),
+            reexecs: self.reexec.count,
+            reexec_attempts: self.reexec.attempts,
+            last_reexec: self.reexec.last.clone(),
             ..State::fresh()
         }
     }

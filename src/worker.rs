@@ -23,8 +23,8 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::endpoint::Endpoint;
 
-/// Variables of baton's own that a worker must never inherit.
-const PRIVATE_VARIABLES: [&str; 5] = [
+/// Variables of baton's own that a worker must never inherit (nor those of a re-exec, [`crate::reexec::VARIABLES`]).
+pub const PRIVATE_VARIABLES: [&str; 5] = [
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",
@@ -108,6 +108,17 @@ enum SpawnerMessage {
         command: Box<std::process::Command>,
         reply: oneshot::Sender<io::Result<tokio::process::Child>>,
     },
+    /// Block the signals baton handles on the main thread, the only one that takes them: from then on they
+    /// wait, pending, for whichever image unblocks them.
+    BlockSignals(oneshot::Sender<()>),
+    UnblockSignals,
+    /// The hand-over has been taken over: drop what a fall-back would have needed.
+    Adopted,
+    /// Replace the process's image; the reply comes only if that failed.
+    Exec {
+        request: Box<crate::reexec::ExecRequest>,
+        reply: oneshot::Sender<io::Error>,
+    },
     Exit,
 }
 
@@ -141,6 +152,43 @@ impl Spawner {
         self.worker_fd_limit
     }
 
+    /// Blocks the signals baton handles ([`crate::reexec::handled_signals`]) until
+    /// [`Spawner::unblock_signals`] (or a new image) unblocks them; resolves once they are blocked.
+    pub async fn block_signals(&self) -> Result<(), SpawnError> {
+        let (reply, blocked) = oneshot::channel();
+        self.requests
+            .send(SpawnerMessage::BlockSignals(reply))
+            .map_err(|_| SpawnError::ShuttingDown)?;
+        blocked.await.map_err(|_| SpawnError::ShuttingDown)
+    }
+
+    /// Lets the signals baton handles through again.
+    pub fn unblock_signals(&self) {
+        let _ = self.requests.send(SpawnerMessage::UnblockSignals);
+    }
+
+    /// Replaces the process's image on the main thread (see [`crate::reexec::exec`]). Resolves only if that
+    /// failed, with why; the process is another program otherwise.
+    pub async fn exec(&self, request: crate::reexec::ExecRequest) -> io::Error {
+        let (reply, failed) = oneshot::channel();
+        let message = SpawnerMessage::Exec {
+            request: Box::new(request),
+            reply,
+        };
+        if self.requests.send(message).is_err() {
+            return io::Error::other("baton is shutting down");
+        }
+        failed
+            .await
+            .unwrap_or_else(|_| io::Error::other("baton is shutting down"))
+    }
+
+    /// Tells the main thread that this image has taken over what the previous one handed over: what it kept
+    /// for a fall-back can go.
+    pub fn adopted(&self) {
+        let _ = self.requests.send(SpawnerMessage::Adopted);
+    }
+
     /// Ends [`SpawnerLoop::run`].
     pub fn exit(&self) {
         let _ = self.requests.send(SpawnerMessage::Exit);
@@ -148,18 +196,42 @@ impl Spawner {
 }
 
 impl SpawnerLoop {
-    /// Serves spawn requests until [`Spawner::exit`] is called or every spawner is dropped. `runtime` is the
-    /// runtime whose tasks will wait for the children.
-    pub fn run(self, runtime: &tokio::runtime::Handle) {
+    /// Serves spawn and exec requests until [`Spawner::exit`] is called or every spawner is dropped. `runtime`
+    /// is the runtime whose tasks will wait for the children; `own_binary`, the binary now running, is what a
+    /// new image runs again should it fail to start. `inherited`, what this image was handed, is dropped once
+    /// the daemon has taken it over.
+    pub fn run(
+        self,
+        runtime: &tokio::runtime::Handle,
+        own_binary: Option<&OwnedFd>,
+        inherited: &mut Option<crate::reexec::Inherited>,
+    ) {
         let _context = runtime.enter();
-        while let Ok(SpawnerMessage::Spawn { command, reply }) = self.requests.recv() {
-            let child = tokio::process::Command::from(*command).spawn();
-            // Nobody waits for this worker any more (its upgrade was abandoned): it must not live on.
-            if let Err(Ok(mut child)) = reply.send(child) {
-                if let Some(pid) = child.id() {
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        loop {
+            match self.requests.recv() {
+                Ok(SpawnerMessage::Spawn { command, reply }) => {
+                    let child = tokio::process::Command::from(*command).spawn();
+                    // Nobody waits for this worker any more (its upgrade was abandoned): it must not live on.
+                    if let Err(Ok(mut child)) = reply.send(child) {
+                        if let Some(pid) = child.id() {
+                            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        }
+                        let _ = child.start_kill();
+                    }
                 }
-                let _ = child.start_kill();
+                Ok(SpawnerMessage::BlockSignals(reply)) => {
+                    let _ = crate::reexec::handled_signals().thread_block();
+                    let _ = reply.send(());
+                }
+                Ok(SpawnerMessage::UnblockSignals) => {
+                    let _ = crate::reexec::handled_signals().thread_unblock();
+                }
+                Ok(SpawnerMessage::Adopted) => *inherited = None,
+                Ok(SpawnerMessage::Exec { request, reply }) => {
+                    let error = crate::reexec::exec(&request, own_binary.map(AsRawFd::as_raw_fd));
+                    let _ = reply.send(error);
+                }
+                Ok(SpawnerMessage::Exit) | Err(_) => return,
             }
         }
     }
@@ -169,7 +241,7 @@ impl SpawnerLoop {
 /// service's worker user may enter; removed when dropped.
 #[derive(Debug)]
 pub struct RuntimeDir {
-    dir: tempfile::TempDir,
+    path: PathBuf,
 }
 
 impl RuntimeDir {
@@ -184,12 +256,26 @@ impl RuntimeDir {
             .prefix("baton-")
             .permissions(std::fs::Permissions::from_mode(0o711))
             .tempdir_in(base)?;
-        Ok(RuntimeDir { dir })
+        Ok(RuntimeDir { path: dir.keep() })
+    }
+
+    /// Takes over the directory a previous image of baton created at `path`.
+    pub fn adopt(path: PathBuf) -> io::Result<RuntimeDir> {
+        if !std::fs::metadata(&path)?.is_dir() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a directory"));
+        }
+        Ok(RuntimeDir { path })
     }
 
     /// The directory's path.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -254,7 +340,7 @@ impl Worker {
         if service.output == Output::Log {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        for variable in PRIVATE_VARIABLES {
+        for variable in PRIVATE_VARIABLES.iter().chain(crate::reexec::VARIABLES.iter()) {
             command.env_remove(variable);
         }
         command
@@ -285,28 +371,14 @@ impl Worker {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(forward_output(stderr, service.name.clone(), generation, pid, "stderr"));
         }
-        let (exit_tx, exit) = watch::channel(None);
         let stopping = Arc::new(AtomicBool::new(false));
-        let name = service.name.clone();
-        let expected = Arc::clone(&stopping);
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let status = match status {
-                Ok(status) => status,
-                Err(e) => {
-                    tracing::error!(service = %name, generation, pid, error = %e, "cannot wait for worker");
-                    ExitStatus::from_raw(0x7f00)
-                }
-            };
-            // The leader is gone; whatever it left in its process group goes with it.
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            if expected.load(Ordering::Acquire) {
-                tracing::info!(service = %name, generation, pid, status = %describe(status), "worker exited");
-            } else {
-                tracing::warn!(service = %name, generation, pid, status = %describe(status), "worker exited unexpectedly");
-            }
-            let _ = exit_tx.send(Some(status));
-        });
+        let exit = watch_exit(
+            service.name.clone(),
+            generation,
+            pid,
+            Arc::clone(&stopping),
+            async move { child.wait().await },
+        );
         tracing::info!(service = %service.name, generation, pid, addr = %addr, "worker started");
         Ok(Worker {
             service: service.name.clone(),
@@ -314,6 +386,45 @@ impl Worker {
             pid,
             addr,
             output,
+            pidfd,
+            exit,
+            stopping,
+        })
+    }
+
+    /// Takes over a worker a previous image of baton started (still this process's child, across the exec):
+    /// its descriptors are adopted, its exit is waited for on its pidfd (or by SIGCHLD where there is none),
+    /// its output is logged again. A worker that exited and was reaped in between is reported as exited.
+    pub fn adopt(service: &str, state: &crate::handover::WorkerState) -> io::Result<Worker> {
+        use crate::reexec::adopt_fd;
+        let pidfd = state.pidfd.map(adopt_fd).transpose()?;
+        let output = match state.output {
+            Some((out, err)) => Some((adopt_fd(out)?, adopt_fd(err)?)),
+            None => None,
+        };
+        let (generation, pid) = (state.generation, state.pid);
+        let stopping = Arc::new(AtomicBool::new(state.stopping));
+        let waited = pidfd.as_ref().map(OwnedFd::try_clone).transpose()?;
+        let exit = watch_exit(service.to_owned(), generation, pid, Arc::clone(&stopping), async move {
+            match waited {
+                Some(pidfd) => wait_pidfd(pidfd).await,
+                None => wait_pid(pid).await,
+            }
+        });
+        let raw_output = output.as_ref().map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd()));
+        if let Some((out, err)) = output {
+            for (fd, name) in [(out, "stdout"), (err, "stderr")] {
+                let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+                tokio::spawn(forward_output(pipe, service.to_owned(), generation, pid, name));
+            }
+        }
+        tracing::info!(service, generation, pid, addr = %state.addr, "worker adopted");
+        Ok(Worker {
+            service: service.to_owned(),
+            generation,
+            pid,
+            addr: state.addr.clone(),
+            output: raw_output,
             pidfd,
             exit,
             stopping,
@@ -404,6 +515,90 @@ impl Drop for Worker {
         if self.exit_status().is_none() {
             self.stopping.store(true, Ordering::Release);
             let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Waits for a worker's exit with `wait`, then kills what it left in its process group, logs the status and
+/// publishes it. `stopping` says whether the exit is expected.
+fn watch_exit(
+    service: String,
+    generation: u64,
+    pid: u32,
+    stopping: Arc<AtomicBool>,
+    wait: impl Future<Output = io::Result<ExitStatus>> + Send + 'static,
+) -> watch::Receiver<Option<ExitStatus>> {
+    let (exit_tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = match wait.await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::error!(service = %service, generation, pid, error = %e, "cannot wait for worker");
+                ExitStatus::from_raw(0x7f00)
+            }
+        };
+        // The leader is gone; whatever it left in its process group goes with it.
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        if stopping.load(Ordering::Acquire) {
+            tracing::info!(service = %service, generation, pid, status = %describe(status), "worker exited");
+        } else {
+            tracing::warn!(service = %service, generation, pid, status = %describe(status), "worker exited unexpectedly");
+        }
+        let _ = exit_tx.send(Some(status));
+    });
+    exit
+}
+
+/// The error of a wait for a worker that was reaped before this image could wait for it: it exited while
+/// baton re-executed, and its status went with the previous image.
+fn reaped_before() -> io::Error {
+    io::Error::other("it exited during baton's re-exec; its exit status is lost")
+}
+
+/// Waits for the exit of the child `pidfd` names and reaps it.
+#[allow(unsafe_code)]
+async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<ExitStatus> {
+    use rustix::process::{WaitId, WaitIdOptions, waitid};
+    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which is its only owner: the descriptor stays open, and
+    // names the same pidfd, until the `AsyncFd` drops.
+    let pidfd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    loop {
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+        match waitid(WaitId::PidFd(std::os::fd::AsFd::as_fd(pidfd.get_ref())), options) {
+            Ok(Some(status)) => {
+                let raw = match (status.exit_status(), status.terminating_signal()) {
+                    (Some(code), _) => (code & 0xff) << 8,
+                    (None, Some(signal)) => signal | if status.dumped() { 0x80 } else { 0 },
+                    (None, None) => 0x7f00,
+                };
+                return Ok(ExitStatus::from_raw(raw));
+            }
+            // A pidfd turns readable when its process exits.
+            Ok(None) => pidfd.readable().await?.clear_ready(),
+            Err(rustix::io::Errno::CHILD) => return Err(reaped_before()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits for the exit of child `pid` where there are no pidfds: on every SIGCHLD, a look at that one child.
+async fn wait_pid(pid: u32) -> io::Result<ExitStatus> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+    loop {
+        match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw((code & 0xff) << 8)),
+            Ok(WaitStatus::Signaled(_, signal, dumped)) => {
+                return Ok(ExitStatus::from_raw(signal as i32 | if dumped { 0x80 } else { 0 }));
+            }
+            Ok(_) => {
+                children.recv().await;
+            }
+            Err(nix::errno::Errno::ECHILD) => return Err(reaped_before()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

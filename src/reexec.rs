@@ -1,0 +1,496 @@
+//! Re-executing baton in place: the same process runs a new binary and carries on from the handed-over
+//! [`State`].
+//!
+//! This module holds the pieces that touch the process itself: the pre-flight check of a new binary (run as a
+//! child in check mode on the real state, with a timeout), the memfd that carries the state across the exec,
+//! the exec itself (on the main thread, with only the handed-over descriptors made inheritable for that one
+//! moment), what a new image finds in its environment, and the fall-back exec of the previous binary when the
+//! new image cannot start. The order of a hand-over is the supervisor's; see ARCHITECTURE.md.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read as _, Seek as _, Write as _};
+use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
+
+use crate::handover::State;
+
+/// The variable that names the descriptor of the state a new image starts from.
+pub const STATE_FD_VAR: &str = "BATON_STATE_FD";
+/// The variable that names the descriptor of the previous binary, which a new image that cannot start runs.
+pub const PREVIOUS_EXE_VAR: &str = "BATON_PREVIOUS_EXE";
+/// The variable that tells the previous binary, run again, why the new one could not start.
+pub const FAILURE_VAR: &str = "BATON_REEXEC_FAILURE";
+/// Every variable of the hand-over: none reaches a worker or a checked binary.
+pub const VARIABLES: [&str; 3] = [STATE_FD_VAR, PREVIOUS_EXE_VAR, FAILURE_VAR];
+
+/// How long a new binary's check may take, unless the request says otherwise.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the connections may take to park before the hand-over is given up.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The subcommand of the check mode.
+pub const CHECK_COMMAND: &str = "reexec-check";
+
+/// The signals baton handles. They are blocked from just before an exec until the new image has installed
+/// its handlers, so that one arriving in between waits instead of being lost or killing baton.
+pub fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR2] {
+        set.add(signal);
+    }
+    set
+}
+
+/// What asked for a re-exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReexecTrigger {
+    /// SIGUSR2.
+    Signal,
+    /// The admin API (or `baton reexec`).
+    Api,
+}
+
+/// How a re-exec ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReexecResult {
+    /// The new image took over.
+    Ok,
+    /// The new binary was refused before anything changed.
+    Refused,
+    /// The exec, or the new image's start, failed: the previous binary carries on.
+    Failed,
+}
+
+impl ReexecResult {
+    /// The `result` label of `baton_reexecs_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReexecResult::Ok => "ok",
+            ReexecResult::Refused => "refused",
+            ReexecResult::Failed => "failed",
+        }
+    }
+
+    /// Every result, in label order.
+    pub const ALL: [ReexecResult; 3] = [ReexecResult::Ok, ReexecResult::Refused, ReexecResult::Failed];
+}
+
+/// What one re-exec did: `/status` shows the last one as `last_reexec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReexecRecord {
+    /// Which attempt of this process it was, from 1.
+    pub attempt: u64,
+    /// How it ended.
+    pub result: ReexecResult,
+    /// What asked for it.
+    pub trigger: ReexecTrigger,
+    /// The binary it ran (or would have).
+    pub binary: PathBuf,
+    /// The version that handed over.
+    pub from_version: String,
+    /// The version of the new binary, once its check told it.
+    pub to_version: Option<String>,
+    /// The longest time a connection went without baton moving its bytes, in milliseconds.
+    pub pause_ms: Option<f64>,
+    /// Listening sockets handed over (public and admin).
+    pub listeners: usize,
+    /// Worker processes handed over.
+    pub workers: usize,
+    /// Connections handed over.
+    pub connections: usize,
+    /// Why it did not go through.
+    pub error: Option<String>,
+    /// When it ended, in seconds since the Unix epoch.
+    pub at: f64,
+}
+
+/// A re-exec under way, as the state carries it to the new image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InFlight {
+    /// Which attempt it is.
+    pub attempt: u64,
+    /// What asked for it.
+    pub trigger: ReexecTrigger,
+    /// The binary run.
+    pub binary: PathBuf,
+    /// The version that handed over.
+    pub from_version: String,
+    /// The new binary's version, as its check told it.
+    pub to_version: String,
+    /// When the connections were asked to park: the pause runs from here.
+    pub paused_at: crate::clock::Time,
+    /// Listening sockets handed over.
+    pub listeners: usize,
+    /// Workers handed over.
+    pub workers: usize,
+    /// Connections handed over.
+    pub connections: usize,
+}
+
+impl InFlight {
+    /// The record of this re-exec, ended with `result` now.
+    pub fn record(&self, result: ReexecResult, error: Option<String>) -> ReexecRecord {
+        let pause = crate::clock::Time::now().since(self.paused_at);
+        ReexecRecord {
+            attempt: self.attempt,
+            result,
+            trigger: self.trigger,
+            binary: self.binary.clone(),
+            from_version: self.from_version.clone(),
+            to_version: Some(self.to_version.clone()),
+            pause_ms: Some(pause.as_secs_f64() * 1e3),
+            listeners: self.listeners,
+            workers: self.workers,
+            connections: self.connections,
+            error,
+            at: unix_now(),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// What a checked binary said about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Its version.
+    pub version: String,
+    /// The newest state format it reads.
+    pub state_format: u32,
+    /// The services of the configuration it would run.
+    pub services: Vec<String>,
+}
+
+/// The check mode of a new binary: reads the state document `input` and says whether this binary can take
+/// over from it: the format is one it reads and the configuration one it accepts.
+pub fn check_mode(input: &[u8]) -> Result<CheckReport, String> {
+    let state = State::decode(input).map_err(|e| crate::error::chain(&e))?;
+    let source = state
+        .config
+        .as_ref()
+        .ok_or_else(|| "the state carries no configuration".to_owned())?;
+    let config = crate::config::Config::parse(&source.path, &source.text).map_err(|e| crate::error::chain(&e))?;
+    for name in state.services.keys() {
+        if !config.services.contains_key(name) {
+            return Err(format!(
+                "the state names service `{name}`, which its configuration has not"
+            ));
+        }
+    }
+    Ok(CheckReport {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        state_format: crate::handover::VERSION,
+        services: config.services.keys().cloned().collect(),
+    })
+}
+
+/// Runs `binary` in check mode on `state` (its standard input), in a process group of its own, and waits at
+/// most `timeout` for its answer. Whatever happens, neither it nor a child of its is left running.
+pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<CheckReport, String> {
+    let name = binary.display();
+    let input = carrier(state).map_err(|e| format!("cannot write the state for the check: {e}"))?;
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .arg(CHECK_COMMAND)
+        .stdin(Stdio::from(input))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for variable in VARIABLES.iter().chain(crate::worker::PRIVATE_VARIABLES.iter()) {
+        command.env_remove(variable);
+    }
+    let child = command.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
+    let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+    let kill_group = || {
+        if let Some(group) = group {
+            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        }
+    };
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => {
+            kill_group();
+            return Err(format!("cannot wait for {name}: {e}"));
+        }
+        Err(_) => {
+            // Dropping the wait killed the child; its group may hold more.
+            kill_group();
+            return Err(format!(
+                "{name} gave no answer within {}: not taking over with it",
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    // Whatever the check left behind in its group goes too.
+    kill_group();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let said = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    if !output.status.success() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let how = crate::worker::describe(output.status);
+        let hint = match output.status.code() {
+            // EX_USAGE: it does not know the check command.
+            Some(64) => " (it has no re-exec check: an older baton, or not baton at all)",
+            _ if output.status.signal().is_some() => " (it crashed)",
+            _ => "",
+        };
+        let said = if said.is_empty() {
+            String::new()
+        } else {
+            format!(": {said}")
+        };
+        return Err(format!("{name} refused to take over: {how}{hint}{said}"));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str::<CheckReport>(line.trim()).ok())
+        .ok_or_else(|| format!("{name} is not a baton: its check printed no report"))
+}
+
+/// A memfd holding `bytes`, read from the start: how a state goes to a check and across an exec.
+pub fn carrier(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(c"baton-state", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Makes `fd` inheritable across an exec, or not.
+pub fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
+    let flags = if inheritable {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Takes ownership of descriptor `fd`, which the previous image handed over, and makes it close-on-exec
+/// again, so that no worker inherits it. Fails for a descriptor that is not open.
+#[allow(unsafe_code)]
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd <= 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("descriptor {fd} is a standard stream"),
+        ));
+    }
+    // Fails with EBADF when nothing is open there.
+    set_inheritable(fd, false)?;
+    // SAFETY: `fd` is open (F_SETFD succeeded), it was named in the handed-over state, and the caller adopts
+    // each descriptor of the state once (the state's descriptors are checked to be distinct first), so no
+    // other owner of it exists in this image.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What the exec needs: the binary and what to hand over.
+#[derive(Debug)]
+pub struct ExecRequest {
+    /// The binary to run.
+    pub binary: PathBuf,
+    /// The state, in a memfd.
+    pub state: OwnedFd,
+    /// Every descriptor the state names.
+    pub inherit: Vec<RawFd>,
+}
+
+/// Replaces this process's image: runs `request.binary` with baton's own arguments and environment, plus the
+/// descriptor of the state and, when there is one, of `previous` (the binary now running, for a fall-back).
+/// Must run on the main thread, the one that forked the workers (their parent-death signal belongs to it),
+/// with [`handled_signals`] blocked. Returns only if the exec failed; the descriptors are close-on-exec again
+/// then.
+pub fn exec(request: &ExecRequest, previous: Option<RawFd>) -> io::Error {
+    let mut variables = vec![(STATE_FD_VAR, request.state.as_raw_fd().to_string())];
+    if let Some(previous) = previous {
+        variables.push((PREVIOUS_EXE_VAR, previous.to_string()));
+    }
+    let inherit: Vec<RawFd> = request
+        .inherit
+        .iter()
+        .copied()
+        .chain([request.state.as_raw_fd()])
+        .chain(previous)
+        .collect();
+    replace_image(Image::Path(&request.binary), &variables, &inherit)
+}
+
+/// The fall-back of a new image that cannot start: runs the previous binary `previous` again on the same
+/// state, telling it why. Returns only if that exec failed too.
+pub fn fall_back(previous: &OwnedFd, state: RawFd, inherit: &[RawFd], why: &str) -> io::Error {
+    let variables = [(STATE_FD_VAR, state.to_string()), (FAILURE_VAR, why.to_owned())];
+    let inherit: Vec<RawFd> = inherit.iter().copied().chain([state]).collect();
+    replace_image(Image::Fd(previous), &variables, &inherit)
+}
+
+enum Image<'a> {
+    Path(&'a Path),
+    Fd(&'a OwnedFd),
+}
+
+fn replace_image(image: Image<'_>, variables: &[(&str, String)], inherit: &[RawFd]) -> io::Error {
+    let cstring = |bytes: &[u8]| CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let prepared = (|| -> io::Result<(Vec<CString>, Vec<CString>)> {
+        let args = std::env::args_os()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut env = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            if VARIABLES.iter().any(|v| key == *v) {
+                continue;
+            }
+            let mut pair = key.into_vec();
+            pair.push(b'=');
+            pair.extend(value.into_vec());
+            env.push(cstring(&pair)?);
+        }
+        for (key, value) in variables {
+            env.push(cstring(format!("{key}={value}").as_bytes())?);
+        }
+        Ok((args, env))
+    })();
+    let (args, env) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return e,
+    };
+    for (i, fd) in inherit.iter().enumerate() {
+        if let Err(e) = set_inheritable(*fd, true) {
+            for fd in &inherit[..i] {
+                let _ = set_inheritable(*fd, false);
+            }
+            return e;
+        }
+    }
+    let error = match image {
+        Image::Path(path) => match cstring(path.as_os_str().as_bytes()) {
+            Ok(path) => nix::unistd::execve(&path, &args, &env).map_or_else(io::Error::from, |never| match never {}),
+            Err(e) => e,
+        },
+        Image::Fd(fd) => {
+            nix::unistd::fexecve(fd.as_raw_fd(), &args, &env).map_or_else(io::Error::from, |never| match never {})
+        }
+    };
+    for fd in inherit {
+        let _ = set_inheritable(*fd, false);
+    }
+    error
+}
+
+/// What an image started by a re-exec finds: the state, and how to fall back.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The state document.
+    pub state: Vec<u8>,
+    /// The memfd it came in, kept for a fall-back.
+    pub state_fd: OwnedFd,
+    /// The previous binary, to run again should this image fail to start.
+    pub previous: Option<OwnedFd>,
+    /// Why the new binary could not start, when this is the previous one run again.
+    pub failure: Option<String>,
+}
+
+impl Inherited {
+    /// What the environment hands this image; `None` on a fresh start. Call it once, first thing.
+    pub fn take() -> io::Result<Option<Inherited>> {
+        let Some(fd) = std::env::var_os(STATE_FD_VAR) else {
+            return Ok(None);
+        };
+        let fd = parse_fd(STATE_FD_VAR, &fd)?;
+        let mut file = File::from(adopt_fd(fd)?);
+        let mut state = Vec::new();
+        file.rewind()?;
+        file.read_to_end(&mut state)?;
+        let previous = match std::env::var_os(PREVIOUS_EXE_VAR) {
+            Some(fd) => Some(adopt_fd(parse_fd(PREVIOUS_EXE_VAR, &fd)?)?),
+            None => None,
+        };
+        let failure = std::env::var(FAILURE_VAR).ok();
+        Ok(Some(Inherited {
+            state,
+            state_fd: OwnedFd::from(file),
+            previous,
+            failure,
+        }))
+    }
+}
+
+fn parse_fd(name: &str, value: &std::ffi::OsStr) -> io::Result<RawFd> {
+    value.to_str().and_then(|v| v.parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name}={} is not a descriptor", value.to_string_lossy()),
+        )
+    })
+}
+
+/// This process's own binary, opened once at start (`O_PATH` is enough to exec it), so that a fall-back
+/// runs this very binary whatever has since happened to the file at its path.
+pub fn open_own_binary() -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        "/proc/self/exe",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    adopt_raw(fd)
+}
+
+#[allow(unsafe_code)]
+fn adopt_raw(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The version a report names, for messages: `baton 0.2.0`.
+pub fn describe_version(report: &CheckReport) -> String {
+    format!("baton {}", report.version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_carrier_reads_back_what_was_written() {
+        let fd = carrier(b"{\"version\":1}").expect("memfd");
+        let mut file = File::from(fd);
+        let mut back = String::new();
+        file.read_to_string(&mut back).expect("read");
+        assert_eq!(back, "{\"version\":1}");
+    }
+
+    #[test]
+    fn the_check_mode_refuses_what_is_not_a_state_with_a_reason() {
+        let error = check_mode(b"#!/bin/sh").expect_err("not a state");
+        assert!(error.contains("not a baton state"), "{error}");
+        let fresh = State::fresh().encode().expect("encode");
+        let error = check_mode(&fresh).expect_err("no configuration");
+        assert!(error.contains("no configuration"), "{error}");
+    }
+
+    #[test]
+    fn a_standard_stream_or_a_closed_descriptor_is_not_adopted() {
+        assert!(adopt_fd(1).is_err());
+        assert!(adopt_fd(1_000_000).is_err());
+    }
+}
