@@ -16,7 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -43,8 +43,11 @@ pub async fn serve(listener: endpoint::Listener, control: Control) {
 }
 
 async fn serve_connection(stream: Stream, control: Control) {
-    let service = service_fn(move |request| {
+    // Dropped when the connection is over: the answer to its last request has been written.
+    let (open, connection) = watch::channel(());
+    let service = service_fn(move |mut request: Request<Incoming>| {
         let control = control.clone();
+        request.extensions_mut().insert(Connection(connection.clone()));
         async move { Ok::<_, Infallible>(authorized(request, &control).await) }
     });
     let _ = http1::Builder::new()
@@ -52,7 +55,12 @@ async fn serve_connection(stream: Stream, control: Control) {
         .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await;
+    drop(open);
 }
+
+/// Closes (its sender drops) when the admin connection a request came on is over.
+#[derive(Debug, Clone)]
+struct Connection(watch::Receiver<()>);
 
 /// Checks the bearer token, when one is configured, on every request but `/healthz`.
 async fn authorized(request: Request<Incoming>, control: &Control) -> Response<Body> {
@@ -141,12 +149,13 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
                 )),
             };
             let binary = query.get("binary").map(std::path::PathBuf::from);
+            let connection = request.extensions().get::<Connection>().map(|c| c.0.clone());
             match query.only(&["binary", "check_timeout"]).and(timeout) {
                 Ok(_) if has_body(&request) => bad_request(format!("{path} takes no request body")),
                 Ok(_) if binary.as_ref().is_some_and(|b| !b.is_absolute()) => {
                     bad_request("binary must be an absolute path".into())
                 }
-                Ok(timeout) => reexec(control, binary, timeout).await,
+                Ok(timeout) => reexec(control, binary, timeout, connection).await,
                 Err(message) => bad_request(message),
             }
         }
@@ -299,12 +308,14 @@ async fn reexec(
     control: &Control,
     binary: Option<std::path::PathBuf>,
     check_timeout: std::time::Duration,
+    answered: Option<watch::Receiver<()>>,
 ) -> Response<Body> {
     let (reply, outcome) = oneshot::channel();
     let command = Command::Reexec {
         binary,
         check_timeout,
         reply,
+        answered,
     };
     if control.commands.send(command).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());

@@ -363,6 +363,8 @@ pub async fn reload(client: &Client, changed_only: bool) -> Result<(), CliError>
 const REEXEC_WAIT: Duration = Duration::from_secs(60);
 /// How often it looks.
 const REEXEC_POLL: Duration = Duration::from_millis(50);
+/// How long the admin API may refuse connections before `baton reexec` says baton is gone.
+const REEXEC_GONE: Duration = Duration::from_secs(3);
 
 /// `baton reexec`: asks baton to re-execute itself with `binary` (or the binary at the path it was started
 /// from), prints the check, what is handed over and how long connections paused; fails, with the reason, if
@@ -404,8 +406,24 @@ pub async fn reexec(
     };
     let earlier = before["last_reexec"]["attempt"].as_u64().unwrap_or(0);
     let deadline = tokio::time::Instant::now() + check_timeout + REEXEC_WAIT;
+    let mut unreachable_since = None;
     let record = loop {
-        if let Ok((_, status)) = client.call(Method::GET, "/status").await {
+        let answer = client.call(Method::GET, "/status").await;
+        match &answer {
+            // The admin socket is the same across the exec: connections to it wait in its queue. Refused
+            // means nobody holds it any more.
+            Err(CliError::Unreachable { .. }) => {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REEXEC_GONE {
+                    return Err(CliError::Refused(format!(
+                        "the admin API stopped answering during the re-exec: baton {} may have exited; see its log",
+                        text(&before["version"])
+                    )));
+                }
+            }
+            _ => unreachable_since = None,
+        }
+        if let Ok((_, status)) = answer {
             let last = &status["last_reexec"];
             let done = last["attempt"].as_u64().is_some_and(|a| match attempt {
                 Some(attempt) => a >= attempt,

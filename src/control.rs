@@ -54,6 +54,9 @@ pub enum Command {
         /// Told, once the new binary's check has passed, what the hand-over starts with; or why the re-exec
         /// was refused.
         reply: oneshot::Sender<Result<ReexecAccepted, String>>,
+        /// Closes once the answer has gone out (the admin connection is over): the hand-over waits for it,
+        /// a moment at most, so that the answer is not lost with this image.
+        answered: Option<watch::Receiver<()>>,
     },
 }
 

@@ -162,6 +162,9 @@ pub struct WorkerState {
     pub pidfd: Option<RawFd>,
     /// Whether baton has asked it to stop (its exit is expected).
     pub stopping: bool,
+    /// Its wait status, once it has exited and been reaped.
+    #[serde(default)]
+    pub exited: Option<i32>,
     /// Connections open to it.
     pub connections: usize,
     /// Connections it has not answered yet.
@@ -378,6 +381,7 @@ mod tests {
             output: Some((10, 11)),
             pidfd: Some(12),
             stopping: false,
+            exited: None,
             connections: 3,
             unanswered: 1,
             draining: generation == 1,

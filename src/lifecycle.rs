@@ -629,6 +629,10 @@ impl Machine {
         if let Some(candidate) = &self.candidate {
             return Some(format!("generation {} is starting", candidate.generation));
         }
+        if self.restart.is_some() || self.active.as_ref().is_some_and(|a| a.exited.is_some()) {
+            // Connections wait for the replacement, and could not park before it is up.
+            return Some("its worker is being replaced".into());
+        }
         self.watch
             .as_ref()
             .map(|watch| format!("generation {} is in its watchdog window", watch.record.new_generation))
@@ -661,7 +665,8 @@ impl Machine {
                 },
             });
         }
-        for drain in self.draining.iter().filter(|d| d.exited.is_none()) {
+        // A worker that has exited may still hold connections, whose end ends its drain.
+        for drain in &self.draining {
             match drain.step {
                 DrainStep::Settling | DrainStep::Closing => out.push(Effect::Drain {
                     generation: drain.generation,

@@ -122,6 +122,8 @@ pub async fn accept_loop(listener: Arc<Listener>, service: String, route: Shared
                     tracing::info!(service = %service, listen = %listener.local, "accepting again");
                 }
                 let route = Arc::clone(&route);
+                // Counted before the task exists, so that a service parking its connections waits for it.
+                route.load().shared.accepted();
                 tokio::spawn(async move {
                     proxy::serve(stream, &route).await;
                     drop(permit);

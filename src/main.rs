@@ -266,12 +266,12 @@ enum Failure {
 /// only if that is impossible: the exit code then.
 fn fall_back(inherited: &Inherited, descriptors: &[std::os::fd::RawFd], why: &str) -> ExitCode {
     use std::os::fd::AsRawFd as _;
-    let Some(previous) = &inherited.previous else {
+    let Some((previous, command)) = &inherited.previous else {
         eprintln!("error: {why}");
         return ExitCode::from(EXIT_FAILURE);
     };
     eprintln!("error: {why}: running the previous binary again");
-    let error = reexec::fall_back(previous, inherited.state_fd.as_raw_fd(), descriptors, why);
+    let error = reexec::fall_back(previous, command, inherited.state_fd.as_raw_fd(), descriptors, why);
     eprintln!("error: cannot run the previous binary again: {error}");
     ExitCode::from(EXIT_FAILURE)
 }
@@ -404,8 +404,10 @@ fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os
     let descriptors = state.descriptors();
     let failed = |why: String| (format!("the new image cannot take over: {why}"), descriptors.clone());
     state.check_descriptors().map_err(failed)?;
+    // Each is checked open, and made close-on-exec at once: nothing this image starts may inherit one (a
+    // fall-back makes them inheritable again).
     for fd in &descriptors {
-        if let Err(e) = nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_GETFD) {
+        if let Err(e) = reexec::set_inheritable(*fd, false) {
             return Err(failed(format!("descriptor {fd} of the state is not open: {e}")));
         }
     }

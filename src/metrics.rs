@@ -370,6 +370,9 @@ impl Metrics {
                 self.upgrades.with_label_values(&[name, trigger, result]);
             }
         }
+        // Exported empty until the first upgrade or drain, and there for values a re-exec carries.
+        self.ready_duration.with_label_values(&[name]);
+        self.drain_duration.with_label_values(&[name]);
         let rejected = |reason: &str| {
             debug_assert!(REJECT_REASONS.contains(&reason), "unlisted reason {reason}");
             self.rejected.with_label_values(&[name, reason])

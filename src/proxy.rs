@@ -76,7 +76,9 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
     let shared = &first.shared;
     let metrics = &shared.metrics;
     metrics.accepted.inc();
-    let Some(admission) = shared.admit(first.settings.max_connections) else {
+    let admitted = shared.admit(first.settings.max_connections);
+    shared.started();
+    let Some(admission) = admitted else {
         metrics.rejected_max_connections.inc();
         reset(&client);
         return Outcome::OverLimit;

@@ -26,10 +26,12 @@ use crate::handover::State;
 pub const STATE_FD_VAR: &str = "BATON_STATE_FD";
 /// The variable that names the descriptor of the previous binary, which a new image that cannot start runs.
 pub const PREVIOUS_EXE_VAR: &str = "BATON_PREVIOUS_EXE";
+/// The variable that names the descriptor of the previous binary's command line and environment.
+pub const PREVIOUS_COMMAND_VAR: &str = "BATON_PREVIOUS_COMMAND";
 /// The variable that tells the previous binary, run again, why the new one could not start.
 pub const FAILURE_VAR: &str = "BATON_REEXEC_FAILURE";
 /// Every variable of the hand-over: none reaches a worker or a checked binary.
-pub const VARIABLES: [&str; 3] = [STATE_FD_VAR, PREVIOUS_EXE_VAR, FAILURE_VAR];
+pub const VARIABLES: [&str; 4] = [STATE_FD_VAR, PREVIOUS_EXE_VAR, PREVIOUS_COMMAND_VAR, FAILURE_VAR];
 
 /// How long a new binary's check may take, unless the request says otherwise.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -242,13 +244,17 @@ pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<Che
     // Whatever the check left behind in its group goes too.
     kill_group();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let said = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let said = lines()
+        .find(|l| l.starts_with("error:"))
+        .or_else(|| lines().next_back())
+        .unwrap_or_default();
     if !output.status.success() {
         use std::os::unix::process::ExitStatusExt as _;
         let how = crate::worker::describe(output.status);
         let hint = match output.status.code() {
-            // EX_USAGE: it does not know the check command.
-            Some(64) => " (it has no re-exec check: an older baton, or not baton at all)",
+            // A usage error (EX_USAGE, or clap's own 2): it does not know the check command.
+            Some(64 | 2) => " (it has no re-exec check: an older baton, or not baton at all)",
             _ if output.status.signal().is_some() => " (it crashed)",
             _ => "",
         };
@@ -291,11 +297,8 @@ pub fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
 /// again, so that no worker inherits it. Fails for a descriptor that is not open.
 #[allow(unsafe_code)]
 pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd <= 2 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("descriptor {fd} is a standard stream"),
-        ));
+    if fd < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("descriptor {fd}")));
     }
     // Fails with EBADF when nothing is open there.
     set_inheritable(fd, false)?;
@@ -317,43 +320,61 @@ pub struct ExecRequest {
 }
 
 /// Replaces this process's image: runs `request.binary` with baton's own arguments and environment, plus the
-/// descriptor of the state and, when there is one, of `previous` (the binary now running, for a fall-back).
-/// Must run on the main thread, the one that forked the workers (their parent-death signal belongs to it),
-/// with [`handled_signals`] blocked. Returns only if the exec failed; the descriptors are close-on-exec again
-/// then.
+/// descriptor of the state and, when there is one, of `previous` (the binary now running) with the command
+/// line it runs with, for a fall-back. Must run on the main thread, the one that forked the workers (their
+/// parent-death signal belongs to it), with [`handled_signals`] blocked. Returns only if the exec failed; the
+/// descriptors are close-on-exec again then.
 pub fn exec(request: &ExecRequest, previous: Option<RawFd>) -> io::Error {
+    let command = match Command::of_this_process() {
+        Ok(command) => command,
+        Err(e) => return e,
+    };
     let mut variables = vec![(STATE_FD_VAR, request.state.as_raw_fd().to_string())];
-    if let Some(previous) = previous {
-        variables.push((PREVIOUS_EXE_VAR, previous.to_string()));
-    }
-    let inherit: Vec<RawFd> = request
+    let mut inherit: Vec<RawFd> = request
         .inherit
         .iter()
         .copied()
         .chain([request.state.as_raw_fd()])
-        .chain(previous)
         .collect();
-    replace_image(Image::Path(&request.binary), &variables, &inherit)
+    // Kept open until the exec: the previous command line, which a fall-back runs again.
+    let mut kept = None;
+    if let Some(previous) = previous {
+        match carrier(&command.encode()) {
+            Ok(fd) => {
+                variables.push((PREVIOUS_EXE_VAR, previous.to_string()));
+                variables.push((PREVIOUS_COMMAND_VAR, fd.as_raw_fd().to_string()));
+                inherit.extend([previous, fd.as_raw_fd()]);
+                kept = Some(fd);
+            }
+            Err(e) => return e,
+        }
+    }
+    let error = replace_image(Image::Path(&request.binary), &command.with(&variables), &inherit);
+    drop(kept);
+    error
 }
 
-/// The fall-back of a new image that cannot start: runs the previous binary `previous` again on the same
-/// state, telling it why. Returns only if that exec failed too.
-pub fn fall_back(previous: &OwnedFd, state: RawFd, inherit: &[RawFd], why: &str) -> io::Error {
+/// The fall-back of a new image that cannot start: runs the previous binary `previous` again, as it ran
+/// (`command`), on the same state, telling it why. Returns only if that exec failed too.
+pub fn fall_back(previous: &OwnedFd, command: &Command, state: RawFd, inherit: &[RawFd], why: &str) -> io::Error {
     let variables = [(STATE_FD_VAR, state.to_string()), (FAILURE_VAR, why.to_owned())];
     let inherit: Vec<RawFd> = inherit.iter().copied().chain([state]).collect();
-    replace_image(Image::Fd(previous), &variables, &inherit)
+    replace_image(Image::Fd(previous), &command.with(&variables), &inherit)
 }
 
-enum Image<'a> {
-    Path(&'a Path),
-    Fd(&'a OwnedFd),
+/// A command line and environment, as an exec takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    args: Vec<CString>,
+    env: Vec<CString>,
 }
 
-fn replace_image(image: Image<'_>, variables: &[(&str, String)], inherit: &[RawFd]) -> io::Error {
-    let cstring = |bytes: &[u8]| CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
-    let prepared = (|| -> io::Result<(Vec<CString>, Vec<CString>)> {
+impl Command {
+    /// This process's arguments and environment, less the hand-over's variables.
+    fn of_this_process() -> io::Result<Command> {
+        let cstring = |bytes: Vec<u8>| CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
         let args = std::env::args_os()
-            .map(|a| cstring(a.as_bytes()))
+            .map(|a| cstring(a.into_vec()))
             .collect::<io::Result<Vec<_>>>()?;
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
@@ -363,17 +384,68 @@ fn replace_image(image: Image<'_>, variables: &[(&str, String)], inherit: &[RawF
             let mut pair = key.into_vec();
             pair.push(b'=');
             pair.extend(value.into_vec());
-            env.push(cstring(&pair)?);
+            env.push(cstring(pair)?);
         }
+        Ok(Command { args, env })
+    }
+
+    /// The command with `variables` added to its environment.
+    fn with(&self, variables: &[(&str, String)]) -> Command {
+        let mut command = self.clone();
         for (key, value) in variables {
-            env.push(cstring(format!("{key}={value}").as_bytes())?);
+            // A value with a NUL cannot be passed; the variables here are numbers and messages.
+            if let Ok(pair) = CString::new(format!("{key}={}", value.replace('\0', " "))) {
+                command.env.push(pair);
+            }
         }
-        Ok((args, env))
-    })();
-    let (args, env) = match prepared {
-        Ok(prepared) => prepared,
-        Err(e) => return e,
-    };
+        command
+    }
+
+    /// The arguments, a NUL after each, an empty one, then the environment likewise.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for arg in &self.args {
+            out.extend_from_slice(arg.as_bytes_with_nul());
+        }
+        out.push(0);
+        for pair in &self.env {
+            out.extend_from_slice(pair.as_bytes_with_nul());
+        }
+        out
+    }
+
+    /// Reads what [`Command::encode`] wrote.
+    fn decode(bytes: &[u8]) -> io::Result<Command> {
+        let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed previous command line");
+        let body = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+        let mut parts = body.split(|b| *b == 0);
+        let mut args = Vec::new();
+        for part in parts.by_ref() {
+            if part.is_empty() {
+                break;
+            }
+            args.push(CString::new(part).map_err(|_| malformed())?);
+        }
+        let env = parts
+            .filter(|p| !p.is_empty())
+            .map(|p| CString::new(p).map_err(|_| malformed()))
+            .collect::<io::Result<Vec<_>>>()?;
+        if args.is_empty() {
+            return Err(malformed());
+        }
+        Ok(Command { args, env })
+    }
+}
+
+enum Image<'a> {
+    Path(&'a Path),
+    Fd(&'a OwnedFd),
+}
+
+fn replace_image(image: Image<'_>, command: &Command, inherit: &[RawFd]) -> io::Error {
+    // A handled signal reverts to its default action at the exec (SIGUSR2's kills): it must wait, pending,
+    // until the next image has its handlers.
+    let _ = handled_signals().thread_block();
     for (i, fd) in inherit.iter().enumerate() {
         if let Err(e) = set_inheritable(*fd, true) {
             for fd in &inherit[..i] {
@@ -383,13 +455,13 @@ fn replace_image(image: Image<'_>, variables: &[(&str, String)], inherit: &[RawF
         }
     }
     let error = match image {
-        Image::Path(path) => match cstring(path.as_os_str().as_bytes()) {
-            Ok(path) => nix::unistd::execve(&path, &args, &env).map_or_else(io::Error::from, |never| match never {}),
-            Err(e) => e,
+        Image::Path(path) => match CString::new(path.as_os_str().as_bytes()) {
+            Ok(path) => nix::unistd::execve(&path, &command.args, &command.env)
+                .map_or_else(io::Error::from, |never| match never {}),
+            Err(_) => io::Error::from(io::ErrorKind::InvalidInput),
         },
-        Image::Fd(fd) => {
-            nix::unistd::fexecve(fd.as_raw_fd(), &args, &env).map_or_else(io::Error::from, |never| match never {})
-        }
+        Image::Fd(fd) => nix::unistd::fexecve(fd.as_raw_fd(), &command.args, &command.env)
+            .map_or_else(io::Error::from, |never| match never {}),
     };
     for fd in inherit {
         let _ = set_inheritable(*fd, false);
@@ -404,8 +476,8 @@ pub struct Inherited {
     pub state: Vec<u8>,
     /// The memfd it came in, kept for a fall-back.
     pub state_fd: OwnedFd,
-    /// The previous binary, to run again should this image fail to start.
-    pub previous: Option<OwnedFd>,
+    /// The previous binary, and how it ran, to run again should this image fail to start.
+    pub previous: Option<(OwnedFd, Command)>,
     /// Why the new binary could not start, when this is the previous one run again.
     pub failure: Option<String>,
 }
@@ -421,9 +493,19 @@ impl Inherited {
         let mut state = Vec::new();
         file.rewind()?;
         file.read_to_end(&mut state)?;
-        let previous = match std::env::var_os(PREVIOUS_EXE_VAR) {
-            Some(fd) => Some(adopt_fd(parse_fd(PREVIOUS_EXE_VAR, &fd)?)?),
-            None => None,
+        let previous = match (
+            std::env::var_os(PREVIOUS_EXE_VAR),
+            std::env::var_os(PREVIOUS_COMMAND_VAR),
+        ) {
+            (Some(exe), Some(command)) => {
+                let exe = adopt_fd(parse_fd(PREVIOUS_EXE_VAR, &exe)?)?;
+                let mut file = File::from(adopt_fd(parse_fd(PREVIOUS_COMMAND_VAR, &command)?)?);
+                let mut bytes = Vec::new();
+                file.rewind()?;
+                file.read_to_end(&mut bytes)?;
+                Some((exe, Command::decode(&bytes)?))
+            }
+            _ => None,
         };
         let failure = std::env::var(FAILURE_VAR).ok();
         Ok(Some(Inherited {
@@ -489,8 +571,15 @@ mod tests {
     }
 
     #[test]
-    fn a_standard_stream_or_a_closed_descriptor_is_not_adopted() {
-        assert!(adopt_fd(1).is_err());
+    fn a_command_line_reads_back_as_written() {
+        let command = Command::of_this_process().expect("this process");
+        assert_eq!(Command::decode(&command.encode()).expect("decode"), command);
+        assert!(Command::decode(b"").is_err());
+    }
+
+    #[test]
+    fn a_closed_or_negative_descriptor_is_not_adopted() {
+        assert!(adopt_fd(-1).is_err());
         assert!(adopt_fd(1_000_000).is_err());
     }
 }

@@ -88,6 +88,8 @@ pub struct Shared {
     pub parking: Parking,
     /// The service's open connections (parked ones are not open).
     open: AtomicUsize,
+    /// Connections accepted whose task has not yet counted them in `open`.
+    starting: AtomicUsize,
 }
 
 /// One open connection, counted against `max_connections`; uncounts it when dropped.
@@ -104,6 +106,23 @@ impl Shared {
             changed: Notify::new(),
             parking: Parking::default(),
             open: AtomicUsize::new(0),
+            starting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Notes a connection just accepted, before its task runs: until [`Shared::started`], it counts as open
+    /// for [`Shared::all_parked`].
+    pub fn accepted(&self) {
+        self.starting.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection noted by [`Shared::accepted`] has been admitted, or turned away.
+    pub fn started(&self) {
+        let before = self
+            .starting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if before == Ok(1) && self.open() == 0 && self.parking.is_requested() {
+            self.parking.settled.notify_waiters();
         }
     }
 
@@ -135,7 +154,7 @@ impl Shared {
             let settled = self.parking.settled.notified();
             tokio::pin!(settled);
             settled.as_mut().enable();
-            if self.open() == 0 {
+            if self.open() == 0 && self.starting.load(Ordering::Acquire) == 0 {
                 return;
             }
             settled.await;

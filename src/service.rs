@@ -401,8 +401,14 @@ impl Service {
             let _ = reply.send(Err(FreezeError::Busy(busy)));
             return;
         }
-        // Dropping the handles stops the accept loops; new connections wait in the listen queues.
-        let accepting: Vec<Arc<Listener>> = self.listeners.drain(..).map(|(listener, _)| listener).collect();
+        // The accept loops stop (new connections wait in the listen queues), and are waited for: every
+        // connection they accepted is counted by then.
+        let mut accepting = Vec::new();
+        for (listener, task) in std::mem::take(&mut self.listeners) {
+            task.abort();
+            let _ = task.await;
+            accepting.push(listener);
+        }
         self.shared.parking.request();
         if tokio::time::timeout(PARK_TIMEOUT, self.shared.all_parked())
             .await
@@ -467,9 +473,17 @@ impl Service {
                 generation,
                 pid: held.worker.pid,
                 addr: held.worker.addr.clone(),
-                output: held.worker.output,
+                output: held
+                    .worker
+                    .output
+                    .as_ref()
+                    .map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd())),
                 pidfd: held.worker.pidfd.as_ref().map(AsRawFd::as_raw_fd),
                 stopping: held.worker.is_stopping(),
+                exited: held
+                    .worker
+                    .exit_status()
+                    .map(std::os::unix::process::ExitStatusExt::into_raw),
                 connections: held.upstream.connections(),
                 unanswered: held.upstream.unanswered(),
                 draining: held.upstream.is_draining(),

@@ -170,6 +170,11 @@ impl Signals {
         ] {
             if let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {
                 while let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {}
+                if signal == nix::sys::signal::Signal::SIGUSR2 {
+                    // Asked while this re-exec ran: it joins this one.
+                    tracing::info!("SIGUSR2: a re-exec is under way already: joining it");
+                    continue;
+                }
                 let _ = nix::sys::signal::kill(pid, signal);
             }
         }
@@ -218,9 +223,23 @@ struct Job {
     check_timeout: Duration,
     /// What it waits for before its check can start.
     waiting_for: Option<String>,
+    /// The configuration text its check was given.
+    checked_config: Option<String>,
     /// Told once the check has passed, or why the re-exec was refused.
     waiters: Vec<oneshot::Sender<Result<ReexecAccepted, String>>>,
+    /// The admin connections of those told: the hand-over waits, a moment at most, until they are over.
+    answered: Vec<watch::Receiver<()>>,
 }
+
+/// Who asked for a re-exec through the admin API: told once the check has passed, and the connection the
+/// answer goes out on.
+type ReexecReply = (
+    oneshot::Sender<Result<ReexecAccepted, String>>,
+    Option<watch::Receiver<()>>,
+);
+
+/// How long the hand-over waits for the answers to re-exec requests to go out.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a waiting re-exec looks again at what it waits for.
 const REEXEC_RETRY: Duration = Duration::from_millis(50);
@@ -373,8 +392,10 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
                     let state = supervisor.state().await;
                     let _ = reply.send(state.encode().map_err(|e| e.to_string()));
                 }
-                Command::Reexec { binary, check_timeout, reply } => {
-                    supervisor.request_reexec(ReexecTrigger::Api, binary, check_timeout, Some(reply)).await;
+                Command::Reexec { binary, check_timeout, reply, answered } => {
+                    supervisor
+                        .request_reexec(ReexecTrigger::Api, binary, check_timeout, Some((reply, answered)))
+                        .await;
                 }
             },
             checked = join_check(&mut supervisor.reexec.check) => {
@@ -523,14 +544,18 @@ impl Supervisor {
         trigger: ReexecTrigger,
         binary: Option<PathBuf>,
         check_timeout: Duration,
-        reply: Option<oneshot::Sender<Result<ReexecAccepted, String>>>,
+        reply: Option<ReexecReply>,
     ) {
+        let (reply, answered) = reply.unzip();
+        let answered = answered.flatten();
         if let Some(job) = &mut self.reexec.job {
             tracing::info!(attempt = job.attempt, "a re-exec is under way already: joining it");
             job.waiters.extend(reply);
+            job.answered.extend(answered);
             return;
         }
         let Some(binary) = binary.or_else(|| self.reexec.binary.clone()) else {
+            tracing::error!("cannot re-exec: the path baton was started from is unknown: name a binary");
             if let Some(reply) = reply {
                 let _ = reply.send(Err("the path baton was started from is unknown: name a binary".into()));
             }
@@ -543,7 +568,9 @@ impl Supervisor {
             binary,
             check_timeout,
             waiting_for: None,
+            checked_config: None,
             waiters: reply.into_iter().collect(),
+            answered: answered.into_iter().collect(),
         });
         self.advance_reexec().await;
     }
@@ -563,6 +590,7 @@ impl Supervisor {
         }
         job.waiting_for = blocker;
         if job.waiting_for.is_none() {
+            job.checked_config = Some(self.config.text.clone());
             let (binary, timeout) = (job.binary.clone(), job.check_timeout);
             tracing::info!(binary = %binary.display(), "checking the new binary");
             let state = self.state().await.encode();
@@ -621,9 +649,14 @@ impl Supervisor {
         for waiter in job.waiters.drain(..) {
             let _ = waiter.send(Ok(accepted.clone()));
         }
+        // The answers are on their way; they must be out before this image is gone.
+        for mut connection in job.answered.drain(..) {
+            let _ = tokio::time::timeout(ANSWER_WAIT, connection.changed()).await;
+        }
         match self.hand_over(&job, &report, signals).await {
             // Another upgrade began between the check and the hand-over: wait for it, and check again.
             HandOverError::Busy(reason) => {
+                tracing::info!(attempt = job.attempt, "re-exec waits: {reason}");
                 job.waiting_for = Some(reason);
                 self.reexec.job = Some(job);
                 self.publish_reexec();
@@ -640,6 +673,17 @@ impl Supervisor {
     /// Parks every connection, writes the state and replaces the process's image. Returns only if that did
     /// not happen, with everything running again as it was.
     async fn hand_over(&mut self, job: &Job, report: &CheckReport, signals: &mut Signals) -> HandOverError {
+        // What the check saw must still hold: no upgrade began, no reload changed the configuration.
+        if let Some(reason) = self.reexec_blocker() {
+            return HandOverError::Busy(reason);
+        }
+        if job.checked_config.as_deref() != Some(self.config.text.as_str()) {
+            return HandOverError::Busy("the configuration was reloaded during the check: checking again".into());
+        }
+        // From here, a signal waits for whichever image comes next.
+        if self.context.spawner.block_signals().await.is_err() {
+            return HandOverError::Failed("baton is shutting down".into());
+        }
         let paused_at = Time::now();
         self.context.events.emit(
             "",
@@ -679,13 +723,13 @@ impl Supervisor {
             }
         };
         if let Some(refused) = refused {
+            self.context.spawner.unblock_signals();
             thaw(self, &snapshots);
             return refused;
         }
-        if self.context.spawner.block_signals().await.is_err() {
-            thaw(self, &snapshots);
-            return HandOverError::Failed("baton is shutting down".into());
-        }
+        // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
+        // timer's expiry implies) brings it to the streams.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         signals.hold_received();
         let mut state = self.state_of(snapshots.clone());
         let connections = state.services.values().map(|s| s.parked.len()).sum();

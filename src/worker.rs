@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -290,8 +290,9 @@ pub struct Worker {
     pub pid: u32,
     /// Its private address.
     pub addr: Endpoint,
-    /// The read ends of its stdout and stderr pipes, while its output is logged.
-    pub output: Option<(RawFd, RawFd)>,
+    /// Copies of the read ends of its stdout and stderr pipes, when its output is logged: what a new image of
+    /// baton reads the output from (the forwarding tasks own the originals, and close them at end of file).
+    pub output: Option<(OwnedFd, OwnedFd)>,
     /// A pidfd of the process: it names this process and no other even once its pid is reused, and a new
     /// image of baton can wait on it. `None` where the kernel has no pidfds (before 5.3).
     pub pidfd: Option<OwnedFd>,
@@ -364,7 +365,15 @@ impl Worker {
             .stdout
             .as_ref()
             .zip(child.stderr.as_ref())
-            .map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd()));
+            .map(|(out, err)| (out.as_fd().try_clone_to_owned(), err.as_fd().try_clone_to_owned()));
+        let output = match output {
+            Some((Ok(out), Ok(err))) => Some((out, err)),
+            Some((Err(e), _) | (_, Err(e))) => {
+                tracing::warn!(service = %service.name, generation, pid, error = %e, "cannot keep the output pipes for a re-exec");
+                None
+            }
+            None => None,
+        };
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(forward_output(stdout, service.name.clone(), generation, pid, "stdout"));
         }
@@ -377,6 +386,7 @@ impl Worker {
             generation,
             pid,
             Arc::clone(&stopping),
+            true,
             async move { child.wait().await },
         );
         tracing::info!(service = %service.name, generation, pid, addr = %addr, "worker started");
@@ -404,17 +414,36 @@ impl Worker {
         };
         let (generation, pid) = (state.generation, state.pid);
         let stopping = Arc::new(AtomicBool::new(state.stopping));
-        let waited = pidfd.as_ref().map(OwnedFd::try_clone).transpose()?;
-        let exit = watch_exit(service.to_owned(), generation, pid, Arc::clone(&stopping), async move {
-            match waited {
-                Some(pidfd) => wait_pidfd(pidfd).await,
-                None => wait_pid(pid).await,
+        let exit = match state.exited {
+            // Reaped by the previous image already: its status is known, and its pid no longer its own.
+            Some(raw) => watch_exit(
+                service.to_owned(),
+                generation,
+                pid,
+                Arc::clone(&stopping),
+                false,
+                async move { Ok(ExitStatus::from_raw(raw)) },
+            ),
+            None => {
+                let waited = pidfd.as_ref().map(OwnedFd::try_clone).transpose()?;
+                watch_exit(
+                    service.to_owned(),
+                    generation,
+                    pid,
+                    Arc::clone(&stopping),
+                    true,
+                    async move {
+                        match waited {
+                            Some(pidfd) => wait_pidfd(pidfd, pid).await,
+                            None => wait_pid(pid).await,
+                        }
+                    },
+                )
             }
-        });
-        let raw_output = output.as_ref().map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd()));
-        if let Some((out, err)) = output {
+        };
+        if let Some((out, err)) = &output {
             for (fd, name) in [(out, "stdout"), (err, "stderr")] {
-                let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+                let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd.try_clone()?)?;
                 tokio::spawn(forward_output(pipe, service.to_owned(), generation, pid, name));
             }
         }
@@ -424,7 +453,7 @@ impl Worker {
             generation,
             pid,
             addr: state.addr.clone(),
-            output: raw_output,
+            output,
             pidfd,
             exit,
             stopping,
@@ -519,26 +548,30 @@ impl Drop for Worker {
     }
 }
 
-/// Waits for a worker's exit with `wait`, then kills what it left in its process group, logs the status and
-/// publishes it. `stopping` says whether the exit is expected.
+/// Waits for a worker's exit with `wait`, then (with `kill_group`) kills what it left in its process group,
+/// logs the status and publishes it. `stopping` says whether the exit is expected.
 fn watch_exit(
     service: String,
     generation: u64,
     pid: u32,
     stopping: Arc<AtomicBool>,
+    kill_group: bool,
     wait: impl Future<Output = io::Result<ExitStatus>> + Send + 'static,
 ) -> watch::Receiver<Option<ExitStatus>> {
     let (exit_tx, exit) = watch::channel(None);
     tokio::spawn(async move {
-        let status = match wait.await {
-            Ok(status) => status,
+        let (status, reaped_here) = match wait.await {
+            Ok(status) => (status, true),
             Err(e) => {
                 tracing::error!(service = %service, generation, pid, error = %e, "cannot wait for worker");
-                ExitStatus::from_raw(0x7f00)
+                (ExitStatus::from_raw(0x7f00), false)
             }
         };
-        // The leader is gone; whatever it left in its process group goes with it.
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        // The leader is gone; whatever it left in its process group goes with it. Not when it was reaped
+        // elsewhere: its pid may name another process group by now.
+        if kill_group && reaped_here {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
         if stopping.load(Ordering::Acquire) {
             tracing::info!(service = %service, generation, pid, status = %describe(status), "worker exited");
         } else {
@@ -555,9 +588,9 @@ fn reaped_before() -> io::Error {
     io::Error::other("it exited during baton's re-exec; its exit status is lost")
 }
 
-/// Waits for the exit of the child `pidfd` names and reaps it.
+/// Waits for the exit of the child `pidfd` (process `pid`) names and reaps it.
 #[allow(unsafe_code)]
-async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<ExitStatus> {
+async fn wait_pidfd(pidfd: OwnedFd, pid: u32) -> io::Result<ExitStatus> {
     use rustix::process::{WaitId, WaitIdOptions, waitid};
     // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which is its only owner: the descriptor stays open, and
     // names the same pidfd, until the `AsyncFd` drops.
@@ -578,6 +611,8 @@ async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<ExitStatus> {
             Ok(None) => pidfd.readable().await?.clear_ready(),
             Err(rustix::io::Errno::CHILD) => return Err(reaped_before()),
             Err(rustix::io::Errno::INTR) => {}
+            // A kernel with pidfds but no waitid on them (5.3): wait by pid.
+            Err(rustix::io::Errno::INVAL) => return wait_pid(pid).await,
             Err(e) => return Err(e.into()),
         }
     }
