@@ -8,6 +8,7 @@ rounds. Everything runs on loopback; every process is stopped at the end.
 
     python3 benches/bench.py              # the whole run, markdown on stdout
     python3 benches/bench.py --quick      # one short round, to try the harness
+    python3 benches/bench.py --reexec-only  # steady state, the re-exec window and the pause with idle connections
 
 Needs: wrk, iperf3, haproxy, nginx with libnginx-mod-stream (Debian packages), and a release build of
 baton (`cargo build --release`). Run as root so that the descriptor limits can be raised for 10,000 idle
@@ -15,11 +16,13 @@ connections.
 """
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import re
 import resource
+import selectors
 import signal
 import socket
 import statistics
@@ -40,6 +43,12 @@ IDLE_CONNECTIONS = 10_000
 # The descriptor limit every process gets, and the connections a proxy can hold with it.
 FD_LIMIT, MAX_CONNECTIONS = 20_000, 9_000
 BODY = b"x" * 1024
+REQUEST = b"GET /index.html HTTP/1.1\r\nHost: bench\r\n\r\n"
+# Idle connections open through baton while it re-executes, for the pause figure: 10,000, or fewer when baton's
+# connection budget (two descriptors per connection, under its descriptor limit) cannot hold them.
+PAUSE_CONNECTIONS = 10_000
+# How long one re-exec may take, from the request to its outcome in /status, before it counts as lost.
+REEXEC_DEADLINE = 30.0
 
 
 def free_port():
@@ -160,7 +169,8 @@ worker_rlimit_nofile {FD_LIMIT};
 pid {self.dir}/nginx-$$.pid;
 error_log stderr error;
 daemon off;
-events {{ worker_connections {MAX_CONNECTIONS}; }}
+# Room to spare: nginx closes its oldest idle keep-alive connections once fewer than 1/16 of these are free.
+events {{ worker_connections {FD_LIMIT}; }}
 http {{
     access_log off;
     keepalive_requests 100000000;
@@ -373,18 +383,7 @@ stream {{
         carried one request and response, then stays open, silent."""
         pids = target.proxy_pids()
         before = rss_kib(pids)
-        request = b"GET /index.html HTTP/1.1\r\nHost: bench\r\n\r\n"
-        sockets = []
-        for _ in range(IDLE_CONNECTIONS):
-            s = socket.create_connection(("127.0.0.1", target.web_port))
-            s.sendall(request)
-            response = b""
-            while not (b"\r\n\r\n" in response and len(response.split(b"\r\n\r\n", 1)[1]) >= len(BODY)):
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise SystemExit(f"{target.name} closed an idle-memory connection")
-                response += chunk
-            sockets.append(s)
+        sockets = open_idle(target, IDLE_CONNECTIONS)
         # Let the proxy settle: wait until its resident memory stops changing.
         last, steady = -1, 0
         while steady < 5:
@@ -421,6 +420,185 @@ stream {{
 
     def haproxy_reload(self):
         os.kill(self.haproxy_master, signal.SIGUSR2)
+
+    # --- re-exec ------------------------------------------------------------------------------------------
+
+    def admin(self, method, path, timeout=REEXEC_DEADLINE):
+        """One request to baton's admin API on a connection of its own: (status, decoded JSON body)."""
+        host, port = self.baton_admin.removeprefix("http://").rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            return response.status, body.decode(errors="replace")
+
+    def baton_reexec(self):
+        """Re-executes baton (POST /v1/reexec) and waits for the outcome in /status: the `last_reexec` record,
+        or a record of our own with result "lost" when none came before the deadline."""
+        end = time.monotonic() + REEXEC_DEADLINE
+        try:
+            status, body = self.admin("POST", "/v1/reexec")
+        except (OSError, http.client.HTTPException) as e:
+            return {"result": "lost", "error": f"POST /v1/reexec: {e}"}
+        if status != 200:
+            return {"result": "refused", "error": f"{status}: {body}"}
+        attempt = body["attempt"]
+        while time.monotonic() < end:
+            try:
+                last = self.admin("GET", "/status", timeout=max(end - time.monotonic(), 0.1))[1].get("last_reexec")
+            except (OSError, http.client.HTTPException, AttributeError):
+                last = None
+            if last and last["attempt"] >= attempt:
+                return last
+            time.sleep(0.01)
+        return {"result": "lost", "attempt": attempt, "error": "no outcome in /status before the deadline"}
+
+    def during(self, target, extra, trigger):
+        """One wrk load with `trigger` called once a second (each call waits for its outcome) until the load
+        ends: the load's figures and what the calls returned."""
+        stop = threading.Event()
+        outcomes = []
+
+        def loop():
+            due = time.monotonic() + 1.0
+            while not stop.wait(max(due - time.monotonic(), 0)):
+                outcomes.append(trigger())
+                due = max(due + 1.0, time.monotonic())
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        result = self.wrk(target, extra)
+        stop.set()
+        thread.join()
+        return result, outcomes
+
+    def under_reexecs(self, target, trigger):
+        """The keep-alive and new-connection loads, each while `trigger` re-executes (reloads) every second."""
+        run = {}
+        for load, extra in (("keepalive", []), ("newconn", ["-H", "Connection: close"])):
+            result, outcomes = self.during(target, extra, trigger)
+            run[load] = {**result, "outcomes": [o for o in outcomes if o is not None], "count": len(outcomes)}
+        return run
+
+    def connection_budget(self):
+        """The connections baton said it can hold (its first "connection budget" log line)."""
+        with open(f"{self.dir}/baton.log") as f:
+            for line in f:
+                if "connection budget" in line:
+                    match = re.search(r'"connections":(\d+)', line)
+                    if match:
+                        return int(match.group(1))
+        return None
+
+    def pause_with_connections(self, target, reexecs):
+        """Opens idle keep-alive connections through baton to its worker (each has carried one request), re-executes
+        baton `reexecs` times, then sends one more request on every connection and counts those that fail."""
+        budget = self.connection_budget()
+        wanted = PAUSE_CONNECTIONS
+        if budget is not None:
+            wanted = min(wanted, (budget - 50) // 100 * 100)
+        print(f"opening {wanted} idle connections through baton (its budget: {budget})", file=sys.stderr)
+        sockets = open_idle(target, wanted)
+        try:
+            time.sleep(1.0)
+            outcomes = []
+            for i in range(reexecs):
+                outcomes.append(self.baton_reexec())
+                print(f"re-exec {i + 1}/{reexecs} with {wanted} connections: {outcomes[-1].get('result')}, "
+                      f"pause {outcomes[-1].get('pause_ms')} ms, {outcomes[-1].get('connections')} connections",
+                      file=sys.stderr)
+                time.sleep(1.0)
+            failures = request_on_each(sockets)
+        finally:
+            for s in sockets:
+                s.close()
+        return {"connections": wanted, "budget": budget, "outcomes": outcomes, "failures": failures}
+
+
+def read_response(s, response=b""):
+    """Reads one response to REQUEST from `s`, after `response` already read: True when it came whole."""
+    while not (b"\r\n\r\n" in response and len(response.split(b"\r\n\r\n", 1)[1]) >= len(BODY)):
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        response += chunk
+    return True
+
+
+def open_idle(target, count):
+    """`count` keep-alive connections to the target's web port, each having carried one request and response."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", target.web_port))
+            sockets.append(s)
+            s.sendall(REQUEST)
+            if not read_response(s):
+                raise SystemExit(f"{target.name} closed an idle connection")
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+def request_on_each(sockets, deadline=60.0):
+    """Sends one more request on every socket and waits for every response: how many did not come whole (the
+    connection closed, failed, or stayed silent until the deadline)."""
+    failed = 0
+    pending = {}
+    selector = selectors.DefaultSelector()
+    for s in sockets:
+        try:
+            s.sendall(REQUEST)
+        except OSError:
+            failed += 1
+            continue
+        s.setblocking(False)
+        pending[s.fileno()] = (s, bytearray())
+        selector.register(s, selectors.EVENT_READ)
+    end = time.monotonic() + deadline
+    while pending and time.monotonic() < end:
+        for key, _ in selector.select(timeout=max(end - time.monotonic(), 0)):
+            s, response = pending[key.fd]
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            response += chunk
+            done = b"\r\n\r\n" in response and len(response.split(b"\r\n\r\n", 1)[1]) >= len(BODY)
+            if done or not chunk:
+                failed += 0 if done else 1
+                selector.unregister(s)
+                del pending[key.fd]
+                s.setblocking(True)
+    failed += len(pending)
+    for s, _ in pending.values():
+        selector.unregister(s)
+        s.setblocking(True)
+    selector.close()
+    return failed
+
+
+def pauses(outcomes):
+    """The pause of every re-exec that went through, in ms."""
+    return [o["pause_ms"] for o in outcomes if o.get("result") == "ok" and o.get("pause_ms") is not None]
+
+
+def results_cell(outcomes):
+    """How the re-execs ended: "5 ok", or "4 ok, 1 failed"."""
+    counts = {}
+    for o in outcomes:
+        counts[o.get("result")] = counts.get(o.get("result"), 0) + 1
+    return ", ".join(f"{n} {result}" for result, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok")) or "-"
 
 
 def latency_ms(text):
@@ -469,13 +647,18 @@ def main():
     parser.add_argument("--baton-threads", type=int, default=1, help="baton --threads")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s loads")
     parser.add_argument("--baton", default=BATON, help="the baton binary (default: the release build)")
+    parser.add_argument("--reexec-only", action="store_true",
+                        help="only the re-exec parts: the steady keep-alive and new-connection loads through baton "
+                             "and HAProxy, the re-exec window (HAProxy: reloads) and the pause with idle connections")
+    parser.add_argument("--pause-reexecs", type=int, default=5,
+                        help="re-execs with the idle connections open (default 5)")
     args = parser.parse_args()
     globals()["BATON"] = args.baton
     if args.quick:
         args.rounds, args.duration = 1, 2
     if not os.path.exists(BATON):
         raise SystemExit("build baton first: cargo build --release")
-    global IDLE_CONNECTIONS
+    global IDLE_CONNECTIONS, PAUSE_CONNECTIONS
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))
@@ -483,6 +666,8 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     IDLE_CONNECTIONS = min(IDLE_CONNECTIONS, (hard - 2048) // 2 // 1000 * 1000)
+    # The bench holds one descriptor per idle connection; baton, two (it also caps itself: see its budget).
+    PAUSE_CONNECTIONS = min(PAUSE_CONNECTIONS, hard - 1024)
     global FD_LIMIT, MAX_CONNECTIONS
     FD_LIMIT, MAX_CONNECTIONS = hard, (hard - 1024) // 2
 
@@ -490,7 +675,8 @@ def main():
     results = {}
     try:
         bench.setup()
-        names = list(bench.targets)
+        print(f"working directory (logs): {bench.dir}", file=sys.stderr)
+        names = ["baton", "haproxy"] if args.reexec_only else list(bench.targets)
         for round_ in range(args.rounds):
             order = names[round_ % len(names):] + names[:round_ % len(names)]
             print(f"round {round_ + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
@@ -499,6 +685,8 @@ def main():
                 r = results.setdefault(name, {})
                 r.setdefault("keepalive", []).append(bench.wrk(target, []))
                 r.setdefault("newconn", []).append(bench.wrk(target, ["-H", "Connection: close"]))
+                if args.reexec_only:
+                    continue
                 r.setdefault("moderate", []).append(
                     bench.wrk(target, [], connections=20, script=f"{ROOT}/benches/paced.lua"))
                 r.setdefault("bulk1", []).append(bench.iperf(target, 1))
@@ -507,7 +695,7 @@ def main():
                     r.setdefault("unix_keepalive", []).append(bench.wrk(target, [], port=target.unix_port))
                     r.setdefault("unix_newconn", []).append(
                         bench.wrk(target, ["-H", "Connection: close"], port=target.unix_port))
-        for name in names:
+        for name in [] if args.reexec_only else names:
             if name != "direct":
                 print(f"idle connections through {name}", file=sys.stderr)
                 try:
@@ -515,9 +703,15 @@ def main():
                 except OSError as e:
                     print(f"idle connections through {name} failed: {e}", file=sys.stderr)
                     results[name]["idle"] = [{"kib_per_idle_connection": None}]
-        print("upgrades under load", file=sys.stderr)
-        results["baton"]["upgrade"] = [bench.under_upgrades(bench.targets["baton"], bench.baton_upgrade)]
-        results["haproxy"]["upgrade"] = [bench.under_upgrades(bench.targets["haproxy"], bench.haproxy_reload)]
+        if not args.reexec_only:
+            print("upgrades under load", file=sys.stderr)
+            results["baton"]["upgrade"] = [bench.under_upgrades(bench.targets["baton"], bench.baton_upgrade)]
+            results["haproxy"]["upgrade"] = [bench.under_upgrades(bench.targets["haproxy"], bench.haproxy_reload)]
+        print("re-execs under load", file=sys.stderr)
+        results["baton"]["reexec"] = [bench.under_reexecs(bench.targets["baton"], bench.baton_reexec)]
+        results["haproxy"]["reexec"] = [bench.under_reexecs(bench.targets["haproxy"], bench.haproxy_reload)]
+        print("re-execs with idle connections open", file=sys.stderr)
+        results["baton"]["pause"] = bench.pause_with_connections(bench.targets["baton"], args.pause_reexecs)
     finally:
         bench.stop_all()
     report(results, args)
@@ -557,6 +751,9 @@ def report(results, args):
         (f"resident KiB per idle keep-alive connection ({IDLE_CONNECTIONS:,})", "idle", "kib_per_idle_connection", 2),
         ("errors (every web load, both backend kinds)", None, None, 0),
     ]
+    if args.reexec_only:
+        rows = [row for row in rows if row[1] in ("keepalive", "newconn") and row[2] != "cpu_us_per_request"]
+        rows.append(("errors (both loads)", None, None, 0))
     print(f"Loads of {args.duration} s, {args.rounds} round(s), interleaved; median (min–max). "
           f"Proxies on {args.peer_threads} thread(s) (baton {args.baton_threads}); upstream: nginx 1 worker, iperf3.\n")
     print("| metric | " + " | ".join(names) + " | baton / haproxy |")
@@ -574,6 +771,16 @@ def report(results, args):
         cells = [cell(stat(name, load, key), digits) for name in names]
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio(load, key)} |")
     print()
+    if not args.reexec_only:
+        other_tables(results, names, stat, ratio)
+    reexec_tables(results, stat)
+    print()
+    print("Machine:")
+    for line in machine():
+        print(line)
+
+
+def other_tables(results, names, stat, ratio):
     proxies = [n for n in names if n != "direct"]
     print("The same web loads with the upstream on a Unix socket instead of loopback TCP (baton: "
           "`backend = \"unix\"`; HAProxy: `server unix@`; nginx: `proxy_pass unix:`).\n")
@@ -603,9 +810,44 @@ def report(results, args):
                 print(f"| {label} | {name} | {run['upgrades']} | {run[load]['errors']} | "
                       f"{run[load]['rps']:.0f} | {p99:.3f} | {relative} |")
     print()
-    print("Machine:")
-    for line in machine():
-        print(line)
+
+
+def reexec_tables(results, stat):
+    print("Re-exec window: each load while baton re-executes itself every second (POST /v1/reexec, the next one once "
+          "/status shows the outcome of the last; HAProxy: a reload every second); errors are wrk's socket errors "
+          "and non-2xx responses, p99 against the steady state above, pause from `last_reexec.pause_ms`.\n")
+    print("| load | target | re-execs | results | errors | requests/s | p99 ms | p99 / steady p99 | pause max ms "
+          "| pause median ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("baton", "haproxy"):
+        for run in results.get(name, {}).get("reexec", []):
+            for load, label in (("keepalive", "keep-alive"), ("newconn", "new connection")):
+                steady = stat(name, load, "p99")
+                r = run[load]
+                relative = f"{r['p99'] / steady[0]:.2f}" if steady and steady[0] else "-"
+                paused = pauses(r["outcomes"])
+                pause_max = f"{max(paused):.1f}" if paused else "-"
+                pause_median = f"{statistics.median(paused):.1f}" if paused else "-"
+                print(f"| {label} | {name} | {r['count']} | {results_cell(r['outcomes'])} | {r['errors']} | "
+                      f"{r['rps']:.0f} | {r['p99']:.3f} | {relative} | {pause_max} | {pause_median} |")
+    pause = results.get("baton", {}).get("pause")
+    if pause:
+        paused = pauses(pause["outcomes"])
+        handed = sorted({o.get("connections") for o in pause["outcomes"] if o.get("connections") is not None})
+        print()
+        print(f"Pause with {pause['connections']:,} idle keep-alive connections open through baton (baton's "
+              f"connection budget: {pause['budget']}): {len(pause['outcomes'])} re-execs "
+              f"({results_cell(pause['outcomes'])}), pause max "
+              f"{max(paused):.1f} ms, median {statistics.median(paused):.1f} ms; connections handed over: "
+              f"{', '.join(map(str, handed)) or '-'}; afterwards {pause['failures']} of {pause['connections']:,} "
+              f"connections failed their next request." if paused else
+              f"Pause with {pause['connections']:,} idle connections: no re-exec went through "
+              f"({results_cell(pause['outcomes'])}); {pause['failures']} connections failed afterwards.")
+    errors = [o for name in ("baton",) for run in results.get(name, {}).get("reexec", [])
+              for load in ("keepalive", "newconn") for o in run[load]["outcomes"] if o.get("result") != "ok"]
+    errors += [o for o in (pause or {}).get("outcomes", []) if o.get("result") != "ok"]
+    for o in errors:
+        print(f"- re-exec {o.get('attempt', '?')}: {o.get('result')}: {o.get('error')}")
 
 
 if __name__ == "__main__":
