@@ -515,22 +515,14 @@ impl Parked {
         Ok((self.record, [client, worker]))
     }
 
-    /// The parked connection `record` describes, with its sockets `client` and `worker`. Must run inside
+    /// The parked connection `record` describes, with its sockets `client` and `worker`, non-blocking as
+    /// [`Parked::into_parts`] gives them (the mode is the socket's own, and an exec keeps it). Must run inside
     /// the runtime.
     pub fn from_parts(record: ParkedRecord, [client, worker]: [OwnedFd; 2]) -> io::Result<Parked> {
         let client = std::net::TcpStream::from(client);
-        client.set_nonblocking(true)?;
         let worker = match record.backend {
-            Backend::Tcp => {
-                let worker = std::net::TcpStream::from(worker);
-                worker.set_nonblocking(true)?;
-                WorkerStream::Tcp(TcpStream::from_std(worker)?)
-            }
-            Backend::Unix => {
-                let worker = std::os::unix::net::UnixStream::from(worker);
-                worker.set_nonblocking(true)?;
-                WorkerStream::Unix(UnixStream::from_std(worker)?)
-            }
+            Backend::Tcp => WorkerStream::Tcp(TcpStream::from_std(std::net::TcpStream::from(worker))?),
+            Backend::Unix => WorkerStream::Unix(UnixStream::from_std(std::os::unix::net::UnixStream::from(worker))?),
         };
         Ok(Parked {
             record,

@@ -395,6 +395,8 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
 /// The state and configuration an image started by a re-exec carries on from; or why it cannot, with the
 /// descriptors the state names (as far as it could be read).
 fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os::fd::RawFd>)> {
+    tracing::debug!("the new image runs");
+    let started = std::time::Instant::now();
     let state = State::decode(&inherited.state).map_err(|e| {
         (
             format!("the new image cannot read the state: {}", chain(&e)),
@@ -405,7 +407,8 @@ fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os
     let failed = |why: String| (format!("the new image cannot take over: {why}"), descriptors.clone());
     state.check_descriptors().map_err(failed)?;
     // Each is checked open, and made close-on-exec at once: nothing this image starts may inherit one (a
-    // fall-back makes them inheritable again).
+    // fall-back makes them inheritable again). Descriptors the state does not name, such as any baton's
+    // own parent gave it, are left as they are.
     for fd in &descriptors {
         if let Err(e) = reexec::set_inheritable(*fd, false) {
             return Err(failed(format!("descriptor {fd} of the state is not open: {e}")));
@@ -416,6 +419,12 @@ fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os
         .as_ref()
         .ok_or_else(|| failed("the state carries no configuration".into()))?;
     let config = Config::parse(&source.path, &source.text).map_err(|e| failed(chain(&e)))?;
+    tracing::debug!(
+        state_bytes = inherited.state.len(),
+        descriptors = descriptors.len(),
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "read the handed-over state"
+    );
     Ok((state, config))
 }
 

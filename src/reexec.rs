@@ -308,6 +308,16 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Takes ownership of descriptor `fd` of the handed-over state, which the caller knows to be open and
+/// close-on-exec already (the image made every descriptor of the state so first).
+#[allow(unsafe_code)]
+pub fn own_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` is named in the handed-over state, whose descriptors are checked distinct before any is
+    // adopted, and each is adopted once; an image has no other owner of it. Were it not open, its first use
+    // would fail with EBADF, not touch another file.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 /// What the exec needs: the binary and what to hand over.
 #[derive(Debug)]
 pub struct ExecRequest {
@@ -454,6 +464,7 @@ fn replace_image(image: Image<'_>, command: &Command, inherit: &[RawFd]) -> io::
             return e;
         }
     }
+    tracing::debug!(descriptors = inherit.len(), "descriptors inheritable: exec");
     let error = match image {
         Image::Path(path) => match CString::new(path.as_os_str().as_bytes()) {
             Ok(path) => nix::unistd::execve(&path, &command.args, &command.env)

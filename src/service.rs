@@ -32,7 +32,7 @@ use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{probe, wait_ready};
-use crate::reexec::{PARK_TIMEOUT, adopt_fd};
+use crate::reexec::{PARK_TIMEOUT, own_fd};
 use crate::route::{ParkedConnection, Route, Settings, Shared, SharedRoute, Upstream};
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 
@@ -119,11 +119,15 @@ impl ServiceHandle {
     /// Takes over a service that a previous image of baton ran, from its snapshot: the machine as it stood,
     /// its worker processes (still this process's children) and its parked connections, which resume at once.
     /// Fails, having started nothing, if a descriptor of the snapshot cannot be adopted.
+    ///
+    /// Each connection is taken over by its own task (which registers its sockets and relays again), so that
+    /// they resume in parallel; each adds a permit to `resumed` once it runs.
     pub fn adopt(
         config: Arc<ServiceConfig>,
         listeners: Vec<Arc<Listener>>,
         context: Context,
         snapshot: ServiceSnapshot,
+        resumed: Arc<tokio::sync::Semaphore>,
     ) -> std::io::Result<ServiceHandle> {
         let ServiceSnapshot {
             mut machine,
@@ -154,7 +158,7 @@ impl ServiceHandle {
             worker_fd,
         } in parked
         {
-            let fds = [adopt_fd(client_fd)?, adopt_fd(worker_fd)?];
+            let fds = [own_fd(client_fd), own_fd(worker_fd)];
             let upstream = match held.get(&record.generation) {
                 Some(held) => Arc::clone(&held.upstream),
                 // Its worker is gone already: the connection still finishes, counted against nobody live.
@@ -169,17 +173,14 @@ impl ServiceHandle {
                 }
             };
             let guard = upstream.adopt(record.answered);
-            connections.push(ParkedConnection {
-                connection: Parked::from_parts(record, fds)?,
-                guard,
-            });
+            connections.push(Handed { record, fds, guard });
         }
         let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
         let (mut service, commands, state) = Service::new(config, listeners, context, machine, shared, None);
         for (generation, held) in held {
             service.hold_worker(generation, held);
         }
-        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections)));
+        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, resumed)));
         Ok(ServiceHandle {
             commands: commands.0,
             state,
@@ -224,8 +225,15 @@ struct Held {
 enum Start {
     /// With its first worker, whose upgrade `Option<Waiter>` waits for.
     Fresh(Option<Waiter>),
-    /// From a previous image's state, with these connections to resume.
-    Adopted(Vec<ParkedConnection>),
+    /// From a previous image's state, with these connections to resume; each adds a permit when it runs.
+    Adopted(Vec<Handed>, Arc<tokio::sync::Semaphore>),
+}
+
+/// A connection a previous image handed over, not yet running in this one.
+struct Handed {
+    record: crate::connection::ParkedRecord,
+    fds: [std::os::fd::OwnedFd; 2],
+    guard: crate::route::Guard,
 }
 
 /// What a task of the driver reports back.
@@ -328,15 +336,28 @@ impl Service {
                     waiter,
                 });
             }
-            Start::Adopted(connections) => {
+            Start::Adopted(connections, resumed) => {
                 let effects = self.machine.adopted(Time::now());
                 for effect in effects {
                     if let Some(input) = self.perform(effect) {
                         self.feed(input);
                     }
                 }
-                for connection in connections {
-                    self.resume(connection);
+                for Handed { record, fds, guard } in connections {
+                    let route = Arc::clone(&self.route);
+                    let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
+                    let resumed = Arc::clone(&resumed);
+                    tokio::spawn(async move {
+                        let parked = Parked::from_parts(record, fds);
+                        resumed.add_permits(1);
+                        match parked {
+                            Ok(connection) => {
+                                crate::proxy::resume(ParkedConnection { connection, guard }, &route).await;
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot take over a connection: it is lost"),
+                        }
+                        drop(permit);
+                    });
                 }
                 self.feed(Input::Tick);
             }

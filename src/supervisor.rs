@@ -158,7 +158,8 @@ impl Signals {
     }
 
     /// Takes every signal received and not yet handled and sends it to the process again, so that, blocked
-    /// now, it waits for the next image instead of being lost with this one.
+    /// now, it waits for the next image instead of being lost with this one (a SIGUSR2 of the hand-over's
+    /// moment asks the new image for a re-exec of its own; one during the check joined this one).
     fn hold_received(&mut self) {
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
         let pid = nix::unistd::getpid();
@@ -170,11 +171,6 @@ impl Signals {
         ] {
             if let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {
                 while let std::task::Poll::Ready(Some(())) = stream.poll_recv(&mut context) {}
-                if signal == nix::sys::signal::Signal::SIGUSR2 {
-                    // Asked while this re-exec ran: it joins this one.
-                    tracing::info!("SIGUSR2: a re-exec is under way already: joining it");
-                    continue;
-                }
                 let _ = nix::sys::signal::kill(pid, signal);
             }
         }
@@ -318,7 +314,7 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         },
     };
     if let Some(state) = state.take() {
-        supervisor.resume(*state, failure)?;
+        supervisor.resume(*state, failure).await?;
     } else {
         let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
         let mut first = Vec::new();
@@ -481,7 +477,10 @@ fn adopt_sockets(
 impl Supervisor {
     /// Takes over the services of a previous image's state: every service of the running configuration is
     /// adopted from its snapshot, its workers and connections with it; then the re-exec is recorded.
-    fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
+    /// The re-exec is recorded once every handed-over connection runs again: its pause ends there.
+    async fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
+        let handed: usize = state.services.values().map(|s| s.parked.len()).sum();
+        let resumed = Arc::new(tokio::sync::Semaphore::new(0));
         let names: Vec<String> = self.config.services.keys().cloned().collect();
         for name in &names {
             let config = Arc::clone(&self.config.services[name]);
@@ -496,11 +495,22 @@ impl Supervisor {
                 });
                 continue;
             };
-            let handle = ServiceHandle::adopt(config, listeners, self.context.clone(), snapshot)
+            let handle = ServiceHandle::adopt(config, listeners, self.context.clone(), snapshot, Arc::clone(&resumed))
                 .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
             self.services.insert(name.clone(), handle);
         }
         self.publish_directory();
+        let all = u32::try_from(handed).unwrap_or(u32::MAX);
+        if tokio::time::timeout(reexec::PARK_TIMEOUT, resumed.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                handed,
+                "not every handed-over connection runs again after {}",
+                humantime::format_duration(reexec::PARK_TIMEOUT)
+            );
+        }
         let Some(in_flight) = state.reexec else {
             return Ok(());
         };
@@ -715,8 +725,10 @@ impl Supervisor {
                 }
             }
         }
-        let thaw = |supervisor: &Supervisor, snapshots: &BTreeMap<String, ServiceSnapshot>| {
-            for name in snapshots.keys() {
+        let parked_in = Time::now().since(paused_at);
+        let frozen: Vec<String> = snapshots.keys().cloned().collect();
+        let thaw = |supervisor: &Supervisor, frozen: &[String]| {
+            for name in frozen {
                 if let Some(handle) = supervisor.services.get(name) {
                     handle.thaw();
                 }
@@ -724,14 +736,14 @@ impl Supervisor {
         };
         if let Some(refused) = refused {
             self.context.spawner.unblock_signals();
-            thaw(self, &snapshots);
+            thaw(self, &frozen);
             return refused;
         }
         // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
         // timer's expiry implies) brings it to the streams.
         tokio::time::sleep(Duration::from_millis(1)).await;
         signals.hold_received();
-        let mut state = self.state_of(snapshots.clone());
+        let mut state = self.state_of(snapshots);
         let connections = state.services.values().map(|s| s.parked.len()).sum();
         state.reexec = Some(InFlight {
             attempt: job.attempt,
@@ -744,14 +756,17 @@ impl Supervisor {
             workers: state.services.values().map(|s| s.workers.len()).sum(),
             connections,
         });
+        let written_at = Time::now();
         let error = match state
             .encode()
             .map_err(io::Error::from)
-            .and_then(|bytes| reexec::carrier(&bytes))
+            .and_then(|bytes| Ok((reexec::carrier(&bytes)?, bytes.len())))
         {
-            Ok(carrier) => {
+            Ok((carrier, bytes)) => {
                 tracing::info!(
-                    binary = %job.binary.display(), connections,
+                    binary = %job.binary.display(), connections, state_bytes = bytes,
+                    parked_ms = parked_in.as_secs_f64() * 1e3,
+                    written_ms = Time::now().since(written_at).as_secs_f64() * 1e3,
                     "handing over: the process becomes baton {}", report.version
                 );
                 let request = ExecRequest {
@@ -764,7 +779,7 @@ impl Supervisor {
             Err(e) => e,
         };
         self.context.spawner.unblock_signals();
-        thaw(self, &snapshots);
+        thaw(self, &frozen);
         HandOverError::Failed(format!("cannot run {}: {error}", job.binary.display()))
     }
 
