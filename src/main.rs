@@ -316,6 +316,12 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
         .build()
         .context("cannot start the runtime")?;
     let runtime = std::sync::Arc::new(runtime);
+    // The runtime's own event queues (not the previous image's, which this one closes once it runs).
+    let lingering: Vec<std::os::fd::RawFd> = inherited
+        .iter()
+        .flat_map(|i| i.lingering.iter().map(std::os::fd::AsRawFd::as_raw_fd))
+        .collect();
+    let queues = reexec::event_queues(&lingering);
     let raised = baton::worker::raise_fd_limit();
     let worker_fd_limit = match (&resumed, raised) {
         // The limit as it was before the first image raised it.
@@ -372,7 +378,7 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
         let _ = reexec::handled_signals().thread_unblock();
         driver
     };
-    spawner_loop.run(runtime.handle(), own_binary.as_ref(), &mut inherited);
+    spawner_loop.run(runtime.handle(), own_binary.as_ref(), &mut inherited, &queues);
     let result = done.recv().context("the daemon task ended without a result")?;
     if let (Err(baton::supervisor::StartError::Resume(why)), Some(handed)) = (&result, inherited.take()) {
         // Nothing of what the daemon adopted may be closed before the previous binary takes it back.

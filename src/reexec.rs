@@ -30,8 +30,16 @@ pub const PREVIOUS_EXE_VAR: &str = "BATON_PREVIOUS_EXE";
 pub const PREVIOUS_COMMAND_VAR: &str = "BATON_PREVIOUS_COMMAND";
 /// The variable that tells the previous binary, run again, why the new one could not start.
 pub const FAILURE_VAR: &str = "BATON_REEXEC_FAILURE";
+/// The variable that names the previous image's event queues, which the new image closes once it runs.
+pub const LINGERING_VAR: &str = "BATON_LINGERING_FDS";
 /// Every variable of the hand-over: none reaches a worker or a checked binary.
-pub const VARIABLES: [&str; 4] = [STATE_FD_VAR, PREVIOUS_EXE_VAR, PREVIOUS_COMMAND_VAR, FAILURE_VAR];
+pub const VARIABLES: [&str; 5] = [
+    STATE_FD_VAR,
+    PREVIOUS_EXE_VAR,
+    PREVIOUS_COMMAND_VAR,
+    FAILURE_VAR,
+    LINGERING_VAR,
+];
 
 /// How long a new binary's check may take, unless the request says otherwise.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,6 +204,13 @@ pub fn check_mode(input: &[u8]) -> Result<CheckReport, String> {
             ));
         }
     }
+    // The new image reads the admin token again: it must be there for it.
+    if let Some(path) = &config.admin.token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| format!("admin: token_file {}: {e}", path.display()))?;
+        if token.trim().is_empty() {
+            return Err(format!("admin: token_file {}: the file is empty", path.display()));
+        }
+    }
     Ok(CheckReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         state_format: crate::handover::VERSION,
@@ -334,7 +349,11 @@ pub struct ExecRequest {
 /// line it runs with, for a fall-back. Must run on the main thread, the one that forked the workers (their
 /// parent-death signal belongs to it), with [`handled_signals`] blocked. Returns only if the exec failed; the
 /// descriptors are close-on-exec again then.
-pub fn exec(request: &ExecRequest, previous: Option<RawFd>) -> io::Error {
+///
+/// `lingering` are the runtime's event queues (epoll instances). Closing one that holds every connection's
+/// registration costs the kernel a removal per registration, which an exec would do while no connection
+/// moves; they are handed over too, and the new image closes them once its connections run again.
+pub fn exec(request: &ExecRequest, previous: Option<RawFd>, lingering: &[RawFd]) -> io::Error {
     let command = match Command::of_this_process() {
         Ok(command) => command,
         Err(e) => return e,
@@ -359,9 +378,27 @@ pub fn exec(request: &ExecRequest, previous: Option<RawFd>) -> io::Error {
             Err(e) => return e,
         }
     }
+    if !lingering.is_empty() {
+        let list: Vec<String> = lingering.iter().map(RawFd::to_string).collect();
+        variables.push((LINGERING_VAR, list.join(",")));
+        inherit.extend_from_slice(lingering);
+    }
     let error = replace_image(Image::Path(&request.binary), &command.with(&variables), &inherit);
     drop(kept);
     error
+}
+
+/// The event queues (epoll instances) among the low descriptors, less `excluded`: call it right after the
+/// runtime is built, when the new ones are its own. A new descriptor takes the lowest number free, so the
+/// runtime's are among the first few; looking no further keeps this cheap however many are open.
+pub fn event_queues(excluded: &[RawFd]) -> Vec<RawFd> {
+    (3..256)
+        .filter(|fd| !excluded.contains(fd))
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventpoll]")
+        })
+        .collect()
 }
 
 /// The fall-back of a new image that cannot start: runs the previous binary `previous` again, as it ran
@@ -491,6 +528,8 @@ pub struct Inherited {
     pub previous: Option<(OwnedFd, Command)>,
     /// Why the new binary could not start, when this is the previous one run again.
     pub failure: Option<String>,
+    /// The previous image's event queues, to close once the connections run again.
+    pub lingering: Vec<OwnedFd>,
 }
 
 impl Inherited {
@@ -519,11 +558,18 @@ impl Inherited {
             _ => None,
         };
         let failure = std::env::var(FAILURE_VAR).ok();
+        let mut lingering = Vec::new();
+        if let Some(list) = std::env::var_os(LINGERING_VAR) {
+            for fd in list.to_string_lossy().split(',').filter(|f| !f.is_empty()) {
+                lingering.push(adopt_fd(parse_fd(LINGERING_VAR, std::ffi::OsStr::new(fd))?)?);
+            }
+        }
         Ok(Some(Inherited {
             state,
             state_fd: OwnedFd::from(file),
             previous,
             failure,
+            lingering,
         }))
     }
 }

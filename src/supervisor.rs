@@ -262,12 +262,21 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         Some(path) => RuntimeDir::adopt(path),
         None => RuntimeDir::create(),
     };
-    let runtime_dir = Arc::new(runtime_dir.map_err(StartError::RuntimeDir)?);
+    let runtime_dir = match (runtime_dir, &state) {
+        (Ok(dir), _) => Arc::new(dir),
+        (Err(e), Some(_)) => return Err(StartError::Resume(format!("the runtime directory: {e}"))),
+        (Err(e), None) => return Err(StartError::RuntimeDir(e)),
+    };
     let (pool, admin_listener) = match &state {
         Some(state) => adopt_sockets(&config, state)?,
         None => (bind_all(&config, &HashMap::new())?, bind_admin(&config.admin.listen)?),
     };
-    let token = Arc::new(arc_swap::ArcSwapOption::new(load_token(&config.admin)?));
+    let token = match (load_token(&config.admin), &state) {
+        (Ok(token), _) => token,
+        (Err(e), Some(_)) => return Err(StartError::Resume(chain(&e))),
+        (Err(e), None) => return Err(e),
+    };
+    let token = Arc::new(arc_swap::ArcSwapOption::new(token));
     let (commands_tx, mut commands) = mpsc::channel(16);
     let (directory, directory_rx) = watch::channel(Directory::default());
     let carried = state
@@ -616,7 +625,12 @@ impl Supervisor {
     /// service still draining.
     fn reexec_blocker(&self) -> Option<String> {
         for (name, handle) in &self.services {
-            let phase = handle.state.borrow().phase;
+            let state = handle.state.borrow();
+            let phase = state.phase;
+            if state.restart_at.is_some() || (state.active.is_none() && phase == Phase::Idle) {
+                // Its connections wait for the replacement, and could not park before it is up.
+                return Some(format!("service `{name}`: its worker is being replaced"));
+            }
             if matches!(phase, Phase::Spawning | Phase::WaitingReady | Phase::Watching) {
                 return Some(format!(
                     "service `{name}`: an upgrade is in flight ({})",
@@ -695,12 +709,6 @@ impl Supervisor {
             return HandOverError::Failed("baton is shutting down".into());
         }
         let paused_at = Time::now();
-        self.context.events.emit(
-            "",
-            "reexec_started",
-            json!({"attempt": job.attempt, "binary": job.binary, "from_version": env!("CARGO_PKG_VERSION"),
-                   "to_version": report.version}),
-        );
         let mut freezing = Vec::new();
         for (name, handle) in &self.services {
             let (reply, snapshot) = oneshot::channel();
@@ -739,6 +747,12 @@ impl Supervisor {
             thaw(self, &frozen);
             return refused;
         }
+        self.context.events.emit(
+            "",
+            "reexec_started",
+            json!({"attempt": job.attempt, "binary": job.binary, "from_version": env!("CARGO_PKG_VERSION"),
+                   "to_version": report.version}),
+        );
         // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
         // timer's expiry implies) brings it to the streams.
         tokio::time::sleep(Duration::from_millis(1)).await;

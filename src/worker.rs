@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -200,11 +200,14 @@ impl SpawnerLoop {
     /// is the runtime whose tasks will wait for the children; `own_binary`, the binary now running, is what a
     /// new image runs again should it fail to start. `inherited`, what this image was handed, is dropped once
     /// the daemon has taken it over.
+    /// `queues` are the runtime's event queues, which a re-exec hands over rather than have the exec close
+    /// them ([`crate::reexec::exec`]).
     pub fn run(
         self,
         runtime: &tokio::runtime::Handle,
         own_binary: Option<&OwnedFd>,
         inherited: &mut Option<crate::reexec::Inherited>,
+        queues: &[RawFd],
     ) {
         let _context = runtime.enter();
         loop {
@@ -226,9 +229,21 @@ impl SpawnerLoop {
                 Ok(SpawnerMessage::UnblockSignals) => {
                     let _ = crate::reexec::handled_signals().thread_unblock();
                 }
-                Ok(SpawnerMessage::Adopted) => *inherited = None,
+                Ok(SpawnerMessage::Adopted) => {
+                    if let Some(inherited) = inherited.take() {
+                        // Closing the previous image's event queues removes every registration they hold:
+                        // done on a thread of its own, while the connections run. It starts with the
+                        // signals blocked, as every thread but this one.
+                        let handled = crate::reexec::handled_signals();
+                        let _ = handled.thread_block();
+                        let _ = std::thread::Builder::new()
+                            .name("baton-linger".to_owned())
+                            .spawn(move || drop(inherited));
+                        let _ = handled.thread_unblock();
+                    }
+                }
                 Ok(SpawnerMessage::Exec { request, reply }) => {
-                    let error = crate::reexec::exec(&request, own_binary.map(AsRawFd::as_raw_fd));
+                    let error = crate::reexec::exec(&request, own_binary.map(AsRawFd::as_raw_fd), queues);
                     let _ = reply.send(error);
                 }
                 Ok(SpawnerMessage::Exit) | Err(_) => return,
