@@ -128,6 +128,7 @@ impl ServiceHandle {
         context: Context,
         snapshot: ServiceSnapshot,
         resumed: Arc<tokio::sync::Semaphore>,
+        gate: watch::Receiver<bool>,
     ) -> std::io::Result<ServiceHandle> {
         let ServiceSnapshot {
             mut machine,
@@ -180,7 +181,7 @@ impl ServiceHandle {
         for (generation, held) in held {
             service.hold_worker(generation, held);
         }
-        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, resumed)));
+        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, resumed, gate)));
         Ok(ServiceHandle {
             commands: commands.0,
             state,
@@ -225,8 +226,9 @@ struct Held {
 enum Start {
     /// With its first worker, whose upgrade `Option<Waiter>` waits for.
     Fresh(Option<Waiter>),
-    /// From a previous image's state, with these connections to resume; each adds a permit when it runs.
-    Adopted(Vec<Handed>, Arc<tokio::sync::Semaphore>),
+    /// From a previous image's state, with these connections to resume (each adds a permit when it runs),
+    /// once the gate opens.
+    Adopted(Vec<Handed>, Arc<tokio::sync::Semaphore>, watch::Receiver<bool>),
 }
 
 /// A connection a previous image handed over, not yet running in this one.
@@ -268,6 +270,8 @@ struct Service {
     workers: HashMap<u64, Held>,
     /// Spawns, probes, exit and drain watchers in flight.
     tasks: JoinSet<Report>,
+    /// Workers let go of and killed, until they are reaped (a hand-over waits for them: no state names them).
+    dying: JoinSet<std::process::ExitStatus>,
     /// Reply channels, by the id the machine knows them by.
     replies: HashMap<WaiterId, Reply>,
     next_waiter: WaiterId,
@@ -308,6 +312,7 @@ impl Service {
             pending_listeners: listeners,
             workers: HashMap::new(),
             tasks: JoinSet::new(),
+            dying: JoinSet::new(),
             replies: HashMap::new(),
             next_waiter: 0,
             started,
@@ -336,7 +341,12 @@ impl Service {
                     waiter,
                 });
             }
-            Start::Adopted(connections, resumed) => {
+            Start::Adopted(connections, resumed, mut gate) => {
+                // Nothing runs until every service has been adopted: a new image that cannot adopt them all
+                // falls back to the previous binary, which resumes from the state as it was written.
+                if gate.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
                 let effects = self.machine.adopted(Time::now());
                 for effect in effects {
                     if let Some(input) = self.perform(effect) {
@@ -422,6 +432,8 @@ impl Service {
             let _ = reply.send(Err(FreezeError::Busy(busy)));
             return;
         }
+        // Workers being killed are reaped first: the state does not name them, and nobody would reap them after.
+        while self.dying.join_next().await.is_some() {}
         // The accept loops stop (new connections wait in the listen queues), and are waited for: every
         // connection they accepted is counted by then.
         let mut accepting = Vec::new();
@@ -675,7 +687,7 @@ impl Service {
             }
             Effect::Discard { generation } => {
                 if let Some(held) = self.let_go(generation) {
-                    tokio::spawn(held.worker.kill());
+                    self.dying.spawn(held.worker.kill());
                 }
             }
             Effect::Forget { generation } => {

@@ -490,6 +490,8 @@ impl Supervisor {
     async fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
         let handed: usize = state.services.values().map(|s| s.parked.len()).sum();
         let resumed = Arc::new(tokio::sync::Semaphore::new(0));
+        // Opened once every service is adopted: until then none runs.
+        let (gate, opened) = watch::channel(false);
         let names: Vec<String> = self.config.services.keys().cloned().collect();
         for name in &names {
             let config = Arc::clone(&self.config.services[name]);
@@ -504,10 +506,18 @@ impl Supervisor {
                 });
                 continue;
             };
-            let handle = ServiceHandle::adopt(config, listeners, self.context.clone(), snapshot, Arc::clone(&resumed))
-                .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
+            let handle = ServiceHandle::adopt(
+                config,
+                listeners,
+                self.context.clone(),
+                snapshot,
+                Arc::clone(&resumed),
+                opened.clone(),
+            )
+            .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
             self.services.insert(name.clone(), handle);
         }
+        gate.send_replace(true);
         self.publish_directory();
         let all = u32::try_from(handed).unwrap_or(u32::MAX);
         if tokio::time::timeout(reexec::PARK_TIMEOUT, resumed.acquire_many(all))
