@@ -353,6 +353,8 @@ impl Service {
                         self.feed(input);
                     }
                 }
+                let spawning = Time::now();
+                let count = connections.len();
                 for Handed { record, fds, guard } in connections {
                     let route = Arc::clone(&self.route);
                     let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
@@ -369,6 +371,11 @@ impl Service {
                         drop(permit);
                     });
                 }
+                tracing::debug!(
+                    service = %self.config.name, connections = count,
+                    took_ms = Time::now().since(spawning).as_secs_f64() * 1e3,
+                    "handed-over connections started"
+                );
                 self.feed(Input::Tick);
             }
         }

@@ -488,6 +488,7 @@ impl Supervisor {
     /// adopted from its snapshot, its workers and connections with it; then the re-exec is recorded.
     /// The re-exec is recorded once every handed-over connection runs again: its pause ends there.
     async fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
+        let adopting = Time::now();
         let handed: usize = state.services.values().map(|s| s.parked.len()).sum();
         let resumed = Arc::new(tokio::sync::Semaphore::new(0));
         // Opened once every service is adopted: until then none runs.
@@ -517,6 +518,11 @@ impl Supervisor {
             .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
             self.services.insert(name.clone(), handle);
         }
+        let opened_at = Time::now();
+        tracing::debug!(
+            took_ms = Time::now().since(adopting).as_secs_f64() * 1e3,
+            "services adopted"
+        );
         gate.send_replace(true);
         self.publish_directory();
         let all = u32::try_from(handed).unwrap_or(u32::MAX);
@@ -526,6 +532,7 @@ impl Supervisor {
         {
             tracing::warn!(
                 handed,
+                since_ms = Time::now().since(opened_at).as_secs_f64() * 1e3,
                 "not every handed-over connection runs again after {}",
                 humantime::format_duration(reexec::PARK_TIMEOUT)
             );
