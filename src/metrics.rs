@@ -839,6 +839,66 @@ mod tests {
     }
 
     #[test]
+    fn carried_values_go_on_in_the_next_image_and_the_one_after() {
+        use crate::handover::Value;
+        let value = |families: &[crate::handover::MetricFamily], name: &str| -> Option<Value> {
+            families
+                .iter()
+                .find(|f| f.name == name)
+                .and_then(|f| {
+                    f.series
+                        .iter()
+                        .find(|s| s.labels.get("service").is_some_and(|v| v == "web"))
+                })
+                .map(|s| s.value.clone())
+        };
+        let first = Metrics::new();
+        let web = first.service("web");
+        web.accepted.inc_by(5);
+        first.worker_ready("web", std::time::Duration::from_millis(30));
+        first.reload(true);
+        let handed = first.snapshot();
+
+        let second = Metrics::new();
+        second.restore(&handed);
+        let web = second.service("web");
+        assert_eq!(second.snapshot(), handed, "nothing reset, nothing counted twice");
+        web.accepted.inc();
+        second.worker_ready("web", std::time::Duration::from_millis(300));
+        let carried = second.snapshot();
+        assert_eq!(value(&carried, CONNECTIONS_ACCEPTED), Some(Value::Counter(6.0)));
+        let Some(Value::Histogram { count, sum, buckets }) = value(&carried, UPGRADE_READY) else {
+            panic!("the ready histogram: {carried:?}");
+        };
+        assert_eq!(count, 2);
+        assert!((sum - 0.33).abs() < 1e-9, "{sum}");
+        assert_eq!(
+            buckets.iter().find(|(bound, _)| *bound == 0.05).map(|(_, c)| *c),
+            Some(1)
+        );
+        assert_eq!(
+            buckets.iter().find(|(bound, _)| *bound == 0.5).map(|(_, c)| *c),
+            Some(2)
+        );
+        assert!(
+            second
+                .encode()
+                .contains("baton_config_reloads_total{result=\"success\"} 1")
+        );
+
+        // A third image carries the sum on, not the second image's own counts only.
+        let third = Metrics::new();
+        third.restore(&carried);
+        let _web = third.service("web");
+        assert_eq!(third.snapshot(), carried);
+        third.forget_service("web");
+        assert!(
+            !third.encode().contains("service=\"web\""),
+            "a forgotten service's carried values go too"
+        );
+    }
+
+    #[test]
     fn a_service_started_again_while_the_old_one_drains_keeps_its_series() {
         let metrics = Metrics::new();
         let _retiring = metrics.service("web");

@@ -769,3 +769,92 @@ fn the_state_round_trips_and_goes_on_the_same_way() {
     assert_eq!(copy.machine.candidate.as_ref().map(|c| c.generation), Some(3));
     assert!(text.contains("\"SIGQUIT\""), "signals by name: {text}");
 }
+
+#[test]
+fn a_machine_is_busy_for_a_hand_over_while_an_upgrade_or_a_replacement_is_in_flight() {
+    let mut run = Run::serving(policy());
+    assert_eq!(run.machine.busy(), None);
+    let effects = run.request(Trigger::Api, None);
+    assert_eq!(spawns(&effects), [2]);
+    assert!(
+        run.machine
+            .busy()
+            .is_some_and(|b| b.contains("generation 2 is starting"))
+    );
+    run.ready(2);
+    assert!(run.machine.busy().is_some_and(|b| b.contains("watchdog window")));
+    run.pass(10 * SECOND);
+    assert_eq!(run.machine.busy(), None, "{:?}", run.machine.phase());
+    // The active worker dies: until its replacement serves, connections could not park.
+    run.exited(2, "killed by SIGKILL");
+    assert!(run.machine.busy().is_some_and(|b| b.contains("replaced")));
+}
+
+#[test]
+fn an_adopted_machine_sets_up_its_waits_again_and_forgets_the_old_callers() {
+    let mut run = Run::serving(without_watchdog());
+    // Generation 1 drains with a connection open; generation 2 serves, with a probe in flight.
+    run.upgrade(None);
+    assert_eq!(run.draining(), [1]);
+    let effects = run.pass(SECOND);
+    assert!(has(&effects, &Effect::Probe { generation: 2 }), "{effects:?}");
+    // A follow-up waits with a caller of the old image.
+    run.machine.follow_up = Some(FollowUp {
+        trigger: Trigger::Api,
+        waiters: vec![7],
+        waiting_since: None,
+    });
+    // Through the state, as a re-exec carries it.
+    let text = serde_json::to_string(&run.machine).expect("serialise");
+    let mut adopted: Machine = serde_json::from_str(&text).expect("deserialise");
+    let effects = adopted.adopted(run.now);
+    assert_eq!(effects.first(), Some(&Effect::Route), "the route first: {effects:?}");
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 1,
+            settle: false
+        }
+    ));
+    assert_eq!(effects.last(), Some(&Effect::Accept));
+    assert!(adopted.follow_up.as_ref().is_some_and(|f| f.waiters.is_empty()));
+    // The probe that ran in the old image is due again at once; the drain's deadline is where it was.
+    assert_eq!(adopted.active.as_ref().and_then(|a| a.next_probe), Some(run.now));
+    assert_eq!(adopted.draining[0].deadline, run.machine.draining[0].deadline);
+    let effects = adopted.step(Input::Tick, run.now);
+    assert!(has(&effects, &Effect::Probe { generation: 2 }), "{effects:?}");
+    // The drain still ends with its last connection.
+    let effects = adopted.step(Input::Closed { generation: 1 }, run.now);
+    assert!(has(&effects, &term(1)), "{effects:?}");
+}
+
+#[test]
+fn an_adopted_candidate_is_waited_for_or_spawned_again() {
+    let mut run = Run::serving(policy());
+    run.request(Trigger::Api, Some(3));
+    // Spawned in the old image but not yet known to be: the new driver starts it again.
+    let mut spawning = run.machine.clone();
+    let effects = spawning.adopted(run.now);
+    assert!(has(&effects, &Effect::Spawn { generation: 2 }), "{effects:?}");
+    assert!(spawning.candidate.as_ref().is_some_and(|c| c.waiters.is_empty()));
+    // Running and not yet ready: its readiness is waited for again, by the same deadline.
+    run.spawned(2);
+    let deadline = run
+        .machine
+        .candidate
+        .as_ref()
+        .and_then(|c| c.process)
+        .map(|p| p.deadline);
+    let mut waiting = run.machine.clone();
+    let effects = waiting.adopted(run.now);
+    assert!(
+        has(
+            &effects,
+            &Effect::WaitReady {
+                generation: 2,
+                deadline: deadline.expect("a deadline")
+            }
+        ),
+        "{effects:?}"
+    );
+}

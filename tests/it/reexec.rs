@@ -719,3 +719,26 @@ fn twenty_reexecs_leak_no_descriptor_and_no_process_and_workers_inherit_none() {
         "the worker holds the public socket"
     );
 }
+
+#[test]
+fn a_worker_that_dies_around_the_exec_is_noticed_and_replaced_by_the_new_image() {
+    let baton = Baton::start(&web(&[], ""));
+    let pid = baton.pid();
+    let worker = baton.worker_pid("web");
+    let (code, answer) = post_reexec(&baton, "");
+    assert_eq!(code, 200, "{answer}");
+    // The hand-over is under way: the worker dies before, during or just after the exec.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGKILL).expect("kill the worker");
+    let record = wait_reexec(&baton, answer["attempt"].as_u64().expect("attempt"));
+    assert_eq!(record["result"], "ok", "{record}");
+    let generation = baton.wait_generation("web", 2);
+    assert!(generation >= 2);
+    baton.wait_idle();
+    assert_ne!(baton.worker_pid("web"), worker);
+    wait_gone([worker]);
+    assert!(zombie_children(pid).is_empty());
+    assert_eq!(
+        KeepAlive::connect(baton.addr("web")).whoami().expect("serves"),
+        generation
+    );
+}
