@@ -742,3 +742,21 @@ fn a_worker_that_dies_around_the_exec_is_noticed_and_replaced_by_the_new_image()
         generation
     );
 }
+
+#[test]
+fn a_kept_alive_connection_resends_unread_requests_after_a_reexec_as_before() {
+    // Each worker connection answers one request, then closes on the next one without reading it: baton
+    // resends it on a new connection, from the unanswered bytes the connection keeps.
+    let baton = Baton::start(&web(&["--close-unread-after", "1"], ""));
+    let resent = "baton_connections_resent_total{service=\"web\"}";
+    let mut client = KeepAlive::connect(baton.addr("web"));
+    assert_eq!(client.whoami().expect("first request"), 1);
+    assert_eq!(client.whoami().expect("second request, resent"), 1);
+    assert_eq!(baton.metric(resent), 1.0);
+    let record = reexec_ok(&baton);
+    assert_eq!(record["connections"], 1, "{record}");
+    for request in 3..6 {
+        assert_eq!(client.whoami().unwrap_or_else(|e| panic!("request {request}: {e}")), 1);
+    }
+    assert_eq!(baton.metric(resent), 4.0, "each one after the re-exec was resent too");
+}
