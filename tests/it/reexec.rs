@@ -321,6 +321,36 @@ fn streams_both_ways_come_through_twenty_reexecs_byte_exact() {
 }
 
 #[test]
+fn streams_to_a_unix_socket_worker_come_through_reexecs_byte_exact() {
+    let baton = Baton::start(&service(
+        "web",
+        &["--socket", "{socket}"],
+        "backend = \"unix\"\noutput = \"log\"",
+    ));
+    let worker = baton.worker_pid("web");
+    let streams: Vec<Stream> = (0..4)
+        .map(|_| Stream::start(baton.addr("web"), u64::MAX, Some(Duration::from_millis(2))))
+        .collect();
+    for _ in 0..5 {
+        let before: Vec<u64> = streams.iter().map(Stream::checked).collect();
+        let record = reexec_ok(&baton);
+        assert_eq!(record["connections"], 4, "{record}");
+        wait_for("every stream to move on", || {
+            let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
+            if stuck == 0 { Ok(()) } else { Err(format!("{stuck} stuck")) }
+        });
+    }
+    for stream in streams {
+        stream.finish();
+    }
+    assert_eq!(baton.worker_pid("web"), worker);
+    // The socket directory was adopted: the next worker gets its socket there, as before.
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/upgrade", &[]).expect("upgrade");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(KeepAlive::connect(baton.addr("web")).whoami().expect("whoami"), 2);
+}
+
+#[test]
 fn a_gibibyte_each_way_comes_through_five_reexecs_byte_exact() {
     const TOTAL: u64 = 1 << 30;
     let baton = Baton::start(&web(&[], ""));
