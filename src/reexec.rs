@@ -235,29 +235,19 @@ pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<Che
         command.env_remove(variable);
     }
     let child = command.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
-    let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
-    let kill_group = || {
-        if let Some(group) = group {
-            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
-        }
-    };
+    // However the check ends, even abandoned (baton shutting down), its process group goes with it.
+    let _group = Group(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(output)) => output,
-        Ok(Err(e)) => {
-            kill_group();
-            return Err(format!("cannot wait for {name}: {e}"));
-        }
+        Ok(Err(e)) => return Err(format!("cannot wait for {name}: {e}")),
         Err(_) => {
-            // Dropping the wait killed the child; its group may hold more.
-            kill_group();
+            // Dropping the wait killed the child; the rest of its group goes when `_group` drops.
             return Err(format!(
                 "{name} gave no answer within {}: not taking over with it",
                 humantime::format_duration(timeout)
             ));
         }
     };
-    // Whatever the check left behind in its group goes too.
-    kill_group();
     let stderr = String::from_utf8_lossy(&output.stderr);
     let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
     let said = lines()
@@ -286,6 +276,17 @@ pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<Che
         .rev()
         .find_map(|line| serde_json::from_str::<CheckReport>(line.trim()).ok())
         .ok_or_else(|| format!("{name} is not a baton: its check printed no report"))
+}
+
+/// The process group of a check, killed when dropped.
+struct Group(Option<nix::unistd::Pid>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        }
+    }
 }
 
 /// A memfd holding `bytes`, read from the start: how a state goes to a check and across an exec.

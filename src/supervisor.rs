@@ -412,6 +412,11 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         }
     };
     tracing::info!("{name}: draining, then exiting (send it again to exit at once)");
+    // A check in flight is abandoned (its process group is killed), and whoever asked is told baton stops.
+    if let Some(check) = supervisor.reexec.check.take() {
+        check.abort();
+    }
+    supervisor.reexec.job = None;
     tokio::spawn(async move {
         tokio::select! {
             _ = signals.terminate.recv() => {},

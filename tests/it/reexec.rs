@@ -337,7 +337,11 @@ fn streams_to_a_unix_socket_worker_come_through_reexecs_byte_exact() {
         assert_eq!(record["connections"], 4, "{record}");
         wait_for("every stream to move on", || {
             let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
-            if stuck == 0 { Ok(()) } else { Err(format!("{stuck} stuck")) }
+            if stuck == 0 {
+                Ok(())
+            } else {
+                Err(format!("{stuck} stuck"))
+            }
         });
     }
     for stream in streams {
@@ -789,4 +793,37 @@ fn a_kept_alive_connection_resends_unread_requests_after_a_reexec_as_before() {
         assert_eq!(client.whoami().unwrap_or_else(|e| panic!("request {request}: {e}")), 1);
     }
     assert_eq!(baton.metric(resent), 4.0, "each one after the re-exec was resent too");
+}
+
+#[test]
+fn a_shutdown_during_a_check_leaves_nothing_of_the_check_behind() {
+    let baton = Baton::start(&web(&[], ""));
+    let dir = baton.dir.path().to_owned();
+    let pids = dir.join("check.pids");
+    let hanging = script(
+        &dir,
+        "hangs",
+        &format!("sleep 600 &\necho $$ $! > {}.tmp\nmv {0}.tmp {0}\nwait", pids.display()),
+    );
+    let admin = baton.admin;
+    let request = std::thread::spawn(move || {
+        http(
+            admin,
+            "POST",
+            &format!("/v1/reexec?binary={}&check_timeout=60s", hanging.display()),
+            &[],
+        )
+    });
+    let started = wait_for("the check to run", || {
+        std::fs::read_to_string(&pids).map_err(|e| e.to_string())
+    });
+    assert_eq!(baton.status()["reexec"]["stage"], "checking");
+    let status = baton.stop();
+    assert!(status.success(), "{status}");
+    wait_gone(started.split_whitespace().map(|p| p.parse::<u32>().expect("pid")));
+    let answer = request.join().expect("request");
+    assert!(
+        answer.map_or(true, |(code, _)| code == 503),
+        "the caller is told baton stops, or loses the connection"
+    );
 }
