@@ -696,8 +696,9 @@ impl Supervisor {
             let _ = waiter.send(Ok(accepted.clone()));
         }
         // The answers are on their way; they must be out before this image is gone.
+        let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
         for mut connection in job.answered.drain(..) {
-            let _ = tokio::time::timeout(ANSWER_WAIT, connection.changed()).await;
+            let _ = tokio::time::timeout_at(deadline, connection.changed()).await;
         }
         match self.hand_over(&job, &report, signals).await {
             // Another upgrade began between the check and the hand-over: wait for it, and check again.
