@@ -456,8 +456,15 @@ pub async fn reexec(
         grouped(record["connections"].as_u64().unwrap_or(0)),
     );
     let same = if now_pid == pid { "unchanged" } else { "changed!" };
+    let active = record["active_connections"].as_u64().unwrap_or(0);
+    let first = match record["active_pause_ms"].as_f64() {
+        Some(ms) if active > 0 && active < record["connections"].as_u64().unwrap_or(0) => {
+            format!(" (the {} active connections in {ms:.0} ms)", grouped(active))
+        }
+        _ => String::new(),
+    };
     println!(
-        "re-executed in {:.0} ms: baton {} -> {}, pid {} ({same})",
+        "re-executed in {:.0} ms{first}: baton {} -> {}, pid {} ({same})",
         record["pause_ms"].as_f64().unwrap_or(0.0),
         text(&record["from_version"]),
         text(&record["to_version"]),

@@ -495,6 +495,13 @@ pub struct FlowRecord {
     pub ended: bool,
 }
 
+impl ParkedRecord {
+    /// Whether the connection moved bytes within [`crate::reexec::ACTIVE_WINDOW`] before it parked.
+    pub fn is_active(&self) -> bool {
+        self.parked_at.since(self.last_moved) < crate::reexec::ACTIVE_WINDOW
+    }
+}
+
 impl Parked {
     /// The descriptors of the two sockets, client first, as a handover names them.
     pub fn raw_fds(&self) -> [RawFd; 2] {

@@ -43,6 +43,8 @@ pub const VARIABLES: [&str; 5] = [
 
 /// How long a new binary's check may take, unless the request says otherwise.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that moved bytes this recently before it parked is active: the new image resumes it first.
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(1);
 /// How long the connections may take to park before the hand-over is given up.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The subcommand of the check mode.
@@ -110,8 +112,16 @@ pub struct ReexecRecord {
     pub from_version: String,
     /// The version of the new binary, once its check told it.
     pub to_version: Option<String>,
-    /// The longest time a connection went without baton moving its bytes, in milliseconds.
+    /// The longest time a connection went without baton moving its bytes, in milliseconds: until the last
+    /// handed-over connection ran again.
     pub pause_ms: Option<f64>,
+    /// The same for the connections that had moved bytes within [`ACTIVE_WINDOW`] before the hand-over,
+    /// which resume first.
+    #[serde(default)]
+    pub active_pause_ms: Option<f64>,
+    /// How many of the connections handed over were active so.
+    #[serde(default)]
+    pub active_connections: usize,
     /// Listening sockets handed over (public and admin).
     pub listeners: usize,
     /// Worker processes handed over.
@@ -150,8 +160,15 @@ pub struct InFlight {
 
 impl InFlight {
     /// The record of this re-exec, ended with `result` now.
-    pub fn record(&self, result: ReexecResult, error: Option<String>) -> ReexecRecord {
+    /// `active` is how many active connections there were and when the last of them ran again.
+    pub fn record(
+        &self,
+        result: ReexecResult,
+        error: Option<String>,
+        active: (usize, Option<crate::clock::Time>),
+    ) -> ReexecRecord {
         let pause = crate::clock::Time::now().since(self.paused_at);
+        let (active_connections, active_at) = active;
         ReexecRecord {
             attempt: self.attempt,
             result,
@@ -160,6 +177,8 @@ impl InFlight {
             from_version: self.from_version.clone(),
             to_version: Some(self.to_version.clone()),
             pause_ms: Some(pause.as_secs_f64() * 1e3),
+            active_pause_ms: active_at.map(|at| at.since(self.paused_at).as_secs_f64() * 1e3),
+            active_connections,
             listeners: self.listeners,
             workers: self.workers,
             connections: self.connections,

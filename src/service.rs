@@ -68,6 +68,25 @@ pub enum FreezeError {
     Stuck(String),
 }
 
+/// Counts the handed-over connections that run again in a new image: each adds a permit to `all`, and an
+/// active one ([`crate::connection::ParkedRecord::is_active`]) to `active` too.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// Every connection.
+    pub all: Arc<tokio::sync::Semaphore>,
+    /// The active ones, which resume first.
+    pub active: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Resumed {
+    fn default() -> Resumed {
+        Resumed {
+            all: Arc::new(tokio::sync::Semaphore::new(0)),
+            active: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
 /// Told the outcome of an upgrade once its watchdog window is over.
 pub type Waiter = oneshot::Sender<UpgradeRecord>;
 
@@ -121,13 +140,13 @@ impl ServiceHandle {
     /// Fails, having started nothing, if a descriptor of the snapshot cannot be adopted.
     ///
     /// Each connection is taken over by its own task (which registers its sockets and relays again), so that
-    /// they resume in parallel; each adds a permit to `resumed` once it runs.
+    /// they resume in parallel, the active ones first; each counts itself in `resumed` once it runs.
     pub fn adopt(
         config: Arc<ServiceConfig>,
         listeners: Vec<Arc<Listener>>,
         context: Context,
         snapshot: ServiceSnapshot,
-        resumed: Arc<tokio::sync::Semaphore>,
+        resumed: Resumed,
         gate: watch::Receiver<bool>,
     ) -> std::io::Result<ServiceHandle> {
         let ServiceSnapshot {
@@ -228,7 +247,7 @@ enum Start {
     Fresh(Option<Waiter>),
     /// From a previous image's state, with these connections to resume (each adds a permit when it runs),
     /// once the gate opens.
-    Adopted(Vec<Handed>, Arc<tokio::sync::Semaphore>, watch::Receiver<bool>),
+    Adopted(Vec<Handed>, Resumed, watch::Receiver<bool>),
 }
 
 /// A connection a previous image handed over, not yet running in this one.
@@ -341,7 +360,7 @@ impl Service {
                     waiter,
                 });
             }
-            Start::Adopted(connections, resumed, mut gate) => {
+            Start::Adopted(mut connections, resumed, mut gate) => {
                 // Nothing runs until every service has been adopted: a new image that cannot adopt them all
                 // falls back to the previous binary, which resumes from the state as it was written.
                 if gate.wait_for(|open| *open).await.is_err() {
@@ -355,13 +374,19 @@ impl Service {
                 }
                 let spawning = Time::now();
                 let count = connections.len();
+                // The connections that were moving bytes go first; among them, the latest first.
+                connections.sort_by_key(|c| std::cmp::Reverse((c.record.is_active(), c.record.last_moved)));
                 for Handed { record, fds, guard } in connections {
                     let route = Arc::clone(&self.route);
                     let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
-                    let resumed = Arc::clone(&resumed);
+                    let resumed = resumed.clone();
+                    let active = record.is_active();
                     tokio::spawn(async move {
                         let parked = Parked::from_parts(record, fds);
-                        resumed.add_permits(1);
+                        resumed.all.add_permits(1);
+                        if active {
+                            resumed.active.add_permits(1);
+                        }
                         match parked {
                             Ok(connection) => {
                                 crate::proxy::resume(ParkedConnection { connection, guard }, &route).await;

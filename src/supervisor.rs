@@ -31,7 +31,7 @@ use crate::handover::{ConfigSource, ListenerState, ServiceSnapshot, SocketState,
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
 use crate::reexec::{self, CheckReport, ExecRequest, InFlight, ReexecRecord, ReexecResult, ReexecTrigger, adopt_fd};
-use crate::service::{Context, FreezeError, ServiceCommand, ServiceHandle, Waiter};
+use crate::service::{Context, FreezeError, Resumed, ServiceCommand, ServiceHandle, Waiter};
 use crate::worker::{RuntimeDir, Spawner};
 
 /// Why baton could not start.
@@ -495,7 +495,13 @@ impl Supervisor {
     async fn resume(&mut self, mut state: State, failure: Option<String>) -> Result<(), StartError> {
         let adopting = Time::now();
         let handed: usize = state.services.values().map(|s| s.parked.len()).sum();
-        let resumed = Arc::new(tokio::sync::Semaphore::new(0));
+        let active = state
+            .services
+            .values()
+            .flat_map(|s| &s.parked)
+            .filter(|p| p.record.is_active())
+            .count();
+        let resumed = Resumed::default();
         // Opened once every service is adopted: until then none runs.
         let (gate, opened) = watch::channel(false);
         let names: Vec<String> = self.config.services.keys().cloned().collect();
@@ -517,7 +523,7 @@ impl Supervisor {
                 listeners,
                 self.context.clone(),
                 snapshot,
-                Arc::clone(&resumed),
+                resumed.clone(),
                 opened.clone(),
             )
             .map_err(|e| StartError::Resume(format!("service `{name}`: {e}")))?;
@@ -530,11 +536,15 @@ impl Supervisor {
         );
         gate.send_replace(true);
         self.publish_directory();
-        let all = u32::try_from(handed).unwrap_or(u32::MAX);
-        if tokio::time::timeout(reexec::PARK_TIMEOUT, resumed.acquire_many(all))
-            .await
-            .is_err()
-        {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let wait = tokio::time::timeout(reexec::PARK_TIMEOUT, async {
+            let _ = resumed.active.acquire_many(count(active)).await;
+            let active_at = Time::now();
+            let _ = resumed.all.acquire_many(count(handed)).await;
+            active_at
+        });
+        let active_at = wait.await;
+        if active_at.is_err() {
             tracing::warn!(
                 handed,
                 since_ms = Time::now().since(opened_at).as_secs_f64() * 1e3,
@@ -549,7 +559,7 @@ impl Supervisor {
             None => (ReexecResult::Ok, None),
             Some(why) => (ReexecResult::Failed, Some(why)),
         };
-        let record = in_flight.record(result, error);
+        let record = in_flight.record(result, error, (active, active_at.ok().filter(|_| active > 0)));
         let pause = Duration::from_secs_f64(record.pause_ms.unwrap_or_default() / 1e3);
         self.context.metrics.reexec(result.label());
         match result {
@@ -836,6 +846,8 @@ impl Supervisor {
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             to_version,
             pause_ms: None,
+            active_pause_ms: None,
+            active_connections: 0,
             listeners: 0,
             workers: 0,
             connections: 0,

@@ -305,6 +305,12 @@ fn streams_both_ways_come_through_twenty_reexecs_byte_exact() {
         let before: Vec<u64> = streams.iter().map(Stream::checked).collect();
         let record = reexec_ok(&baton);
         assert_eq!(record["connections"], 8, "{record}");
+        // Every stream was moving bytes: each counts as active, and so the active ones' pause is the pause.
+        assert_eq!(record["active_connections"], 8, "{record}");
+        assert!(
+            record["active_pause_ms"].as_f64() <= record["pause_ms"].as_f64(),
+            "{record}"
+        );
         // Every stream moves on in the new image before the next re-exec.
         wait_for("every stream to move on", || {
             let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
