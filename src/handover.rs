@@ -130,7 +130,10 @@ pub struct ServiceSnapshot {
     pub machine: Machine,
     /// Every worker process the machine names.
     pub workers: Vec<WorkerState>,
-    /// The service's parked connections (none while it runs; every open one just before an exec).
+    /// The service's parked connections (none while it runs; every open one just before an exec). Written
+    /// compactly ([`compact`]): a hand-over carries thousands, and the time to write and read them is part
+    /// of its pause.
+    #[serde(with = "compact")]
     pub parked: Vec<ParkedState>,
 }
 
@@ -292,6 +295,61 @@ impl State {
             found if found > VERSION => Err(HandoverError::Newer { found }),
             found => Err(HandoverError::Unknown { found }),
         }
+    }
+}
+
+/// The parked connections of a snapshot: none as `[]`; otherwise one string, [`compact::PREFIX`] and the
+/// base64 of their postcard encoding, several times smaller than JSON and faster to write and read. A list
+/// of records in JSON is read too.
+mod compact {
+    use base64::Engine as _;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::ParkedState;
+
+    /// What the string starts with.
+    pub const PREFIX: &str = "postcard+base64:";
+
+    pub fn serialize<S: Serializer>(parked: &[ParkedState], serializer: S) -> Result<S::Ok, S::Error> {
+        if parked.is_empty() {
+            return serializer.collect_seq(parked);
+        }
+        let bytes = postcard::to_allocvec(parked).map_err(serde::ser::Error::custom)?;
+        let mut text = String::with_capacity(PREFIX.len() + bytes.len() * 4 / 3 + 4);
+        text.push_str(PREFIX);
+        base64::engine::general_purpose::STANDARD.encode_string(&bytes, &mut text);
+        serializer.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<ParkedState>, D::Error> {
+        struct Parked;
+        impl<'de> Visitor<'de> for Parked {
+            type Value = Vec<ParkedState>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a list of parked connections, or a string that starts with {PREFIX}")
+            }
+
+            fn visit_str<E: Error>(self, text: &str) -> Result<Self::Value, E> {
+                let encoded = text
+                    .strip_prefix(PREFIX)
+                    .ok_or_else(|| E::custom(format!("parked connections must start with {PREFIX}")))?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|e| E::custom(format!("parked connections: {e}")))?;
+                postcard::from_bytes(&bytes).map_err(|e| E::custom(format!("parked connections: {e}")))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut parked = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(one) = seq.next_element::<ParkedState>()? {
+                    parked.push(one);
+                }
+                Ok(parked)
+            }
+        }
+        deserializer.deserialize_any(Parked)
     }
 }
 
@@ -465,6 +523,34 @@ mod tests {
         let mut document: serde_json::Value = serde_json::from_slice(&full().encode().expect("encode")).expect("JSON");
         document["version"] = version.into();
         serde_json::to_vec(&document).expect("JSON")
+    }
+
+    #[test]
+    fn parked_connections_are_written_compactly_and_read_either_way() {
+        let state = full();
+        let written: serde_json::Value = serde_json::from_slice(&state.encode().expect("encode")).expect("JSON");
+        let parked = &written["services"]["web"]["parked"];
+        assert!(
+            parked.as_str().is_some_and(|p| p.starts_with(compact::PREFIX)),
+            "{parked}"
+        );
+        // The same connections as a JSON list read back the same.
+        let mut listed = written.clone();
+        listed["services"]["web"]["parked"] = serde_json::to_value(&state.services["web"].parked[0])
+            .map(|one| vec![one].into())
+            .expect("JSON");
+        let back = State::decode(&serde_json::to_vec(&listed).expect("JSON")).expect("decode a list");
+        assert_eq!(back, state);
+        // A damaged string is an error that says what it is about, not a panic.
+        let mut damaged = written;
+        damaged["services"]["web"]["parked"] = format!("{}!!!", compact::PREFIX).into();
+        let error = State::decode(&serde_json::to_vec(&damaged).expect("JSON")).expect_err("damaged");
+        assert!(matches!(error, HandoverError::Invalid(_)), "{error}");
+        assert!(
+            crate::error::chain(&error).contains("parked connections"),
+            "{}",
+            crate::error::chain(&error)
+        );
     }
 
     #[test]
