@@ -317,11 +317,13 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
         .context("cannot start the runtime")?;
     let runtime = std::sync::Arc::new(runtime);
     // The runtime's own event queues (not the previous image's, which this one closes once it runs).
-    let lingering: Vec<std::os::fd::RawFd> = inherited
+    let mut known: Vec<std::os::fd::RawFd> = inherited
         .iter()
         .flat_map(|i| i.lingering.iter().map(std::os::fd::AsRawFd::as_raw_fd))
         .collect();
-    let queues = reexec::event_queues(&lingering);
+    known.extend_from_slice(&descriptors);
+    known.sort_unstable();
+    let queues = reexec::event_queues(&known);
     let raised = baton::worker::raise_fd_limit();
     let worker_fd_limit = match (&resumed, raised) {
         // The limit as it was before the first image raised it.

@@ -408,12 +408,14 @@ pub fn exec(request: &ExecRequest, previous: Option<RawFd>, lingering: &[RawFd])
     error
 }
 
-/// The event queues (epoll instances) among the low descriptors, less `excluded`: call it right after the
+/// The event queues (epoll instances) among the low descriptors, less `excluded` (sorted): call it right after the
 /// runtime is built, when the new ones are its own. A new descriptor takes the lowest number free, so the
 /// runtime's are among the first few; looking no further keeps this cheap however many are open.
 pub fn event_queues(excluded: &[RawFd]) -> Vec<RawFd> {
     (3..256)
-        .filter(|fd| !excluded.contains(fd))
+        .filter(|fd| excluded.binary_search(fd).is_err())
+        // Whether it is open costs far less to ask than what it is.
+        .filter(|fd| fcntl(*fd, FcntlArg::F_GETFD).is_ok())
         .filter(|fd| {
             std::fs::read_link(format!("/proc/self/fd/{fd}"))
                 .is_ok_and(|target| target.as_os_str() == "anon_inode:[eventpoll]")

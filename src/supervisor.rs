@@ -741,6 +741,9 @@ impl Supervisor {
         if self.context.spawner.block_signals().await.is_err() {
             return HandOverError::Failed("baton is shutting down".into());
         }
+        // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
+        // timer's expiry implies) brings it to the streams. The turn comes while the services freeze.
+        let driver_turn = tokio::time::sleep(Duration::from_millis(1));
         let paused_at = Time::now();
         let mut freezing = Vec::new();
         for (name, handle) in &self.services {
@@ -786,9 +789,7 @@ impl Supervisor {
             json!({"attempt": job.attempt, "binary": job.binary, "from_version": env!("CARGO_PKG_VERSION"),
                    "to_version": report.version}),
         );
-        // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
-        // timer's expiry implies) brings it to the streams.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        driver_turn.await;
         signals.hold_received();
         let mut state = self.state_of(snapshots);
         let connections = state.services.values().map(|s| s.parked.len()).sum();
