@@ -833,3 +833,45 @@ fn a_shutdown_during_a_check_leaves_nothing_of_the_check_behind() {
         "the caller is told baton stops, or loses the connection"
     );
 }
+
+#[test]
+fn the_command_reexecs_through_a_unix_admin_socket_with_a_token_and_the_socket_is_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("admin.sock");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("write the token");
+    let config = format!(
+        "[admin]\nlisten = \"unix:{}\"\ntoken_file = \"{}\"\n{}",
+        path.display(),
+        token.display(),
+        web(&[], "")
+    );
+    let baton = Baton::launch(&config, &[], &[]);
+    baton.wait_log("baton ready");
+    let inode = |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("the socket"));
+    let before = inode(&path);
+    let reexec = |token: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["reexec", "--admin", &format!("unix:{}", path.display()), "--token-file"])
+            .arg(token)
+            .output()
+            .expect("baton reexec")
+    };
+    let output = reexec(&token);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(&format!("pid {} (unchanged)", baton.pid())), "{stdout}");
+    assert_eq!(inode(&path), before, "the admin socket is the one it was");
+    // The token still guards the API after the exec.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess\n").expect("write a wrong token");
+    let output = reexec(&wrong);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bearer token"));
+    assert_eq!(baton.stop().code(), Some(0));
+    assert!(!path.exists(), "the socket is removed at exit");
+}
