@@ -93,7 +93,8 @@ pub struct ReexecProgress {
     pub attempt: u64,
     /// The binary.
     pub binary: std::path::PathBuf,
-    /// `waiting` (for an upgrade's watchdog window to close, say) or `checking` (the new binary).
+    /// `waiting` (for an upgrade's watchdog window to close, say), `checking` (the new binary) or
+    /// `handing_over` (parking the connections; the next image ends it).
     pub stage: &'static str,
     /// What it waits for, while it waits.
     pub waiting_for: Option<String>,

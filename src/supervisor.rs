@@ -710,6 +710,11 @@ impl Supervisor {
         for mut connection in job.answered.drain(..) {
             let _ = tokio::time::timeout_at(deadline, connection.changed()).await;
         }
+        self.reexec.view.send_modify(|view| {
+            if let Some(progress) = &mut view.reexec {
+                progress.stage = "handing_over";
+            }
+        });
         match self.hand_over(&job, &report, signals).await {
             // Another upgrade began between the check and the hand-over: wait for it, and check again.
             HandOverError::Busy(reason) => {
