@@ -237,6 +237,15 @@ impl State {
         }
     }
 
+    /// The configuration the state carries, validated: the one a new image runs.
+    pub fn running_config(&self) -> Result<crate::config::Config, String> {
+        let source = self
+            .config
+            .as_ref()
+            .ok_or_else(|| "the state carries no configuration".to_owned())?;
+        crate::config::Config::parse(&source.path, &source.text).map_err(|e| crate::error::chain(&e))
+    }
+
     /// Every descriptor the state names, in no particular order: what an exec must keep open.
     pub fn descriptors(&self) -> Vec<RawFd> {
         // A socket bound for an ephemeral port and configured by its address too is listed twice.

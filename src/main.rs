@@ -297,10 +297,14 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
             }
         },
     };
-    let descriptors = resumed
-        .as_ref()
-        .map(|(state, _)| state.descriptors())
-        .unwrap_or_default();
+    let (resumed, descriptors) = match resumed {
+        Some(Resumption {
+            state,
+            config,
+            descriptors,
+        }) => (Some((state, config)), descriptors),
+        None => (None, Vec::new()),
+    };
     let single = threads == Some(1);
     let mut builder = if single {
         tokio::runtime::Builder::new_current_thread()
@@ -400,9 +404,17 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
     result.map_err(|e| Failure::Runtime(anyhow::anyhow!(chain(&e))))
 }
 
+/// What an image started by a re-exec carries on from.
+struct Resumption {
+    state: State,
+    config: Config,
+    /// Every descriptor the state names.
+    descriptors: Vec<std::os::fd::RawFd>,
+}
+
 /// The state and configuration an image started by a re-exec carries on from; or why it cannot, with the
 /// descriptors the state names (as far as it could be read).
-fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os::fd::RawFd>)> {
+fn resume(inherited: &Inherited) -> Result<Resumption, (String, Vec<std::os::fd::RawFd>)> {
     tracing::debug!("the new image runs");
     let started = std::time::Instant::now();
     let state = State::decode(&inherited.state).map_err(|e| {
@@ -413,7 +425,6 @@ fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os
     })?;
     let descriptors = state.descriptors();
     let failed = |why: String| (format!("the new image cannot take over: {why}"), descriptors.clone());
-    state.check_descriptors().map_err(failed)?;
     // Each is checked open, and made close-on-exec at once: nothing this image starts may inherit one (a
     // fall-back makes them inheritable again). Descriptors the state does not name, such as any baton's
     // own parent gave it, are left as they are.
@@ -422,18 +433,18 @@ fn resume(inherited: &Inherited) -> Result<(State, Config), (String, Vec<std::os
             return Err(failed(format!("descriptor {fd} of the state is not open: {e}")));
         }
     }
-    let source = state
-        .config
-        .as_ref()
-        .ok_or_else(|| failed("the state carries no configuration".into()))?;
-    let config = Config::parse(&source.path, &source.text).map_err(|e| failed(chain(&e)))?;
+    let config = state.running_config().map_err(failed)?;
     tracing::debug!(
         state_bytes = inherited.state.len(),
         descriptors = descriptors.len(),
         took_ms = started.elapsed().as_secs_f64() * 1e3,
         "read the handed-over state"
     );
-    Ok((state, config))
+    Ok(Resumption {
+        state,
+        config,
+        descriptors,
+    })
 }
 
 /// Calls [`Spawner::exit`] when dropped.

@@ -183,17 +183,9 @@ impl InFlight {
             workers: self.workers,
             connections: self.connections,
             error,
-            at: unix_now(),
+            at: crate::control::unix_now(),
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 /// What a checked binary said about itself.
@@ -211,11 +203,7 @@ pub struct CheckReport {
 /// over from it: the format is one it reads and the configuration one it accepts.
 pub fn check_mode(input: &[u8]) -> Result<CheckReport, String> {
     let state = State::decode(input).map_err(|e| crate::error::chain(&e))?;
-    let source = state
-        .config
-        .as_ref()
-        .ok_or_else(|| "the state carries no configuration".to_owned())?;
-    let config = crate::config::Config::parse(&source.path, &source.text).map_err(|e| crate::error::chain(&e))?;
+    let config = state.running_config()?;
     for name in state.services.keys() {
         if !config.services.contains_key(name) {
             return Err(format!(
@@ -224,12 +212,7 @@ pub fn check_mode(input: &[u8]) -> Result<CheckReport, String> {
         }
     }
     // The new image reads the admin token again: it must be there for it.
-    if let Some(path) = &config.admin.token_file {
-        let token = std::fs::read_to_string(path).map_err(|e| format!("admin: token_file {}: {e}", path.display()))?;
-        if token.trim().is_empty() {
-            return Err(format!("admin: token_file {}: the file is empty", path.display()));
-        }
-    }
+    crate::supervisor::load_token(&config.admin).map_err(|e| crate::error::chain(&e))?;
     Ok(CheckReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         state_format: crate::handover::VERSION,
@@ -608,23 +591,12 @@ fn parse_fd(name: &str, value: &std::ffi::OsStr) -> io::Result<RawFd> {
 /// This process's own binary, opened once at start (`O_PATH` is enough to exec it), so that a fall-back
 /// runs this very binary whatever has since happened to the file at its path.
 pub fn open_own_binary() -> io::Result<OwnedFd> {
-    let fd = nix::fcntl::open(
-        "/proc/self/exe",
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    adopt_raw(fd)
-}
-
-#[allow(unsafe_code)]
-fn adopt_raw(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The version a report names, for messages: `baton 0.2.0`.
-pub fn describe_version(report: &CheckReport) -> String {
-    format!("baton {}", report.version)
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH)
+        .open("/proc/self/exe")?;
+    Ok(OwnedFd::from(file))
 }
 
 #[cfg(test)]

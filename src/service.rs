@@ -377,23 +377,21 @@ impl Service {
                 // The connections that were moving bytes go first; among them, the latest first.
                 connections.sort_by_key(|c| std::cmp::Reverse((c.record.is_active(), c.record.last_moved)));
                 for Handed { record, fds, guard } in connections {
-                    let route = Arc::clone(&self.route);
-                    let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
                     let resumed = resumed.clone();
                     let active = record.is_active();
-                    tokio::spawn(async move {
+                    self.resume(move || {
                         let parked = Parked::from_parts(record, fds);
                         resumed.all.add_permits(1);
                         if active {
                             resumed.active.add_permits(1);
                         }
                         match parked {
-                            Ok(connection) => {
-                                crate::proxy::resume(ParkedConnection { connection, guard }, &route).await;
+                            Ok(connection) => Some(ParkedConnection { connection, guard }),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot take over a connection: it is lost");
+                                None
                             }
-                            Err(e) => tracing::error!(error = %e, "cannot take over a connection: it is lost"),
                         }
-                        drop(permit);
                     });
                 }
                 tracing::debug!(
@@ -511,20 +509,23 @@ impl Service {
     fn thaw(&mut self, accepting: Vec<Arc<Listener>>) {
         self.shared.parking.cancel();
         for connection in self.shared.parking.take() {
-            self.resume(connection);
+            self.resume(move || Some(connection));
         }
         for listener in accepting {
             self.accept_on(listener);
         }
     }
 
-    /// Serves a parked connection again, with a permit of the connection budget when one is left (it was
-    /// counted before it parked, so it goes on even without one).
-    fn resume(&self, connection: ParkedConnection) {
+    /// Serves a parked connection again, on a task of its own, with a permit of the connection budget when
+    /// one is left (it was counted before it parked, so it goes on even without one). `connection` makes it
+    /// on that task: a handed-over one registers its sockets there.
+    fn resume(&self, connection: impl FnOnce() -> Option<ParkedConnection> + Send + 'static) {
         let route = Arc::clone(&self.route);
         let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
         tokio::spawn(async move {
-            crate::proxy::resume(connection, &route).await;
+            if let Some(connection) = connection() {
+                crate::proxy::resume(connection, &route).await;
+            }
             drop(permit);
         });
     }

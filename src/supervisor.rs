@@ -30,7 +30,7 @@ use crate::error::chain;
 use crate::handover::{ConfigSource, ListenerState, ServiceSnapshot, SocketState, State};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
-use crate::reexec::{self, CheckReport, ExecRequest, InFlight, ReexecRecord, ReexecResult, ReexecTrigger, adopt_fd};
+use crate::reexec::{self, CheckReport, ExecRequest, InFlight, ReexecRecord, ReexecResult, ReexecTrigger, own_fd};
 use crate::service::{Context, FreezeError, Resumed, ServiceCommand, ServiceHandle, Waiter};
 use crate::worker::{RuntimeDir, Spawner};
 
@@ -459,8 +459,7 @@ fn adopt_sockets(
         let listener = match adopted.get(&socket.fd) {
             Some(listener) => Arc::clone(listener),
             None => {
-                let listener = adopt_fd(socket.fd)
-                    .and_then(|fd| Listener::adopt(socket.configured, fd))
+                let listener = Listener::adopt(socket.configured, own_fd(socket.fd))
                     .map_err(|e| failed(format!("listen {} (descriptor {})", socket.local, socket.fd), e))?;
                 let listener = Arc::new(listener);
                 adopted.insert(socket.fd, Arc::clone(&listener));
@@ -482,8 +481,9 @@ fn adopt_sockets(
         .admin
         .as_ref()
         .ok_or_else(|| StartError::Resume("the admin socket was not handed over".into()))?;
-    let listener = adopt_fd(admin.fd)
-        .and_then(|fd| admin.endpoint.adopt(fd))
+    let listener = admin
+        .endpoint
+        .adopt(own_fd(admin.fd))
         .map_err(|e| failed(format!("admin {} (descriptor {})", admin.endpoint, admin.fd), e))?;
     Ok((pool, listener))
 }
@@ -858,7 +858,7 @@ impl Supervisor {
             workers: 0,
             connections: 0,
             error,
-            at: reexec::unix_now(),
+            at: crate::control::unix_now(),
         }
     }
 
@@ -1116,7 +1116,7 @@ fn bind_admin(addr: &Endpoint) -> Result<endpoint::Listener, StartError> {
 }
 
 /// Reads the admin token, if the configuration names a file for it.
-fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
+pub(crate) fn load_token(admin: &AdminConfig) -> Result<Option<Arc<String>>, StartError> {
     let Some(path) = &admin.token_file else {
         return Ok(None);
     };

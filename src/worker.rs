@@ -421,12 +421,9 @@ impl Worker {
     /// its descriptors are adopted, its exit is waited for on its pidfd (or by SIGCHLD where there is none),
     /// its output is logged again. A worker that exited and was reaped in between is reported as exited.
     pub fn adopt(service: &str, state: &crate::handover::WorkerState) -> io::Result<Worker> {
-        use crate::reexec::adopt_fd;
-        let pidfd = state.pidfd.map(adopt_fd).transpose()?;
-        let output = match state.output {
-            Some((out, err)) => Some((adopt_fd(out)?, adopt_fd(err)?)),
-            None => None,
-        };
+        use crate::reexec::own_fd;
+        let pidfd = state.pidfd.map(own_fd);
+        let output = state.output.map(|(out, err)| (own_fd(out), own_fd(err)));
         let (generation, pid) = (state.generation, state.pid);
         let stopping = Arc::new(AtomicBool::new(state.stopping));
         let exit = match state.exited {
@@ -615,12 +612,11 @@ async fn wait_pidfd(pidfd: OwnedFd, pid: u32) -> io::Result<ExitStatus> {
         let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
         match waitid(WaitId::PidFd(std::os::fd::AsFd::as_fd(pidfd.get_ref())), options) {
             Ok(Some(status)) => {
-                let raw = match (status.exit_status(), status.terminating_signal()) {
-                    (Some(code), _) => (code & 0xff) << 8,
-                    (None, Some(signal)) => signal | if status.dumped() { 0x80 } else { 0 },
-                    (None, None) => 0x7f00,
-                };
-                return Ok(ExitStatus::from_raw(raw));
+                return Ok(wait_status(
+                    status.exit_status(),
+                    status.terminating_signal(),
+                    status.dumped(),
+                ));
             }
             // A pidfd turns readable when its process exits.
             Ok(None) => pidfd.readable().await?.clear_ready(),
@@ -633,16 +629,23 @@ async fn wait_pidfd(pidfd: OwnedFd, pid: u32) -> io::Result<ExitStatus> {
     }
 }
 
+/// The exit status of a child that exited with `code`, or was killed by `signal` (and `dumped` core).
+fn wait_status(code: Option<i32>, signal: Option<i32>, dumped: bool) -> ExitStatus {
+    ExitStatus::from_raw(match (code, signal) {
+        (Some(code), _) => (code & 0xff) << 8,
+        (None, Some(signal)) => signal | if dumped { 0x80 } else { 0 },
+        (None, None) => 0x7f00,
+    })
+}
+
 /// Waits for the exit of child `pid` where there are no pidfds: on every SIGCHLD, a look at that one child.
 async fn wait_pid(pid: u32) -> io::Result<ExitStatus> {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     loop {
         match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw((code & 0xff) << 8)),
-            Ok(WaitStatus::Signaled(_, signal, dumped)) => {
-                return Ok(ExitStatus::from_raw(signal as i32 | if dumped { 0x80 } else { 0 }));
-            }
+            Ok(WaitStatus::Exited(_, code)) => return Ok(wait_status(Some(code), None, false)),
+            Ok(WaitStatus::Signaled(_, signal, dumped)) => return Ok(wait_status(None, Some(signal as i32), dumped)),
             Ok(_) => {
                 children.recv().await;
             }

@@ -214,6 +214,23 @@ impl Stream {
     }
 }
 
+/// Re-executes baton while `streams` run, checks that it handed each one over, and waits until every one has
+/// moved on in the new image; returns the re-exec's record.
+fn reexec_while_streaming(baton: &Baton, streams: &[Stream]) -> Value {
+    let before: Vec<u64> = streams.iter().map(Stream::checked).collect();
+    let record = reexec_ok(baton);
+    assert_eq!(record["connections"], streams.len(), "{record}");
+    wait_for("every stream to move on", || {
+        let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
+        if stuck == 0 {
+            Ok(())
+        } else {
+            Err(format!("{stuck} stuck"))
+        }
+    });
+    record
+}
+
 #[test]
 fn a_reexec_keeps_the_process_its_sockets_and_its_workers() {
     let baton = Baton::start(&web(&[], "output = \"log\""));
@@ -302,24 +319,13 @@ fn streams_both_ways_come_through_twenty_reexecs_byte_exact() {
         .map(|_| Stream::start(addr, u64::MAX, Some(Duration::from_millis(2))))
         .collect();
     for _ in 0..20 {
-        let before: Vec<u64> = streams.iter().map(Stream::checked).collect();
-        let record = reexec_ok(&baton);
-        assert_eq!(record["connections"], 8, "{record}");
+        let record = reexec_while_streaming(&baton, &streams);
         // Every stream was moving bytes: each counts as active, and so the active ones' pause is the pause.
         assert_eq!(record["active_connections"], 8, "{record}");
         assert!(
             record["active_pause_ms"].as_f64() <= record["pause_ms"].as_f64(),
             "{record}"
         );
-        // Every stream moves on in the new image before the next re-exec.
-        wait_for("every stream to move on", || {
-            let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
-            if stuck == 0 {
-                Ok(())
-            } else {
-                Err(format!("{stuck} stuck"))
-            }
-        });
     }
     for stream in streams {
         stream.finish();
@@ -338,17 +344,7 @@ fn streams_to_a_unix_socket_worker_come_through_reexecs_byte_exact() {
         .map(|_| Stream::start(baton.addr("web"), u64::MAX, Some(Duration::from_millis(2))))
         .collect();
     for _ in 0..5 {
-        let before: Vec<u64> = streams.iter().map(Stream::checked).collect();
-        let record = reexec_ok(&baton);
-        assert_eq!(record["connections"], 4, "{record}");
-        wait_for("every stream to move on", || {
-            let stuck = streams.iter().zip(&before).filter(|(s, b)| s.checked() <= **b).count();
-            if stuck == 0 {
-                Ok(())
-            } else {
-                Err(format!("{stuck} stuck"))
-            }
-        });
+        reexec_while_streaming(&baton, &streams);
     }
     for stream in streams {
         stream.finish();
