@@ -92,6 +92,8 @@ impl Listener {
 pub async fn accept_loop(listener: Arc<Listener>, service: String, route: SharedRoute, budget: Arc<Semaphore>) {
     let mut exhausted = false;
     let mut saturated = false;
+    // Every route of a service shares this: loaded once, not per connection.
+    let shared = Arc::clone(&route.load().shared);
     loop {
         let permit = match Arc::clone(&budget).try_acquire_owned() {
             Ok(permit) => {
@@ -123,14 +125,14 @@ pub async fn accept_loop(listener: Arc<Listener>, service: String, route: Shared
                 }
                 let route = Arc::clone(&route);
                 // Counted before the task exists, so that a service parking its connections waits for it.
-                route.load().shared.accepted();
+                shared.accepted();
                 tokio::spawn(async move {
                     proxy::serve(stream, &route).await;
                     drop(permit);
                 });
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                route.load().shared.metrics.accept_errors.inc();
+                shared.metrics.accept_errors.inc();
                 if !exhausted {
                     exhausted = true;
                     tracing::warn!(service = %service, listen = %listener.local, error = %e, "accept failed: backing off");
