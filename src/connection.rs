@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -44,6 +44,15 @@ pub(crate) enum WorkerStream {
     Tcp(TcpStream),
     /// Over a Unix socket.
     Unix(UnixStream),
+}
+
+impl AsFd for WorkerStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            WorkerStream::Tcp(worker) => worker.as_fd(),
+            WorkerStream::Unix(worker) => worker.as_fd(),
+        }
+    }
 }
 
 /// How the worker socket of a parked connection is connected.
@@ -87,6 +96,10 @@ pub(crate) struct State {
     pub(crate) tail: Tail,
     /// What both directions note for each other.
     pub(crate) activity: Activity,
+    /// The id of the last [`crate::watch::Watch`] of the service the connection joined, or 0.
+    pub(crate) joined: u64,
+    /// Whether its sockets are in that watch.
+    pub(crate) watched: bool,
 }
 
 impl State {
@@ -101,6 +114,8 @@ impl State {
             held_until: None,
             tail: Tail::new(resend),
             activity: Activity::new(),
+            joined: 0,
+            watched: false,
         }
     }
 
@@ -393,9 +408,19 @@ impl Connection {
         Ok(moved)
     }
 
+    /// Adds the connection's sockets to `watch`, which it joins either way: a connection whose sockets
+    /// cannot be added is resumed with the active ones.
+    pub(crate) fn join(&mut self, watch: &crate::watch::Watch) -> io::Result<()> {
+        self.state.joined = watch.id();
+        let added = watch.add(self.client.as_fd(), self.worker.as_fd());
+        self.state.watched = added.is_ok();
+        added
+    }
+
     /// This connection, parked now: `generation` is its worker's, `answered` whether that worker has sent
-    /// it a byte, `from_pipes` what [`Connection::empty_pipes`] read back. Its pipes must be empty.
-    pub(crate) fn park(self, generation: u64, answered: bool, from_pipes: usize) -> Parked {
+    /// it a byte, `from_pipes` what [`Connection::empty_pipes`] read back, `watch` the id of the service's
+    /// watch (or 0). Its pipes must be empty.
+    pub(crate) fn park(self, generation: u64, answered: bool, from_pipes: usize, watch: u64) -> Parked {
         let Connection {
             client,
             worker,
@@ -429,6 +454,7 @@ impl Connection {
             client,
             worker,
             from_pipes,
+            watched: watch != 0 && state.joined == watch && state.watched,
         }
     }
 }
@@ -444,6 +470,8 @@ pub struct Parked {
     worker: WorkerStream,
     /// How many of the pending bytes were read back from splice pipes when the connection parked.
     pub from_pipes: usize,
+    /// Whether its sockets are in its service's watch.
+    pub watched: bool,
 }
 
 /// A parked connection without its sockets: what a handover writes out and reads back. Times are moments on
@@ -536,6 +564,7 @@ impl Parked {
             client: TcpStream::from_std(client)?,
             worker,
             from_pipes: 0,
+            watched: false,
         })
     }
 
@@ -567,6 +596,8 @@ impl Parked {
                 held_until: record.held_until.map(|until| until + parked_for),
                 tail: record.tail,
                 activity,
+                joined: 0,
+                watched: false,
             },
         }
     }
@@ -670,7 +701,7 @@ mod tests {
         let mut connection = Connection::new(client, WorkerStream::Tcp(worker), Time::now(), true);
         connection.state.held_until = Some(Time::now() + Duration::from_millis(20));
         tokio::time::advance(Duration::from_millis(5)).await;
-        let parked = connection.park(1, true, 0);
+        let parked = connection.park(1, true, 0, 0);
         let last_moved = Time::now().since(parked.record.last_moved);
         assert_eq!(last_moved, Duration::from_millis(5));
         tokio::time::advance(Duration::from_secs(60)).await;

@@ -135,6 +135,19 @@ pub struct ServiceSnapshot {
     /// of its pause.
     #[serde(with = "compact")]
     pub parked: Vec<ParkedState>,
+    /// The watch the parked connections' sockets are in ([`crate::watch`]), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchState>,
+}
+
+/// A service's watch: an epoll instance holding the sockets of its parked connections, but those named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchState {
+    /// Its descriptor.
+    pub fd: RawFd,
+    /// The client descriptors of the parked connections whose sockets are not in it.
+    pub unwatched: Vec<RawFd>,
 }
 
 /// A parked connection: everything but its sockets, and the sockets' descriptors.
@@ -259,6 +272,7 @@ impl State {
                 fds.extend(worker.output.iter().flat_map(|(out, err)| [*out, *err]));
             }
             fds.extend(service.parked.iter().flat_map(|p| [p.client_fd, p.worker_fd]));
+            fds.extend(service.watch.iter().map(|w| w.fd));
         }
         fds
     }
@@ -495,6 +509,10 @@ mod tests {
                     machine: machine(),
                     workers: vec![worker(1, "127.0.0.1:4001"), worker(2, "unix:/run/baton/web-2.sock")],
                     parked: vec![parked()],
+                    watch: Some(WatchState {
+                        fd: 31,
+                        unwatched: vec![],
+                    }),
                 },
             )]),
             metrics: vec![MetricFamily {

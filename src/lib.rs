@@ -44,6 +44,7 @@ pub mod reexec;
 pub mod route;
 pub mod service;
 pub mod supervisor;
+pub mod watch;
 pub mod worker;
 
 pub use supervisor::run;

@@ -428,10 +428,8 @@ fn resume(inherited: &Inherited) -> Result<Resumption, (String, Vec<std::os::fd:
     // Each is checked open, and made close-on-exec at once: nothing this image starts may inherit one (a
     // fall-back makes them inheritable again). Descriptors the state does not name, such as any baton's
     // own parent gave it, are left as they are.
-    for fd in &descriptors {
-        if let Err(e) = reexec::set_inheritable(*fd, false) {
-            return Err(failed(format!("descriptor {fd} of the state is not open: {e}")));
-        }
+    if let Err(e) = reexec::set_all_inheritable(&descriptors, false) {
+        return Err(failed(format!("a descriptor of the state is not open: {e}")));
     }
     let config = state.running_config().map_err(failed)?;
     tracing::debug!(

@@ -143,7 +143,16 @@ async fn run(
         };
         match relayed {
             Relayed::Ended(outcome) => break outcome,
-            Relayed::Park => return Ran::Park,
+            Relayed::Park if shared.parking.is_requested() => return Ran::Park,
+            // Asked to join a watch: the connection adds its sockets and relays on.
+            Relayed::Park => {
+                if let Some(watch) = shared.parking.current_watch() {
+                    if let Err(error) = connection.join(&watch) {
+                        tracing::debug!(%error, "cannot watch a connection: it resumes with the active ones");
+                    }
+                }
+                continue;
+            }
             Relayed::Resend => {}
         }
         // The worker closed without reading what it was last sent, after it had answered what came before:
@@ -192,7 +201,12 @@ fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Ad
         }
     };
     let upstream = guard.upstream();
-    let parked = connection.park(upstream.generation, guard.is_answered(), from_pipes);
+    let parked = connection.park(
+        upstream.generation,
+        guard.is_answered(),
+        from_pipes,
+        shared.parking.watch_id(),
+    );
     tracing::debug!(generation = upstream.generation, from_pipes, "connection parked");
     shared.parking.keep(ParkedConnection {
         connection: parked,
@@ -327,7 +341,8 @@ enum Relayed {
     /// The worker closed without reading the connection's unanswered bytes (see [`crate::connection::Tail`]);
     /// the client is untouched and the bytes can go to another worker.
     Resend,
-    /// The service asked its connections to park: everything is in the connection's state.
+    /// The service asked its connections to park, or to join a watch: everything is in the connection's
+    /// state.
     Park,
 }
 
@@ -348,6 +363,7 @@ async fn relay<W: Socket>(
         held_until,
         tail,
         activity,
+        joined,
         ..
     } = state;
     let activity = &*activity;
@@ -411,7 +427,7 @@ async fn relay<W: Socket>(
     // connection: its worker has ended cleanly already.
     let hold_end = || settings.resend_unanswered && guard.is_answered() && guard.upstream().is_draining();
     // Both wait with one registration each and take no lock when polled.
-    let parking = route.shared.parking.requested();
+    let parking = route.shared.parking.requested(*joined);
     let cut = guard.upstream().cut();
     tokio::pin!(to_worker, to_client, parking, cut);
     let failure = loop {

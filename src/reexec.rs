@@ -112,9 +112,14 @@ pub struct ReexecRecord {
     pub from_version: String,
     /// The version of the new binary, once its check told it.
     pub to_version: Option<String>,
-    /// The longest time a connection went without baton moving its bytes, in milliseconds: until the last
-    /// handed-over connection ran again.
+    /// The longest time a connection went without baton moving its bytes, in milliseconds: until every
+    /// handed-over connection ran again, or was watched so that its bytes are moved as they come (an idle
+    /// connection's: see [`crate::watch`]).
     pub pause_ms: Option<f64>,
+    /// Until the last handed-over connection ran again, in milliseconds: the idle, watched ones are taken
+    /// over in the background, after the pause.
+    #[serde(default)]
+    pub resumed_ms: Option<f64>,
     /// The same for the connections that had moved bytes within [`ACTIVE_WINDOW`] before the hand-over,
     /// which resume first.
     #[serde(default)]
@@ -122,6 +127,9 @@ pub struct ReexecRecord {
     /// How many of the connections handed over were active so.
     #[serde(default)]
     pub active_connections: usize,
+    /// How many of the connections handed over were idle and watched.
+    #[serde(default)]
+    pub watched_connections: usize,
     /// Listening sockets handed over (public and admin).
     pub listeners: usize,
     /// Worker processes handed over.
@@ -160,15 +168,8 @@ pub struct InFlight {
 
 impl InFlight {
     /// The record of this re-exec, ended with `result` now.
-    /// `active` is how many active connections there were and when the last of them ran again.
-    pub fn record(
-        &self,
-        result: ReexecResult,
-        error: Option<String>,
-        active: (usize, Option<crate::clock::Time>),
-    ) -> ReexecRecord {
-        let pause = crate::clock::Time::now().since(self.paused_at);
-        let (active_connections, active_at) = active;
+    pub fn record(&self, result: ReexecResult, error: Option<String>, resumed: &Resumption) -> ReexecRecord {
+        let since = |at: crate::clock::Time| at.since(self.paused_at).as_secs_f64() * 1e3;
         ReexecRecord {
             attempt: self.attempt,
             result,
@@ -176,9 +177,11 @@ impl InFlight {
             binary: self.binary.clone(),
             from_version: self.from_version.clone(),
             to_version: Some(self.to_version.clone()),
-            pause_ms: Some(pause.as_secs_f64() * 1e3),
-            active_pause_ms: active_at.map(|at| at.since(self.paused_at).as_secs_f64() * 1e3),
-            active_connections,
+            pause_ms: resumed.served.map(since),
+            resumed_ms: resumed.running.map(since),
+            active_pause_ms: resumed.active.map(since),
+            active_connections: resumed.active_connections,
+            watched_connections: resumed.watched_connections,
             listeners: self.listeners,
             workers: self.workers,
             connections: self.connections,
@@ -187,6 +190,26 @@ impl InFlight {
         }
     }
 }
+
+/// How the handed-over connections were taken over: when the last of them was served (ran, or was watched),
+/// when the last active one ran and when the last one ran, each if it happened in time.
+#[derive(Debug, Clone, Default)]
+pub struct Resumption {
+    /// When the last connection was served.
+    pub served: Option<crate::clock::Time>,
+    /// When the last active connection ran, if there were any.
+    pub active: Option<crate::clock::Time>,
+    /// When the last connection ran.
+    pub running: Option<crate::clock::Time>,
+    /// How many were active.
+    pub active_connections: usize,
+    /// How many were idle and watched.
+    pub watched_connections: usize,
+}
+
+/// How long a hand-over waits for the open connections to join their service's watch
+/// ([`crate::watch`]): any that has not joined by then resumes with the active ones.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a checked binary said about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +333,37 @@ pub fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
     fcntl(fd, FcntlArg::F_SETFD(flags))?;
     Ok(())
 }
+
+/// Makes each of `fds` inheritable across an exec, or not; stops at the first that fails (one not open)
+/// and returns its error. Thousands are split with a second thread: an exec handing over many connections
+/// waits for this.
+pub fn set_all_inheritable(fds: &[RawFd], inheritable: bool) -> io::Result<()> {
+    let each = |fds: &[RawFd]| {
+        fds.iter().try_for_each(|fd| {
+            set_inheritable(*fd, inheritable).map_err(|e| io::Error::new(e.kind(), format!("descriptor {fd}: {e}")))
+        })
+    };
+    if fds.len() < SPLIT_AT {
+        return each(fds);
+    }
+    let (first, second) = fds.split_at(fds.len() / 2);
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new().spawn_scoped(scope, || each(second));
+        let mine = each(first);
+        match helper {
+            Ok(helper) => mine.and(
+                helper
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("helper thread panicked"))),
+            ),
+            // No thread to be had: this one does the rest.
+            Err(_) => mine.and_then(|()| each(second)),
+        }
+    })
+}
+
+/// From how many descriptors [`set_all_inheritable`] takes a second thread.
+const SPLIT_AT: usize = 2048;
 
 /// Takes ownership of descriptor `fd`, which the previous image handed over, and makes it close-on-exec
 /// again, so that no worker inherits it. Fails for a descriptor that is not open.
@@ -498,13 +552,11 @@ fn replace_image(image: Image<'_>, command: &Command, inherit: &[RawFd]) -> io::
     // A handled signal reverts to its default action at the exec (SIGUSR2's kills): it must wait, pending,
     // until the next image has its handlers.
     let _ = handled_signals().thread_block();
-    for (i, fd) in inherit.iter().enumerate() {
-        if let Err(e) = set_inheritable(*fd, true) {
-            for fd in &inherit[..i] {
-                let _ = set_inheritable(*fd, false);
-            }
-            return e;
+    if let Err(e) = set_all_inheritable(inherit, true) {
+        for fd in inherit {
+            let _ = set_inheritable(*fd, false);
         }
+        return e;
     }
     tracing::debug!(descriptors = inherit.len(), "descriptors inheritable: exec");
     let error = match image {

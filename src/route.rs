@@ -7,6 +7,9 @@
 //! A connection waits for the cut of its worker's drain and for a request to park ([`Parking`]) through
 //! [`Signal`]s, which register the waiting task once and take no lock on the polls in between. The only
 //! lock here is the list of parked connections', taken when a connection parks and when they are taken.
+//!
+//! Before a hand-over parks them, a service can ask its connections to join a [`Watch`] (see
+//! [`crate::watch`]) through the same signal: each adds its sockets and relays on.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +25,7 @@ use tokio::sync::futures::Notified;
 use crate::connection::Parked;
 use crate::endpoint::Endpoint;
 use crate::metrics::ServiceMetrics;
+use crate::watch::Watch;
 
 /// How often [`Upstream::settled`] looks at the unanswered connections.
 const SETTLE_POLL: Duration = Duration::from_millis(5);
@@ -208,6 +212,12 @@ impl Signal {
         }
     }
 
+    /// Wakes every waiter without moving the flag, for a waiter that also waits for something else
+    /// ([`Parking::requested`]).
+    fn nudge(&self) {
+        self.notify.notify_waiters();
+    }
+
     /// Whether the flag is up.
     pub fn is_raised(&self) -> bool {
         self.epoch.load(Ordering::SeqCst) % 2 == 1
@@ -219,6 +229,7 @@ impl Signal {
             signal: self,
             notified: self.notify.notified(),
             registered: None,
+            watch: None,
         }
     }
 }
@@ -233,6 +244,8 @@ pin_project_lite::pin_project! {
         notified: Notified<'a>,
         // The epoch and the waker `notified` was registered with.
         registered: Option<(u64, Waker)>,
+        // Also resolves once this holds a watch other than the one given (0: none).
+        watch: Option<(&'a AtomicU64, u64)>,
     }
 }
 
@@ -246,6 +259,12 @@ impl Future for Raised<'_> {
             let epoch = this.signal.epoch.load(Ordering::SeqCst);
             if epoch % 2 == 1 {
                 return Poll::Ready(());
+            }
+            if let Some((current, joined)) = this.watch {
+                let current = current.load(Ordering::SeqCst);
+                if current != 0 && current != *joined {
+                    return Poll::Ready(());
+                }
             }
             let unchanged = this.registered.as_ref();
             if unchanged.is_some_and(|(seen, waker)| *seen == epoch && waker.will_wake(cx.waker())) {
@@ -278,6 +297,10 @@ pub struct Parking {
     settled: Notify,
     /// The parked connections.
     parked: Mutex<Vec<ParkedConnection>>,
+    /// The last watch's id (ids only grow), and the watch connections are to join while there is one.
+    watch: Mutex<(u64, Option<Arc<Watch>>)>,
+    /// The id of the watch connections are to join, or 0.
+    watch_id: AtomicU64,
 }
 
 /// A parked connection, with the guard that keeps it counted against its worker meanwhile.
@@ -290,12 +313,19 @@ pub struct ParkedConnection {
 }
 
 impl Parking {
-    /// The parked connections as a handover names them: each record with its two descriptors.
-    pub fn records(&self) -> Vec<(crate::connection::ParkedRecord, [std::os::fd::RawFd; 2])> {
+    /// The parked connections as a handover names them: each record with its two descriptors, and whether
+    /// they are in the watch.
+    pub fn records(&self) -> Vec<(crate::connection::ParkedRecord, [std::os::fd::RawFd; 2], bool)> {
         let parked = self.parked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         parked
             .iter()
-            .map(|p| (p.connection.record.clone(), p.connection.raw_fds()))
+            .map(|p| {
+                (
+                    p.connection.record.clone(),
+                    p.connection.raw_fds(),
+                    p.connection.watched,
+                )
+            })
             .collect()
     }
 
@@ -314,14 +344,53 @@ impl Parking {
         self.signal.is_raised()
     }
 
-    /// Resolves once connections are asked to park.
-    pub fn requested(&self) -> Raised<'_> {
-        self.signal.raised()
+    /// Resolves once connections are asked to park, or to join a watch other than `joined` (the id of the
+    /// one the connection joined, or 0).
+    pub fn requested(&self, joined: u64) -> Raised<'_> {
+        Raised {
+            watch: Some((&self.watch_id, joined)),
+            ..self.signal.raised()
+        }
     }
 
     /// Keeps a connection that parked.
     pub fn keep(&self, parked: ParkedConnection) {
         self.parked.lock().unwrap_or_else(PoisonError::into_inner).push(parked);
+    }
+
+    /// Makes room for `more` parked connections, so that they park without the list growing as they come.
+    pub fn reserve(&self, more: usize) {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner).reserve(more);
+    }
+
+    /// Asks every connection to add its sockets to a new watch, and returns it. Fails if it cannot be
+    /// created; connections then park unwatched.
+    pub fn watch(&self) -> std::io::Result<Arc<Watch>> {
+        let mut current = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = current.0 + 1;
+        let watch = Arc::new(Watch::new(id)?);
+        *current = (id, Some(Arc::clone(&watch)));
+        self.watch_id.store(id, Ordering::SeqCst);
+        drop(current);
+        self.signal.nudge();
+        Ok(watch)
+    }
+
+    /// The id of the watch connections are to join, or 0.
+    pub fn watch_id(&self) -> u64 {
+        self.watch_id.load(Ordering::SeqCst)
+    }
+
+    /// The watch connections are to join, if there is one.
+    pub fn current_watch(&self) -> Option<Arc<Watch>> {
+        self.watch.lock().unwrap_or_else(PoisonError::into_inner).1.clone()
+    }
+
+    /// Ends the watch, if there is one, and returns it. Connections that joined it join the next one.
+    pub fn unwatch(&self) -> Option<Arc<Watch>> {
+        let mut current = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        self.watch_id.store(0, Ordering::SeqCst);
+        current.1.take()
     }
 
     /// The connections parked so far.

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,7 +27,7 @@ use crate::connection::Parked;
 use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, UpgradeResult, Waiting};
 use crate::endpoint::Endpoint;
 use crate::error::chain;
-use crate::handover::{ParkedState, ServiceSnapshot, WorkerState};
+use crate::handover::{ParkedState, ServiceSnapshot, WatchState, WorkerState};
 use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
@@ -55,7 +55,11 @@ pub enum ServiceCommand {
     /// Stop accepting and park every connection, then tell the state with the parked connections in it. The
     /// service then does nothing until [`ServiceCommand::Thaw`]: the process is to be replaced.
     Freeze(oneshot::Sender<Result<ServiceSnapshot, FreezeError>>),
-    /// Carry on after a freeze (the re-exec did not happen): resume the connections, accept again.
+    /// Ask every connection to add its sockets to a new watch (see [`crate::watch`]) ahead of a freeze, and
+    /// tell the watch and how many connections are open to join it (none if it cannot be made).
+    Watch(oneshot::Sender<Option<(Arc<crate::watch::Watch>, usize)>>),
+    /// Carry on after a watch or a freeze (the re-exec did not happen): end the watch, resume the
+    /// connections, accept again.
     Thaw,
 }
 
@@ -68,24 +72,32 @@ pub enum FreezeError {
     Stuck(String),
 }
 
-/// Counts the handed-over connections that run again in a new image: each adds a permit to `all`, and an
-/// active one ([`crate::connection::ParkedRecord::is_active`]) to `active` too.
+/// Counts the handed-over connections as a new image takes them over: each adds a permit to `served` once
+/// its bytes are moved as they come (it runs, or its sockets are watched: see [`crate::watch`]) and to
+/// `running` once it runs; an active one ([`crate::connection::ParkedRecord::is_active`]) to `active` too
+/// once it runs.
 #[derive(Debug, Clone)]
 pub struct Resumed {
-    /// Every connection.
-    pub all: Arc<tokio::sync::Semaphore>,
+    /// Every connection, once it runs or is watched: the pause ends when all are.
+    pub served: Arc<tokio::sync::Semaphore>,
     /// The active ones, which resume first.
     pub active: Arc<tokio::sync::Semaphore>,
+    /// Every connection, once it runs.
+    pub running: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Resumed {
     fn default() -> Resumed {
         Resumed {
-            all: Arc::new(tokio::sync::Semaphore::new(0)),
+            served: Arc::new(tokio::sync::Semaphore::new(0)),
             active: Arc::new(tokio::sync::Semaphore::new(0)),
+            running: Arc::new(tokio::sync::Semaphore::new(0)),
         }
     }
 }
+
+/// How many idle handed-over connections a new image resumes between two looks at the watch.
+const RESUME_STEP: usize = 32;
 
 /// Told the outcome of an upgrade once its watchdog window is over.
 pub type Waiter = oneshot::Sender<UpgradeRecord>;
@@ -153,7 +165,11 @@ impl ServiceHandle {
             mut machine,
             workers,
             parked,
+            watch,
         } = snapshot;
+        let unwatched: std::collections::HashSet<RawFd> =
+            watch.iter().flat_map(|w| w.unwatched.iter().copied()).collect();
+        let watch = watch.map(|w| crate::watch::Watch::adopt(own_fd(w.fd)));
         machine.policy = Policy::of(&config);
         let mut held = HashMap::new();
         for state in &workers {
@@ -193,14 +209,20 @@ impl ServiceHandle {
                 }
             };
             let guard = upstream.adopt(record.answered);
-            connections.push(Handed { record, fds, guard });
+            let watched = watch.is_some() && !unwatched.contains(&client_fd);
+            connections.push(Handed {
+                record,
+                fds,
+                guard,
+                watched,
+            });
         }
         let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
         let (mut service, commands, state) = Service::new(config, listeners, context, machine, shared, None);
         for (generation, held) in held {
             service.hold_worker(generation, held);
         }
-        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, resumed, gate)));
+        let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, watch, resumed, gate)));
         Ok(ServiceHandle {
             commands: commands.0,
             state,
@@ -245,9 +267,9 @@ struct Held {
 enum Start {
     /// With its first worker, whose upgrade `Option<Waiter>` waits for.
     Fresh(Option<Waiter>),
-    /// From a previous image's state, with these connections to resume (each adds a permit when it runs),
-    /// once the gate opens.
-    Adopted(Vec<Handed>, Resumed, watch::Receiver<bool>),
+    /// From a previous image's state, with these connections to resume (each counts itself in `Resumed`)
+    /// and the watch their sockets are in, once the gate opens.
+    Adopted(Vec<Handed>, Option<crate::watch::Watch>, Resumed, watch::Receiver<bool>),
 }
 
 /// A connection a previous image handed over, not yet running in this one.
@@ -255,6 +277,126 @@ struct Handed {
     record: crate::connection::ParkedRecord,
     fds: [std::os::fd::OwnedFd; 2],
     guard: crate::route::Guard,
+    /// Whether its sockets are in the handed-over watch.
+    watched: bool,
+}
+
+/// Serves a parked connection again, on a task of its own, with a permit of the connection budget `budget`
+/// when one is left (it was counted before it parked, so it goes on even without one). `connection` makes it
+/// on that task: a handed-over one registers its sockets there.
+fn spawn_resumed(
+    route: SharedRoute,
+    budget: Arc<tokio::sync::Semaphore>,
+    connection: impl FnOnce() -> Option<ParkedConnection> + Send + 'static,
+) {
+    let permit = budget.try_acquire_owned().ok();
+    tokio::spawn(async move {
+        if let Some(connection) = connection() {
+            crate::proxy::resume(connection, &route).await;
+        }
+        drop(permit);
+    });
+}
+
+/// What a handed-over connection needs to run again: its service's route and connection budget, and the
+/// counts it adds itself to.
+#[derive(Clone)]
+struct Takeover {
+    route: SharedRoute,
+    budget: Arc<tokio::sync::Semaphore>,
+    resumed: Resumed,
+}
+
+impl Takeover {
+    /// Starts `handed` on a task of its own, which registers its sockets and relays again, and counts it
+    /// there: as served too unless its watch counted it so.
+    fn start(&self, handed: Handed) {
+        let Handed {
+            record,
+            fds,
+            guard,
+            watched,
+        } = handed;
+        let resumed = self.resumed.clone();
+        let active = record.is_active();
+        spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), move || {
+            let parked = Parked::from_parts(record, fds);
+            resumed.running.add_permits(1);
+            if !watched {
+                resumed.served.add_permits(1);
+            }
+            if active {
+                resumed.active.add_permits(1);
+            }
+            match parked {
+                Ok(connection) => Some(ParkedConnection { connection, guard }),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take over a connection: it is lost");
+                    None
+                }
+            }
+        });
+    }
+}
+
+/// Takes over the idle handed-over connections whose sockets are in `watch`, [`RESUME_STEP`] at a time, in
+/// their order; before each step, those the watch reports with bytes or an end waiting go first. From its
+/// first look at the watch, every one of them counts as served: its bytes are moved as they come.
+async fn resume_idle(takeover: Takeover, watch: crate::watch::Watch, idle: Vec<Handed>) {
+    // Which connection each descriptor belongs to: descriptors are small numbers, so an index serves.
+    let top = idle.iter().flat_map(|h| h.fds.iter().map(AsRawFd::as_raw_fd)).max();
+    let mut owner = vec![usize::MAX; top.map_or(0, |top| usize::try_from(top).unwrap_or(0) + 1)];
+    for (i, handed) in idle.iter().enumerate() {
+        for fd in &handed.fds {
+            if let Ok(fd) = usize::try_from(fd.as_raw_fd()) {
+                owner[fd] = i;
+            }
+        }
+    }
+    let count = idle.len();
+    let mut waiting: Vec<Option<Handed>> = idle.into_iter().map(Some).collect();
+    let (mut left, mut next, mut counted, mut ready) = (count, 0, false, Vec::new());
+    while left > 0 {
+        ready.clear();
+        if let Err(e) = watch.ready(&mut ready) {
+            tracing::warn!(error = %e, "cannot look at the watch: taking the idle connections over at once");
+            for handed in waiting.iter_mut().filter_map(Option::take) {
+                takeover.start(Handed {
+                    watched: counted,
+                    ..handed
+                });
+            }
+            break;
+        }
+        if !counted {
+            takeover.resumed.served.add_permits(count);
+            counted = true;
+        }
+        for fd in &ready {
+            let handed = usize::try_from(*fd)
+                .ok()
+                .and_then(|fd| owner.get(fd))
+                .and_then(|&i| waiting.get_mut(i))
+                .and_then(Option::take);
+            if let Some(handed) = handed {
+                takeover.start(handed);
+                left -= 1;
+            }
+        }
+        let mut step = 0;
+        while step < RESUME_STEP && next < waiting.len() {
+            if let Some(handed) = waiting[next].take() {
+                takeover.start(handed);
+                left -= 1;
+                step += 1;
+            }
+            next += 1;
+        }
+        // The connections just started run before the next step.
+        tokio::task::yield_now().await;
+    }
+    // Closing it removes every socket from it, which takes a while with thousands.
+    tokio::task::spawn_blocking(move || drop(watch));
 }
 
 /// What a task of the driver reports back.
@@ -360,7 +502,7 @@ impl Service {
                     waiter,
                 });
             }
-            Start::Adopted(mut connections, resumed, mut gate) => {
+            Start::Adopted(mut connections, watch, resumed, mut gate) => {
                 // Nothing runs until every service has been adopted: a new image that cannot adopt them all
                 // falls back to the previous binary, which resumes from the state as it was written.
                 if gate.wait_for(|open| *open).await.is_err() {
@@ -374,30 +516,32 @@ impl Service {
                 }
                 let spawning = Time::now();
                 let count = connections.len();
-                // The connections that were moving bytes go first; among them, the latest first.
+                // The connections that were moving bytes go first; among them, the latest first. So do those
+                // whose sockets are not watched. The idle, watched ones follow in the background.
                 connections.sort_by_key(|c| std::cmp::Reverse((c.record.is_active(), c.record.last_moved)));
-                for Handed { record, fds, guard } in connections {
-                    let resumed = resumed.clone();
-                    let active = record.is_active();
-                    self.resume(move || {
-                        let parked = Parked::from_parts(record, fds);
-                        resumed.all.add_permits(1);
-                        if active {
-                            resumed.active.add_permits(1);
-                        }
-                        match parked {
-                            Ok(connection) => Some(ParkedConnection { connection, guard }),
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot take over a connection: it is lost");
-                                None
-                            }
-                        }
-                    });
+                let (idle, eager): (Vec<Handed>, Vec<Handed>) = match &watch {
+                    Some(_) => connections
+                        .into_iter()
+                        .partition(|c| c.watched && !c.record.is_active()),
+                    None => (Vec::new(), connections),
+                };
+                let takeover = Takeover {
+                    route: Arc::clone(&self.route),
+                    budget: Arc::clone(&self.context.connections),
+                    resumed,
+                };
+                let started = eager.len();
+                for mut handed in eager {
+                    handed.watched = false;
+                    takeover.start(handed);
+                }
+                if let Some(watch) = watch {
+                    tokio::spawn(resume_idle(takeover, watch, idle));
                 }
                 tracing::debug!(
-                    service = %self.config.name, connections = count,
+                    service = %self.config.name, connections = count, started,
                     took_ms = Time::now().since(spawning).as_secs_f64() * 1e3,
-                    "handed-over connections started"
+                    "handed-over connections started, the idle ones watched"
                 );
                 self.feed(Input::Tick);
             }
@@ -446,7 +590,17 @@ impl Service {
             ServiceCommand::Freeze(reply) => {
                 let _ = reply.send(Err(FreezeError::Busy("a hand-over is already under way".into())));
             }
-            ServiceCommand::Thaw => {}
+            ServiceCommand::Watch(reply) => {
+                let watch = match self.shared.parking.watch() {
+                    Ok(watch) => Some((watch, self.shared.open())),
+                    Err(e) => {
+                        tracing::warn!(service = %self.config.name, error = %e, "cannot watch the connections");
+                        None
+                    }
+                };
+                let _ = reply.send(watch);
+            }
+            ServiceCommand::Thaw => self.unwatch(),
         }
     }
 
@@ -472,6 +626,7 @@ impl Service {
             let _ = task.await;
             accepting.push(listener);
         }
+        self.shared.parking.reserve(self.shared.open());
         self.shared.parking.request();
         if tokio::time::timeout(PARK_TIMEOUT, self.shared.all_parked())
             .await
@@ -508,6 +663,7 @@ impl Service {
     /// Carries on after a freeze: the parked connections resume, the accept loops start again.
     fn thaw(&mut self, accepting: Vec<Arc<Listener>>) {
         self.shared.parking.cancel();
+        self.unwatch();
         for connection in self.shared.parking.take() {
             self.resume(move || Some(connection));
         }
@@ -516,18 +672,21 @@ impl Service {
         }
     }
 
-    /// Serves a parked connection again, on a task of its own, with a permit of the connection budget when
-    /// one is left (it was counted before it parked, so it goes on even without one). `connection` makes it
-    /// on that task: a handed-over one registers its sockets there.
+    /// Ends the connections' watch, if there is one.
+    fn unwatch(&self) {
+        if let Some(watch) = self.shared.parking.unwatch() {
+            // Closing it removes every socket from it, which takes a while with thousands.
+            tokio::task::spawn_blocking(move || drop(watch));
+        }
+    }
+
+    /// Serves a parked connection again, on a task of its own (see [`spawn_resumed`]).
     fn resume(&self, connection: impl FnOnce() -> Option<ParkedConnection> + Send + 'static) {
-        let route = Arc::clone(&self.route);
-        let permit = Arc::clone(&self.context.connections).try_acquire_owned().ok();
-        tokio::spawn(async move {
-            if let Some(connection) = connection() {
-                crate::proxy::resume(connection, &route).await;
-            }
-            drop(permit);
-        });
+        spawn_resumed(
+            Arc::clone(&self.route),
+            Arc::clone(&self.context.connections),
+            connection,
+        );
     }
 
     /// The machine and every worker it names, as plain data.
@@ -556,12 +715,23 @@ impl Service {
             })
             .collect();
         workers.sort_by_key(|w| w.generation);
-        let parked = self
+        let parked = self.shared.parking.records();
+        let watch = self
             .shared
             .parking
-            .records()
+            .current_watch()
+            .filter(|_| !parked.is_empty())
+            .map(|watch| WatchState {
+                fd: watch.as_fd().as_raw_fd(),
+                unwatched: parked
+                    .iter()
+                    .filter(|(_, _, watched)| !watched)
+                    .map(|(_, [client_fd, _], _)| *client_fd)
+                    .collect(),
+            });
+        let parked = parked
             .into_iter()
-            .map(|(record, [client_fd, worker_fd])| ParkedState {
+            .map(|(record, [client_fd, worker_fd], _)| ParkedState {
                 record,
                 client_fd,
                 worker_fd,
@@ -571,6 +741,7 @@ impl Service {
             machine: self.machine.clone(),
             workers,
             parked,
+            watch,
         }
     }
 

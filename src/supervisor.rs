@@ -501,6 +501,18 @@ impl Supervisor {
             .flat_map(|s| &s.parked)
             .filter(|p| p.record.is_active())
             .count();
+        let watched = state
+            .services
+            .values()
+            .filter_map(|s| s.watch.as_ref().map(|watch| (s, watch)))
+            .map(|(s, watch)| {
+                let unwatched: std::collections::HashSet<_> = watch.unwatched.iter().collect();
+                s.parked
+                    .iter()
+                    .filter(|p| !p.record.is_active() && !unwatched.contains(&p.client_fd))
+                    .count()
+            })
+            .sum();
         let resumed = Resumed::default();
         // Opened once every service is adopted: until then none runs.
         let (gate, opened) = watch::channel(false);
@@ -537,14 +549,22 @@ impl Supervisor {
         gate.send_replace(true);
         self.publish_directory();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let mut resumption = reexec::Resumption {
+            active_connections: active,
+            watched_connections: watched,
+            ..reexec::Resumption::default()
+        };
+        // The active connections run first; every connection is served (runs or is watched) by the end of the
+        // pause; the watched ones run in the background after it.
         let wait = tokio::time::timeout(reexec::PARK_TIMEOUT, async {
             let _ = resumed.active.acquire_many(count(active)).await;
-            let active_at = Time::now();
-            let _ = resumed.all.acquire_many(count(handed)).await;
-            active_at
+            resumption.active = (active > 0).then(Time::now);
+            let _ = resumed.served.acquire_many(count(handed)).await;
+            resumption.served = Some(Time::now());
+            let _ = resumed.running.acquire_many(count(handed)).await;
+            resumption.running = Some(Time::now());
         });
-        let active_at = wait.await;
-        if active_at.is_err() {
+        if wait.await.is_err() {
             tracing::warn!(
                 handed,
                 since_ms = Time::now().since(opened_at).as_secs_f64() * 1e3,
@@ -559,7 +579,7 @@ impl Supervisor {
             None => (ReexecResult::Ok, None),
             Some(why) => (ReexecResult::Failed, Some(why)),
         };
-        let record = in_flight.record(result, error, (active, active_at.ok().filter(|_| active > 0)));
+        let record = in_flight.record(result, error, &resumption);
         let pause = Duration::from_secs_f64(record.pause_ms.unwrap_or_default() / 1e3);
         self.context.metrics.reexec(result.label());
         match result {
@@ -568,6 +588,8 @@ impl Supervisor {
                 self.context.metrics.reexec_pause(pause);
                 tracing::info!(
                     pause_ms = record.pause_ms,
+                    resumed_ms = record.resumed_ms,
+                    watched = record.watched_connections,
                     listeners = record.listeners,
                     workers = record.workers,
                     connections = record.connections,
@@ -742,8 +764,17 @@ impl Supervisor {
         if job.checked_config.as_deref() != Some(self.config.text.as_str()) {
             return HandOverError::Busy("the configuration was reloaded during the check: checking again".into());
         }
+        // While they still relay, the connections add their sockets to their service's watch: the new image
+        // serves the idle ones from it as their bytes come, rather than registering all before any.
+        self.watch_connections().await;
+        let thaw = |supervisor: &Supervisor| {
+            for handle in supervisor.services.values() {
+                handle.thaw();
+            }
+        };
         // From here, a signal waits for whichever image comes next.
         if self.context.spawner.block_signals().await.is_err() {
+            thaw(self);
             return HandOverError::Failed("baton is shutting down".into());
         }
         // A signal caught before the block is in the runtime's signal pipe: one turn of its driver (which a
@@ -775,17 +806,10 @@ impl Supervisor {
             }
         }
         let parked_in = Time::now().since(paused_at);
-        let frozen: Vec<String> = snapshots.keys().cloned().collect();
-        let thaw = |supervisor: &Supervisor, frozen: &[String]| {
-            for name in frozen {
-                if let Some(handle) = supervisor.services.get(name) {
-                    handle.thaw();
-                }
-            }
-        };
+        // A thaw also ends the watch of a service that did not freeze.
         if let Some(refused) = refused {
             self.context.spawner.unblock_signals();
-            thaw(self, &frozen);
+            thaw(self);
             return refused;
         }
         self.context.events.emit(
@@ -832,8 +856,26 @@ impl Supervisor {
             Err(e) => e,
         };
         self.context.spawner.unblock_signals();
-        thaw(self, &frozen);
+        thaw(self);
         HandOverError::Failed(format!("cannot run {}: {error}", job.binary.display()))
+    }
+
+    /// Asks every service's connections to join a watch, and waits until those open have, for at most
+    /// [`reexec::WATCH_TIMEOUT`]: any that has not by then is resumed with the active ones.
+    async fn watch_connections(&self) {
+        let mut watching = Vec::new();
+        for handle in self.services.values() {
+            let (reply, watch) = oneshot::channel();
+            handle.send(ServiceCommand::Watch(reply));
+            watching.push(watch);
+        }
+        let deadline = tokio::time::Instant::now() + reexec::WATCH_TIMEOUT;
+        for watch in watching {
+            let Ok(Some((watch, open))) = watch.await else { continue };
+            while watch.joined() < open && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 
     /// The record of `job`, ended now with `result`.
@@ -852,7 +894,9 @@ impl Supervisor {
             from_version: env!("CARGO_PKG_VERSION").to_owned(),
             to_version,
             pause_ms: None,
+            resumed_ms: None,
             active_pause_ms: None,
+            watched_connections: 0,
             active_connections: 0,
             listeners: 0,
             workers: 0,
