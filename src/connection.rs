@@ -408,13 +408,42 @@ impl Connection {
         Ok(moved)
     }
 
-    /// Adds the connection's sockets to `watch`, which it joins either way: a connection whose sockets
-    /// cannot be added is resumed with the active ones.
+    /// Joins `watch`: adds the connection's sockets to it and makes them inheritable, for the exec to come
+    /// (no child inherits them meanwhile: every child baton starts marks its descriptors close-on-exec
+    /// first, see [`crate::reexec::close_all_on_exec`]). A connection that cannot do both joins all the
+    /// same, unwatched: it is then resumed with the active ones.
     pub(crate) fn join(&mut self, watch: &crate::watch::Watch) -> io::Result<()> {
         self.state.joined = watch.id();
-        let added = watch.add(self.client.as_fd(), self.worker.as_fd());
-        self.state.watched = added.is_ok();
-        added
+        self.state.watched = false;
+        watch.add(self.client.as_fd(), self.worker.as_fd())?;
+        let fds = self.raw_fds();
+        if let Err(e) = fds.iter().try_for_each(|fd| crate::reexec::set_inheritable(*fd, true)) {
+            self.close_on_exec();
+            return Err(e);
+        }
+        self.state.watched = true;
+        Ok(())
+    }
+
+    /// Leaves the watch it joined, which ended without an exec: its sockets are close-on-exec again.
+    pub(crate) fn leave(&mut self) {
+        if self.state.watched {
+            self.close_on_exec();
+        }
+        self.state.joined = 0;
+        self.state.watched = false;
+    }
+
+    fn raw_fds(&self) -> [RawFd; 2] {
+        [self.client.as_raw_fd(), self.worker.as_fd().as_raw_fd()]
+    }
+
+    fn close_on_exec(&self) {
+        for fd in self.raw_fds() {
+            if let Err(error) = crate::reexec::set_inheritable(fd, false) {
+                tracing::warn!(%error, fd, "cannot make a connection's socket close-on-exec again");
+            }
+        }
     }
 
     /// This connection, parked now: `generation` is its worker's, `answered` whether that worker has sent
@@ -470,7 +499,7 @@ pub struct Parked {
     worker: WorkerStream,
     /// How many of the pending bytes were read back from splice pipes when the connection parked.
     pub from_pipes: usize,
-    /// Whether its sockets are in its service's watch.
+    /// Whether its sockets are in its service's watch, and inheritable ([`Connection::join`]).
     pub watched: bool,
 }
 
@@ -551,9 +580,15 @@ impl Parked {
     }
 
     /// The parked connection `record` describes, with its sockets `client` and `worker`, non-blocking as
-    /// [`Parked::into_parts`] gives them (the mode is the socket's own, and an exec keeps it). Must run inside
-    /// the runtime.
-    pub fn from_parts(record: ParkedRecord, [client, worker]: [OwnedFd; 2]) -> io::Result<Parked> {
+    /// [`Parked::into_parts`] gives them (the mode is the socket's own, and an exec keeps it); `inheritable`
+    /// if the sockets were handed over so (a watched connection's), which they are no longer then. Must run
+    /// inside the runtime.
+    pub fn from_parts(record: ParkedRecord, [client, worker]: [OwnedFd; 2], inheritable: bool) -> io::Result<Parked> {
+        if inheritable {
+            for fd in [&client, &worker] {
+                crate::reexec::set_inheritable(fd.as_raw_fd(), false)?;
+            }
+        }
         let client = std::net::TcpStream::from(client);
         let worker = match record.backend {
             Backend::Tcp => WorkerStream::Tcp(TcpStream::from_std(std::net::TcpStream::from(worker))?),
@@ -577,14 +612,18 @@ impl Parked {
     /// time it had left (the pause was baton's, not silence of the peers).
     pub(crate) fn resume(self) -> Connection {
         let Parked {
-            record, client, worker, ..
+            record,
+            client,
+            worker,
+            watched,
+            ..
         } = self;
         let parked_for = Time::now().since(record.parked_at);
         let activity = Activity::since((record.last_moved + parked_for).instant());
         activity.answered.store(record.answered_since_sent, Ordering::Relaxed);
         activity.kept.store(record.kept, Ordering::Relaxed);
         activity.worker_ended.store(record.worker_ended, Ordering::Relaxed);
-        Connection {
+        let mut connection = Connection {
             client,
             worker,
             state: State {
@@ -597,9 +636,12 @@ impl Parked {
                 tail: record.tail,
                 activity,
                 joined: 0,
-                watched: false,
+                watched,
             },
-        }
+        };
+        // The hand-over it was watched for did not happen.
+        connection.leave();
+        connection
     }
 }
 

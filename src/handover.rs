@@ -277,6 +277,29 @@ impl State {
         fds
     }
 
+    /// Every descriptor the state names but the sockets of the watched connections: those are inheritable
+    /// already (a connection makes its sockets so as it joins its service's watch, [`crate::watch`]) and
+    /// close-on-exec again in the new image as each connection is taken over. The others an exec makes
+    /// inheritable just before, and the new image close-on-exec first thing.
+    pub fn flagged_descriptors(&self) -> Vec<RawFd> {
+        let watched: std::collections::HashSet<RawFd> = self
+            .services
+            .values()
+            .filter_map(|service| service.watch.as_ref().map(|watch| (service, watch)))
+            .flat_map(|(service, watch)| {
+                let unwatched: std::collections::HashSet<RawFd> = watch.unwatched.iter().copied().collect();
+                service
+                    .parked
+                    .iter()
+                    .filter(move |p| !unwatched.contains(&p.client_fd))
+                    .flat_map(|p| [p.client_fd, p.worker_fd])
+            })
+            .collect();
+        let mut fds = self.descriptors();
+        fds.retain(|fd| !watched.contains(fd));
+        fds
+    }
+
     /// Checks that the state names each descriptor once, so that adopting them gives each one owner.
     pub fn check_descriptors(&self) -> Result<(), String> {
         let mut fds = self.descriptors();

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
     // after a re-exec, the ones that came during the exec wait here).
     let handled = reexec::handled_signals();
     let _ = handled.thread_block();
+    reexec::reap_holder();
     let inherited = match Inherited::take() {
         Ok(inherited) => inherited,
         Err(e) => {
@@ -425,10 +426,11 @@ fn resume(inherited: &Inherited) -> Result<Resumption, (String, Vec<std::os::fd:
     })?;
     let descriptors = state.descriptors();
     let failed = |why: String| (format!("the new image cannot take over: {why}"), descriptors.clone());
-    // Each is checked open, and made close-on-exec at once: nothing this image starts may inherit one (a
-    // fall-back makes them inheritable again). Descriptors the state does not name, such as any baton's
-    // own parent gave it, are left as they are.
-    if let Err(e) = reexec::set_all_inheritable(&descriptors, false) {
+    // Each is checked open, and made close-on-exec at once (a fall-back makes them inheritable again); the
+    // sockets of watched connections are, as each connection is taken over. No child this image starts
+    // inherits one meanwhile: each marks its descriptors close-on-exec first. Descriptors the state does
+    // not name, such as any baton's own parent gave it, are left as they are.
+    if let Err(e) = reexec::set_all_inheritable(&state.flagged_descriptors(), false) {
         return Err(failed(format!("a descriptor of the state is not open: {e}")));
     }
     let config = state.running_config().map_err(failed)?;

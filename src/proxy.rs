@@ -144,12 +144,15 @@ async fn run(
         match relayed {
             Relayed::Ended(outcome) => break outcome,
             Relayed::Park if shared.parking.is_requested() => return Ran::Park,
-            // Asked to join a watch: the connection adds its sockets and relays on.
+            // Asked to join a watch, or to leave the one it joined: it does and relays on.
             Relayed::Park => {
-                if let Some(watch) = shared.parking.current_watch() {
-                    if let Err(error) = connection.join(&watch) {
-                        tracing::debug!(%error, "cannot watch a connection: it resumes with the active ones");
+                match shared.parking.current_watch() {
+                    Some(watch) => {
+                        if let Err(error) = connection.join(&watch) {
+                            tracing::debug!(%error, "cannot watch a connection: it resumes with the active ones");
+                        }
                     }
+                    None => connection.leave(),
                 }
                 continue;
             }
@@ -1147,7 +1150,7 @@ mod tests {
             let text = serde_json::to_string(&record).expect("serialise");
             let back: ParkedRecord = serde_json::from_str(&text).expect("deserialise");
             assert_eq!(back, record);
-            let connection = Parked::from_parts(back, fds).expect("from parts");
+            let connection = Parked::from_parts(back, fds, false).expect("from parts");
             let adopted = upstream.adopt(record.answered);
             drop(guard);
             resumed.push(ParkedConnection {
@@ -1246,7 +1249,7 @@ mod tests {
             let (record, fds) = connection.into_parts().expect("into parts");
             let back: ParkedRecord =
                 serde_json::from_str(&serde_json::to_string(&record).expect("serialise")).expect("deserialise");
-            let connection = Parked::from_parts(back, fds).expect("from parts");
+            let connection = Parked::from_parts(back, fds, false).expect("from parts");
             shared.parking.cancel();
             let resumed = tokio::spawn({
                 let route = Arc::clone(&route);
@@ -1265,5 +1268,151 @@ mod tests {
             assert_eq!(resumed.await.expect("resumed"), Outcome::Completed);
             return;
         }
+    }
+
+    /// Baton's sockets of the connections through `public` to `worker` that are inheritable across an exec:
+    /// the client ones (bound to `public`) and the worker ones (connected to `worker`).
+    fn inheritable_sockets(public: SocketAddr, worker: SocketAddr) -> Vec<i32> {
+        use std::os::fd::BorrowedFd;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fd").expect("fd directory") {
+            let Some(fd) = entry.ok().and_then(|e| e.file_name().to_str()?.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(flags) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) else {
+                continue;
+            };
+            if flags & nix::libc::FD_CLOEXEC != 0 {
+                continue;
+            }
+            // SAFETY: borrowed for the two calls below only; a descriptor closed meanwhile makes them fail.
+            #[allow(unsafe_code)]
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = SockRef::from(&borrowed);
+            let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+            let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
+            if local == Some(public) || peer == Some(worker) {
+                found.push(fd);
+            }
+        }
+        found
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_join_a_watch_inheritable_and_leave_it_close_on_exec() {
+        const CONNECTIONS: usize = 40;
+        // An echo worker.
+        let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+        let worker_addr = worker.local_addr().expect("worker address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = worker.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 64];
+                    while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                        if stream.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let (route, _upstream) = route_to(worker_addr);
+        let shared = Arc::clone(&route.load().shared);
+        let listener = Arc::new(Listener::bind("127.0.0.1:0".parse().expect("address"), 1024).expect("bind"));
+        let public = listener.local;
+        let budget = Arc::new(Semaphore::new(CONNECTIONS));
+        let accepting = tokio::spawn(accept_loop(listener, "watch".into(), Arc::clone(&route), budget));
+        async fn echo(client: &mut TcpStream, byte: u8) {
+            client.write_all(&[byte]).await.expect("write");
+            let mut back = [0u8; 1];
+            tokio::time::timeout(DEADLINE, client.read_exact(&mut back))
+                .await
+                .expect("in time")
+                .expect("echo");
+            assert_eq!(back, [byte]);
+        }
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let mut client = TcpStream::connect(public).await.expect("connect");
+            echo(&mut client, b'a').await;
+            clients.push(client);
+        }
+        assert!(
+            inheritable_sockets(public, worker_addr).is_empty(),
+            "close-on-exec while they relay"
+        );
+
+        let watch = shared.parking.watch().expect("watch");
+        wait_until("every connection joins the watch", || {
+            let joined = watch.joined();
+            (joined == CONNECTIONS).then_some(()).ok_or(format!("{joined} joined"))
+        })
+        .await;
+        wait_until("their sockets are inheritable", || {
+            let count = inheritable_sockets(public, worker_addr).len();
+            (count == 2 * CONNECTIONS)
+                .then_some(())
+                .ok_or(format!("{count} inheritable"))
+        })
+        .await;
+        // A hand-over given up before they park: they leave, close-on-exec again, and join the next watch.
+        drop(shared.parking.unwatch());
+        wait_until("their sockets are close-on-exec again", || {
+            let left = inheritable_sockets(public, worker_addr);
+            left.is_empty().then_some(()).ok_or(format!("inheritable: {left:?}"))
+        })
+        .await;
+        echo(&mut clients[3], b'x').await;
+        let watch = shared.parking.watch().expect("watch");
+        wait_until("every connection joins the next watch", || {
+            let (joined, count) = (watch.joined(), inheritable_sockets(public, worker_addr).len());
+            (joined == CONNECTIONS && count == 2 * CONNECTIONS)
+                .then_some(())
+                .ok_or(format!("{joined} joined, {count} inheritable"))
+        })
+        .await;
+
+        // They park; the watch reports a parked one whose client sends a byte.
+        accepting.abort();
+        shared.parking.request();
+        tokio::time::timeout(DEADLINE, shared.all_parked())
+            .await
+            .expect("every connection parks");
+        let parked = shared.parking.take();
+        assert_eq!(parked.len(), CONNECTIONS);
+        assert!(parked.iter().all(|p| p.connection.watched), "all parked watched");
+        let mut ready = Vec::new();
+        watch.ready(&mut ready).expect("ready");
+        assert!(ready.is_empty(), "nothing waits yet: {ready:?}");
+        clients[7].write_all(b"b").await.expect("write");
+        wait_until("the watch reports the connection that has a byte", || {
+            watch.ready(&mut ready).map_err(|e| e.to_string())?;
+            (!ready.is_empty()).then_some(()).ok_or("nothing reported".into())
+        })
+        .await;
+        let sockets = inheritable_sockets(public, worker_addr);
+        assert!(
+            ready.iter().all(|fd| sockets.contains(fd)),
+            "{ready:?} among {sockets:?}"
+        );
+
+        // The hand-over is given up: they resume, leave the watch, are close-on-exec again and relay.
+        shared.parking.cancel();
+        drop(shared.parking.unwatch());
+        for connection in parked {
+            let route = Arc::clone(&route);
+            tokio::spawn(async move { resume(connection, &route).await });
+        }
+        let mut back = [0u8; 1];
+        clients[7]
+            .read_exact(&mut back)
+            .await
+            .expect("the byte sent while parked");
+        assert_eq!(back, *b"b");
+        for client in &mut clients {
+            echo(client, b'c').await;
+        }
+        let left = inheritable_sockets(public, worker_addr);
+        assert!(left.is_empty(), "inheritable after the resume: {left:?}");
     }
 }

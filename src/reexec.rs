@@ -32,13 +32,16 @@ pub const PREVIOUS_COMMAND_VAR: &str = "BATON_PREVIOUS_COMMAND";
 pub const FAILURE_VAR: &str = "BATON_REEXEC_FAILURE";
 /// The variable that names the previous image's event queues, which the new image closes once it runs.
 pub const LINGERING_VAR: &str = "BATON_LINGERING_FDS";
+/// The variable that names the process holding the previous image's address space, which the new image reaps.
+pub const HOLDER_VAR: &str = "BATON_HOLDER_PID";
 /// Every variable of the hand-over: none reaches a worker or a checked binary.
-pub const VARIABLES: [&str; 5] = [
+pub const VARIABLES: [&str; 6] = [
     STATE_FD_VAR,
     PREVIOUS_EXE_VAR,
     PREVIOUS_COMMAND_VAR,
     FAILURE_VAR,
     LINGERING_VAR,
+    HOLDER_VAR,
 ];
 
 /// How long a new binary's check may take, unless the request says otherwise.
@@ -259,6 +262,11 @@ pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<Che
     for variable in VARIABLES.iter().chain(crate::worker::PRIVATE_VARIABLES.iter()) {
         command.env_remove(variable);
     }
+    // SAFETY: the closure makes only system calls (see `close_all_on_exec`).
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(close_all_on_exec);
+    }
     let child = command.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
     // However the check ends, even abandoned (baton shutting down), its process group goes with it.
     let _group = Group(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
@@ -334,6 +342,40 @@ pub fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Marks every descriptor above standard error close-on-exec: the first thing a child baton starts does
+/// (in `pre_exec`), so that it inherits only what it is given as its standard streams whatever flags this
+/// process's descriptors have (the sockets of connections about to be handed over are inheritable).
+/// Only system calls, no allocation: safe between fork and exec.
+#[allow(unsafe_code)]
+pub fn close_all_on_exec() -> io::Result<()> {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on this process's descriptors.
+    let marked = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC as nix::libc::c_uint,
+        )
+    };
+    if marked == 0 {
+        return Ok(());
+    }
+    // A kernel before 5.11: each descriptor in turn, up to the limit on them.
+    // SAFETY: getrlimit(2) and fcntl(2) on a number that may not be open, which fails harmlessly.
+    let mut limit = nix::libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { nix::libc::getrlimit(nix::libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let top = nix::libc::c_int::try_from(limit.rlim_cur).unwrap_or(nix::libc::c_int::MAX);
+    for fd in 3..top {
+        unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+    }
+    Ok(())
+}
+
 /// Makes each of `fds` inheritable across an exec, or not; stops at the first that fails (one not open)
 /// and returns its error. Thousands are split with a second thread: an exec handing over many connections
 /// waits for this.
@@ -397,7 +439,7 @@ pub struct ExecRequest {
     pub binary: PathBuf,
     /// The state, in a memfd.
     pub state: OwnedFd,
-    /// Every descriptor the state names.
+    /// Every descriptor the state names that is close-on-exec ([`State::flagged_descriptors`]).
     pub inherit: Vec<RawFd>,
 }
 
@@ -440,9 +482,105 @@ pub fn exec(request: &ExecRequest, previous: Option<RawFd>, lingering: &[RawFd])
         variables.push((LINGERING_VAR, list.join(",")));
         inherit.extend_from_slice(lingering);
     }
+    // Without a holder, the exec frees the old address space itself: slower, not wrong.
+    let holder = Holder::start()
+        .inspect_err(|e| tracing::debug!(error = %e, "no process to hold the address space"))
+        .ok();
+    if let Some(holder) = &holder {
+        variables.push((HOLDER_VAR, holder.pid.to_string()));
+    }
     let error = replace_image(Image::Path(&request.binary), &command.with(&variables), &inherit);
+    drop(holder);
     drop(kept);
     error
+}
+
+/// A process that shares this image's address space (`CLONE_VM`) and outlives the exec, then lets the
+/// address space go: the exec no longer frees the pages of every connection's memory while no connection
+/// moves; the holder does, after, on its own. It does nothing but wait for the end of a close-on-exec pipe
+/// to close (at the exec, or when it is dropped because the exec failed) and exit; the new image reaps it
+/// ([`reap_holder`]).
+struct Holder {
+    pid: nix::libc::pid_t,
+    /// The pipe's write end, close-on-exec: closing it ends the holder.
+    release: Option<OwnedFd>,
+    /// The holder's stack and its argument, which must stay put until it has exited.
+    stack: Vec<u8>,
+    ends: Box<[nix::libc::c_int; 2]>,
+}
+
+/// The holder's whole life, on its own stack in the shared address space: only system calls, no
+/// allocation, no thread-local state.
+#[allow(unsafe_code)]
+extern "C" fn hold(ends: *mut nix::libc::c_void) -> nix::libc::c_int {
+    // SAFETY: `ends` is the holder's `[read, write]`, which stays allocated (in this address space, which
+    // the holder keeps) until the holder has exited.
+    unsafe {
+        let [read, write] = *ends.cast::<[nix::libc::c_int; 2]>();
+        // Its own copy of the write end would keep the pipe open.
+        nix::libc::close(write);
+        let mut byte = 0u8;
+        nix::libc::read(read, (&raw mut byte).cast(), 1);
+        nix::libc::_exit(0)
+    }
+}
+
+impl Holder {
+    #[allow(unsafe_code)]
+    fn start() -> io::Result<Holder> {
+        const STACK: usize = 64 * 1024;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut stack = vec![0u8; STACK];
+        let mut ends = Box::new([read.as_raw_fd(), write.as_raw_fd()]);
+        // The stack grows down from its 16-byte aligned top.
+        let top = stack
+            .as_mut_ptr()
+            .wrapping_add(STACK - (stack.as_ptr() as usize + STACK) % 16);
+        // SAFETY: `hold` touches nothing but its argument and its stack, both kept allocated until it exits
+        // (`Drop` waits for it); the flags make it a child process sharing the address space, not a thread.
+        let pid = unsafe {
+            nix::libc::clone(
+                hold,
+                top.cast(),
+                nix::libc::CLONE_VM | nix::libc::SIGCHLD,
+                (&raw mut *ends).cast(),
+            )
+        };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The holder has the read end (its copy of the descriptor table has it).
+        drop(read);
+        Ok(Holder {
+            pid,
+            release: Some(write),
+            stack,
+            ends,
+        })
+    }
+}
+
+impl Drop for Holder {
+    /// Ends the holder and reaps it: the exec failed.
+    fn drop(&mut self) {
+        drop(self.release.take());
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        let _ = (&self.stack, &self.ends);
+    }
+}
+
+/// Reaps the process that held the previous image's address space, on a thread of its own: it exits once
+/// it has freed it.
+pub fn reap_holder() {
+    let Some(pid) = std::env::var(HOLDER_VAR).ok().and_then(|pid| pid.parse::<i32>().ok()) else {
+        return;
+    };
+    let reaping = std::thread::Builder::new()
+        .name("baton-reap".into())
+        .spawn(move || nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None));
+    if let Err(e) = reaping {
+        tracing::warn!(error = %e, pid, "cannot reap the process that held the previous image's memory");
+    }
 }
 
 /// The event queues (epoll instances) among the low descriptors, less `excluded` (sorted): call it right after the
@@ -678,6 +816,36 @@ mod tests {
         let command = Command::of_this_process().expect("this process");
         assert_eq!(Command::decode(&command.encode()).expect("decode"), command);
         assert!(Command::decode(b"").is_err());
+    }
+
+    #[test]
+    fn a_child_inherits_no_descriptor_beyond_its_streams_whatever_its_flags() {
+        use std::os::unix::process::CommandExt as _;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        // An inheritable copy, numbered well above any the child opens itself (`ls` opens the directory).
+        let high = fcntl(read.as_raw_fd(), FcntlArg::F_DUPFD(200)).expect("dup");
+        let read = own_fd(high);
+        let listing = |guarded: bool| {
+            let mut command = std::process::Command::new("ls");
+            command.arg("/proc/self/fd");
+            if guarded {
+                // SAFETY: the closure makes only system calls.
+                #[allow(unsafe_code)]
+                unsafe {
+                    command.pre_exec(close_all_on_exec);
+                }
+            }
+            let output = command.output().expect("ls");
+            String::from_utf8(output.stdout).expect("UTF-8")
+        };
+        let fd = read.as_raw_fd().to_string();
+        assert!(
+            listing(false).lines().any(|l| l == fd),
+            "without it, the child inherits {fd}"
+        );
+        let guarded = listing(true);
+        assert!(!guarded.lines().any(|l| l == fd), "the child inherited {fd}: {guarded}");
+        drop(write);
     }
 
     #[test]

@@ -261,8 +261,7 @@ impl Future for Raised<'_> {
                 return Poll::Ready(());
             }
             if let Some((current, joined)) = this.watch {
-                let current = current.load(Ordering::SeqCst);
-                if current != 0 && current != *joined {
+                if current.load(Ordering::SeqCst) != *joined {
                     return Poll::Ready(());
                 }
             }
@@ -345,7 +344,7 @@ impl Parking {
     }
 
     /// Resolves once connections are asked to park, or to join a watch other than `joined` (the id of the
-    /// one the connection joined, or 0).
+    /// one the connection joined, or 0), or to leave that one (it ended).
     pub fn requested(&self, joined: u64) -> Raised<'_> {
         Raised {
             watch: Some((&self.watch_id, joined)),
@@ -386,11 +385,14 @@ impl Parking {
         self.watch.lock().unwrap_or_else(PoisonError::into_inner).1.clone()
     }
 
-    /// Ends the watch, if there is one, and returns it. Connections that joined it join the next one.
+    /// Ends the watch, if there is one, and returns it: the connections that joined it leave it.
     pub fn unwatch(&self) -> Option<Arc<Watch>> {
         let mut current = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
         self.watch_id.store(0, Ordering::SeqCst);
-        current.1.take()
+        let watch = current.1.take();
+        drop(current);
+        self.signal.nudge();
+        watch
     }
 
     /// The connections parked so far.

@@ -215,6 +215,7 @@ impl ServiceHandle {
                 fds,
                 guard,
                 watched,
+                inheritable: watched,
             });
         }
         let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
@@ -277,8 +278,10 @@ struct Handed {
     record: crate::connection::ParkedRecord,
     fds: [std::os::fd::OwnedFd; 2],
     guard: crate::route::Guard,
-    /// Whether its sockets are in the handed-over watch.
+    /// Whether the handed-over watch counts it as served (see [`resume_idle`]).
     watched: bool,
+    /// Whether its sockets came inheritable (a watched connection's: [`crate::connection::Connection::join`]).
+    inheritable: bool,
 }
 
 /// Serves a parked connection again, on a task of its own, with a permit of the connection budget `budget`
@@ -316,11 +319,12 @@ impl Takeover {
             fds,
             guard,
             watched,
+            inheritable,
         } = handed;
         let resumed = self.resumed.clone();
         let active = record.is_active();
         spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), move || {
-            let parked = Parked::from_parts(record, fds);
+            let parked = Parked::from_parts(record, fds, inheritable);
             resumed.running.add_permits(1);
             if !watched {
                 resumed.served.add_permits(1);
@@ -502,7 +506,7 @@ impl Service {
                     waiter,
                 });
             }
-            Start::Adopted(mut connections, watch, resumed, mut gate) => {
+            Start::Adopted(connections, watch, resumed, mut gate) => {
                 // Nothing runs until every service has been adopted: a new image that cannot adopt them all
                 // falls back to the previous binary, which resumes from the state as it was written.
                 if gate.wait_for(|open| *open).await.is_err() {
@@ -517,14 +521,22 @@ impl Service {
                 let spawning = Time::now();
                 let count = connections.len();
                 // The connections that were moving bytes go first; among them, the latest first. So do those
-                // whose sockets are not watched. The idle, watched ones follow in the background.
-                connections.sort_by_key(|c| std::cmp::Reverse((c.record.is_active(), c.record.last_moved)));
-                let (idle, eager): (Vec<Handed>, Vec<Handed>) = match &watch {
-                    Some(_) => connections
-                        .into_iter()
-                        .partition(|c| c.watched && !c.record.is_active()),
-                    None => (Vec::new(), connections),
-                };
+                // whose sockets are not watched. The idle, watched ones follow in the background, in the
+                // same order. The order is worked out on indices: a connection is large to move around.
+                let mut order: Vec<usize> = (0..connections.len()).collect();
+                order.sort_by_key(|&i| {
+                    let record = &connections[i].record;
+                    std::cmp::Reverse((record.is_active(), record.last_moved))
+                });
+                let mut connections: Vec<Option<Handed>> = connections.into_iter().map(Some).collect();
+                let (mut idle, mut eager) = (Vec::new(), Vec::new());
+                for handed in order.into_iter().filter_map(|i| connections[i].take()) {
+                    if watch.is_some() && handed.watched && !handed.record.is_active() {
+                        idle.push(handed);
+                    } else {
+                        eager.push(handed);
+                    }
+                }
                 let takeover = Takeover {
                     route: Arc::clone(&self.route),
                     budget: Arc::clone(&self.context.connections),
@@ -627,6 +639,7 @@ impl Service {
             accepting.push(listener);
         }
         self.shared.parking.reserve(self.shared.open());
+        let parking = Time::now();
         self.shared.parking.request();
         if tokio::time::timeout(PARK_TIMEOUT, self.shared.all_parked())
             .await
@@ -640,7 +653,15 @@ impl Service {
             ))));
             return;
         }
-        if reply.send(Ok(self.snapshot())).is_err() {
+        let parked = Time::now();
+        let snapshot = self.snapshot();
+        tracing::debug!(
+            service = %self.config.name,
+            parking_ms = parked.since(parking).as_secs_f64() * 1e3,
+            snapshot_ms = Time::now().since(parked).as_secs_f64() * 1e3,
+            "connections parked"
+        );
+        if reply.send(Ok(snapshot)).is_err() {
             self.thaw(accepting);
             return;
         }

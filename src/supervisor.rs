@@ -849,7 +849,7 @@ impl Supervisor {
                 let request = ExecRequest {
                     binary: job.binary.clone(),
                     state: carrier,
-                    inherit: state.descriptors(),
+                    inherit: state.flagged_descriptors(),
                 };
                 self.context.spawner.exec(request).await
             }

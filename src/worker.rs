@@ -789,17 +789,19 @@ fn reserve_loopback_port() -> io::Result<std::net::SocketAddr> {
     listener.local_addr()
 }
 
-/// Prepares the forked child before it execs: switches to `identity` (supplementary groups, group, user),
+/// Prepares the forked child before it execs: marks every descriptor above standard error close-on-exec, switches to `identity` (supplementary groups, group, user),
 /// gives it `fd_limit` back, and makes it receive SIGKILL when baton's spawning thread ends, exiting at once
 /// if baton has already gone by then. The death signal is set last: a change of credentials clears it.
 #[allow(unsafe_code)]
 fn prepare_child(command: &mut std::process::Command, identity: Option<Identity>, fd_limit: Option<FdLimit>) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and calls only setgroups(2), setgid(2),
-    // setuid(2), setrlimit(2), prctl(2) and getppid(2), which are async-signal-safe; everything it uses was
+    // SAFETY: the closure runs in the forked child before exec and calls only close_range(2) (or fcntl(2)),
+    // setgroups(2), setgid(2), setuid(2), setrlimit(2), prctl(2) and getppid(2), which are async-signal-safe; everything it uses was
     // computed before the fork, it allocates nothing (errors are raw errnos) and takes no lock.
     unsafe {
         command.pre_exec(move || {
+            // It inherits its standard streams, nothing else, whatever flags baton's descriptors have.
+            crate::reexec::close_all_on_exec()?;
             if let Some(identity) = &identity {
                 nix::unistd::setgroups(&identity.groups)?;
                 nix::unistd::setgid(identity.gid)?;

@@ -312,6 +312,50 @@ fn fifty_reexecs_under_fresh_connections_refuse_or_reset_none() {
 }
 
 #[test]
+fn idle_connections_are_watched_across_a_reexec_and_answer_during_and_after_it() {
+    const IDLE: usize = 150;
+    let baton = Baton::start(&web(&[], ""));
+    let addr = baton.addr("web");
+    let mut idle: Vec<KeepAlive> = (0..IDLE).map(|_| KeepAlive::connect(addr)).collect();
+    for connection in &mut idle {
+        assert_eq!(connection.whoami().expect("answer"), 1);
+    }
+    // Once they have been silent for the active window, a re-exec watches them rather than taking them over
+    // before its pause ends.
+    let record = wait_for("a re-exec that finds the connections idle", || {
+        let record = reexec_ok(&baton);
+        (record["watched_connections"] == IDLE)
+            .then(|| record.clone())
+            .ok_or_else(|| record.to_string())
+    });
+    assert_eq!(record["active_connections"], 0, "{record}");
+    assert_eq!(record["connections"], IDLE, "{record}");
+    assert!(record["resumed_ms"].as_f64() >= record["pause_ms"].as_f64(), "{record}");
+    // Requests on idle connections while another re-exec takes them over: each is answered.
+    let asking = idle.split_off(IDLE / 2);
+    let done = Arc::new(AtomicBool::new(false));
+    let asker = std::thread::spawn({
+        let done = Arc::clone(&done);
+        move || {
+            let mut asking = asking;
+            // Round after round, until the re-exec is over: some ask while it runs.
+            while !done.load(Ordering::SeqCst) {
+                for connection in &mut asking {
+                    assert_eq!(connection.whoami().expect("answered during the re-exec"), 1);
+                }
+            }
+            asking
+        }
+    });
+    reexec_ok(&baton);
+    done.store(true, Ordering::SeqCst);
+    idle.extend(asker.join().expect("asker"));
+    for connection in &mut idle {
+        assert_eq!(connection.whoami().expect("answered after the re-exec"), 1);
+    }
+}
+
+#[test]
 fn streams_both_ways_come_through_twenty_reexecs_byte_exact() {
     let baton = Baton::start(&web(&[], ""));
     let addr = baton.addr("web");
