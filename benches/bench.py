@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import re
 import resource
 import selectors
@@ -505,11 +506,34 @@ stream {{
             wanted = min(wanted, (budget - 50) // 100 * 100)
         print(f"opening {wanted} idle connections through baton (its budget: {budget})", file=sys.stderr)
         sockets = open_idle(target, wanted)
+        # During each re-exec, one request after another on idle connections, each used once: how long the
+        # slowest waited is the pause as a client sees it.
+        pool = list(sockets)
+        random.Random(7).shuffle(pool)
+        probes = []
+
+        def probe(stop):
+            while not stop.is_set() and pool:
+                s = pool.pop()
+                started = time.perf_counter()
+                try:
+                    s.sendall(REQUEST)
+                    whole = read_response(s)
+                except OSError:
+                    whole = False
+                probes.append(((time.perf_counter() - started) * 1e3, whole))
+
         try:
             time.sleep(1.0)
             outcomes = []
             for i in range(reexecs):
+                stop = threading.Event()
+                prober = threading.Thread(target=probe, args=(stop,))
+                prober.start()
+                time.sleep(0.05)
                 outcomes.append(self.baton_reexec())
+                stop.set()
+                prober.join()
                 print(f"re-exec {i + 1}/{reexecs} with {wanted} connections: {outcomes[-1].get('result')}, "
                       f"pause {outcomes[-1].get('pause_ms')} ms, {outcomes[-1].get('connections')} connections",
                       file=sys.stderr)
@@ -518,7 +542,8 @@ stream {{
         finally:
             for s in sockets:
                 s.close()
-        return {"connections": wanted, "budget": budget, "outcomes": outcomes, "failures": failures}
+        return {"connections": wanted, "budget": budget, "outcomes": outcomes, "failures": failures,
+                "probes": [ms for ms, whole in probes if whole], "probe_failures": sum(1 for _, w in probes if not w)}
 
 
 def read_response(s, response=b""):
@@ -840,7 +865,10 @@ def reexec_tables(results, stat):
               f"({results_cell(pause['outcomes'])}), pause max "
               f"{max(paused):.1f} ms, median {statistics.median(paused):.1f} ms; connections handed over: "
               f"{', '.join(map(str, handed)) or '-'}; afterwards {pause['failures']} of {pause['connections']:,} "
-              f"connections failed their next request." if paused else
+              f"connections failed their next request. Requests on idle connections during the re-execs: "
+              f"{len(pause['probes'])} answered, {pause['probe_failures']} failed, slowest "
+              f"{max(pause['probes'], default=0):.1f} ms, median {statistics.median(pause['probes'] or [0]):.1f} ms."
+              if paused else
               f"Pause with {pause['connections']:,} idle connections: no re-exec went through "
               f"({results_cell(pause['outcomes'])}); {pause['failures']} connections failed afterwards.")
     errors = [o for name in ("baton",) for run in results.get(name, {}).get("reexec", [])
