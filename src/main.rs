@@ -15,7 +15,7 @@ use baton::config::Config;
 use baton::error::chain;
 use baton::handover::State;
 use baton::reexec::{self, Inherited};
-use baton::supervisor::{Signals, Start};
+use baton::supervisor::{Options, Signals, Start};
 use baton::worker::{FdLimit, Spawner};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -48,6 +48,13 @@ enum Command {
         /// Threads that carry connections (default: one per CPU). One runs the whole daemon on one thread.
         #[arg(long, env = "BATON_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
+        /// Write baton's process id here once its sockets are bound (refused if it names a running baton).
+        #[arg(long, env = "BATON_PID_FILE")]
+        pid_file: Option<PathBuf>,
+        /// Become a child subreaper: orphans of the workers' children are reaped by baton, as when it is
+        /// PID 1 (which it does anyway).
+        #[arg(long)]
+        subreaper: bool,
     },
     /// Validate a configuration file without binding or starting anything.
     Check {
@@ -208,7 +215,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, threads } => match run(&config, threads, inherited) {
+        Command::Run {
+            config,
+            threads,
+            pid_file,
+            subreaper,
+        } => match run(&config, threads, Options { pid_file, subreaper }, inherited) {
             Ok(()) => ExitCode::SUCCESS,
             Err(Failure::Resume(why, inherited, descriptors)) => fall_back(&inherited, &descriptors, &why),
             Err(Failure::Config(e)) => {
@@ -286,8 +298,17 @@ impl From<anyhow::Error> for Failure {
 /// Runs the daemon on the runtime while the main thread forks workers. With one thread, the runtime is a
 /// current-thread one on a thread of its own: no work-stealing queues, no cross-thread wake-ups. With
 /// `inherited`, the daemon carries on from the state a previous image handed over instead of starting.
-fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -> Result<(), Failure> {
+fn run(
+    config_path: &Path,
+    threads: Option<u16>,
+    options: Options,
+    inherited: Option<Inherited>,
+) -> Result<(), Failure> {
     let mut inherited = inherited;
+    // Before anything is bound: a second baton on the same pid file stops here, saying why.
+    if let (Some(path), None) = (&options.pid_file, &inherited) {
+        baton::pidfile::PidFile::check(path).map_err(|e| Failure::Runtime(anyhow::Error::new(e)))?;
+    }
     let resumed = match &inherited {
         None => None,
         Some(handed) => match resume(handed) {
@@ -366,7 +387,7 @@ fn run(config_path: &Path, threads: Option<u16>, inherited: Option<Inherited>) -
         let exit_guard = SpawnerExit(spawner.clone());
         let daemon = async move {
             let _exit_guard = exit_guard;
-            let result = baton::run(config, spawner, signals, start).await;
+            let result = baton::run(config, spawner, signals, start, options).await;
             let _ = done_tx.send(result);
         };
         // The runtime's threads are started with the signals blocked (they are blocked on this thread now);

@@ -267,7 +267,10 @@ pub async fn check(binary: &Path, state: &[u8], timeout: Duration) -> Result<Che
     unsafe {
         command.pre_exec(close_all_on_exec);
     }
-    let child = command.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
+    let child = crate::reaper::spawned(|| command.spawn(), tokio::process::Child::id)
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    // Its status is its wait's (or, once abandoned, the runtime's): the orphan reaper leaves it until then.
+    let _own = Own(child.id());
     // However the check ends, even abandoned (baton shutting down), its process group goes with it.
     let _group = Group(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
@@ -495,6 +498,17 @@ pub fn exec(request: &ExecRequest, previous: Option<RawFd>, lingering: &[RawFd])
     error
 }
 
+/// Forgets a child of baton's own when dropped ([`crate::reaper::forget`]).
+struct Own(Option<u32>);
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            crate::reaper::forget(pid);
+        }
+    }
+}
+
 /// A process that shares this image's address space (`CLONE_VM`) and outlives the exec, then lets the
 /// address space go: the exec no longer frees the pages of every connection's memory while no connection
 /// moves; the holder does, after, on its own. It does nothing but wait for the end of a close-on-exec pipe
@@ -549,6 +563,7 @@ impl Holder {
         if pid < 0 {
             return Err(io::Error::last_os_error());
         }
+        crate::reaper::adopt(pid.unsigned_abs());
         // The holder has the read end (its copy of the descriptor table has it).
         drop(read);
         Ok(Holder {
@@ -565,6 +580,7 @@ impl Drop for Holder {
     fn drop(&mut self) {
         drop(self.release.take());
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        crate::reaper::forget(self.pid.unsigned_abs());
         let _ = (&self.stack, &self.ends);
     }
 }
@@ -575,9 +591,11 @@ pub fn reap_holder() {
     let Some(pid) = std::env::var(HOLDER_VAR).ok().and_then(|pid| pid.parse::<i32>().ok()) else {
         return;
     };
-    let reaping = std::thread::Builder::new()
-        .name("baton-reap".into())
-        .spawn(move || nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None));
+    crate::reaper::adopt(pid.unsigned_abs());
+    let reaping = std::thread::Builder::new().name("baton-reap".into()).spawn(move || {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        crate::reaper::forget(pid.unsigned_abs());
+    });
     if let Err(e) = reaping {
         tracing::warn!(error = %e, pid, "cannot reap the process that held the previous image's memory");
     }

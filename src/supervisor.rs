@@ -30,6 +30,8 @@ use crate::error::chain;
 use crate::handover::{ConfigSource, ListenerState, ServiceSnapshot, SocketState, State};
 use crate::listener::{Listener, connection_budget};
 use crate::metrics::Metrics;
+use crate::notify::{Notice, Notifier, ServiceLine};
+use crate::pidfile::PidFile;
 use crate::reexec::{self, CheckReport, ExecRequest, InFlight, ReexecRecord, ReexecResult, ReexecTrigger, own_fd};
 use crate::service::{Context, FreezeError, Resumed, ServiceCommand, ServiceHandle, Waiter};
 use crate::worker::{RuntimeDir, Spawner};
@@ -37,6 +39,12 @@ use crate::worker::{RuntimeDir, Spawner};
 /// Why baton could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// `PR_SET_CHILD_SUBREAPER` failed.
+    #[error("cannot become a child subreaper")]
+    Subreaper(#[source] io::Error),
+    /// The pid file names a running baton, or cannot be written.
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
     /// The private runtime directory could not be created.
     #[error("cannot create a runtime directory for worker sockets")]
     RuntimeDir(#[source] io::Error),
@@ -130,6 +138,17 @@ struct Supervisor {
     control: Control,
     /// Re-execs of this process: what they carry on, and the one under way.
     reexec: Reexecs,
+    /// The service manager, told what happens.
+    notifier: Notifier,
+}
+
+/// How `baton run` was asked to run, besides its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Where to write the pid file.
+    pub pid_file: Option<std::path::PathBuf>,
+    /// Whether to be a child subreaper (`PR_SET_CHILD_SUBREAPER`) and reap orphans, as PID 1 does anyway.
+    pub subreaper: bool,
 }
 
 /// The signals the daemon handles.
@@ -137,6 +156,8 @@ struct Supervisor {
 pub struct Signals {
     /// SIGHUP: reload.
     pub hangup: Signal,
+    /// SIGCHLD: a child exited (the reaper's cue, as PID 1 or a subreaper).
+    pub child: Signal,
     /// SIGTERM: drain and exit.
     pub terminate: Signal,
     /// SIGINT: drain and exit.
@@ -151,6 +172,7 @@ impl Signals {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals {
             hangup: signal(SignalKind::hangup())?,
+            child: signal(SignalKind::child())?,
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
             user2: signal(SignalKind::user_defined2())?,
@@ -243,7 +265,16 @@ const REEXEC_RETRY: Duration = Duration::from_millis(50);
 /// Runs the daemon until SIGTERM or SIGINT: binds (or, resuming, adopts what a previous image handed over),
 /// starts every service, reloads on SIGHUP and on admin requests, re-executes on SIGUSR2 and on admin
 /// requests, then drains and stops everything.
-pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: Start) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    spawner: Spawner,
+    mut signals: Signals,
+    start: Start,
+    options: Options,
+) -> Result<(), StartError> {
+    let Options { pid_file, subreaper } = options;
+    // As PID 1, or a subreaper, the orphans of workers' children come to baton to be reaped.
+    let reaping = crate::reaper::enable(subreaper).map_err(StartError::Subreaper)?;
     let metrics = Metrics::new();
     let events = Events::new();
     let (fd_limit, _) =
@@ -270,6 +301,12 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
     let (pool, admin_listener) = match &state {
         Some(state) => adopt_sockets(&config, state)?,
         None => (bind_all(&config, &HashMap::new())?, bind_admin(&config.admin.listen)?),
+    };
+    // Once the public sockets are bound; a re-exec keeps the file an earlier image wrote.
+    let pid_file = match (&pid_file, &state) {
+        (None, _) => None,
+        (Some(path), Some(_)) => Some(PidFile::carried(path)),
+        (Some(path), None) => Some(PidFile::write(path)?),
     };
     let token = match (load_token(&config.admin), &state) {
         (Ok(token), _) => token,
@@ -321,9 +358,13 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
             check: None,
             view,
         },
+        notifier: Notifier::from_env(),
     };
     if let Some(state) = state.take() {
+        let failed = failure.as_ref().map(|why| format!("re-exec failed: {why}"));
         supervisor.resume(*state, failure).await?;
+        // The hand-over's RELOADING=1 came from the image before.
+        supervisor.notify(Notice::Reloaded(failed));
     } else {
         let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
         let mut first = Vec::new();
@@ -349,17 +390,28 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         match started {
             Ok(()) => {}
             Err(None) => {
+                supervisor.notify(Notice::Stopping);
                 supervisor.shut_down().await;
+                pid_file.into_iter().for_each(PidFile::remove);
                 return Ok(());
             }
             Err(Some(error)) => {
                 supervisor.shut_down().await;
+                pid_file.into_iter().for_each(PidFile::remove);
                 return Err(error);
             }
         }
         tracing::info!(services = supervisor.services.len(), "baton ready");
+        supervisor.notify(Notice::Ready);
     }
     supervisor.publish_reexec();
+    // An orphan that exited before SIGCHLD was handled (during a re-exec, say) is reaped now.
+    if reaping {
+        crate::reaper::reap_orphans();
+    }
+    // Only this loop sends WATCHDOG=1: a daemon whose loop is stuck is not alive.
+    let mut watchdog = supervisor.notifier.watchdog_interval().map(tokio::time::interval);
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
     let name = loop {
         let waiting = supervisor.reexec.job.as_ref().is_some_and(|j| j.waiting_for.is_some());
         tokio::select! {
@@ -369,6 +421,13 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
                 tracing::info!("SIGHUP: reloading {}", supervisor.config.path.display());
                 let _ = supervisor.reload(Trigger::Signal, ReloadScope::All).await;
             }
+            _ = tick(&mut watchdog) => supervisor.notify(Notice::Watchdog),
+            Some(()) = signals.child.recv(), if reaping => {
+                for pid in crate::reaper::reap_orphans() {
+                    tracing::debug!(pid, "reaped an orphan");
+                }
+            }
+            _ = status.tick() => supervisor.notify(Notice::Status),
             Some(()) = signals.user2.recv() => {
                 tracing::info!("SIGUSR2: re-executing");
                 supervisor.request_reexec(ReexecTrigger::Signal, None, reexec::CHECK_TIMEOUT, None).await;
@@ -412,6 +471,7 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         }
     };
     tracing::info!("{name}: draining, then exiting (send it again to exit at once)");
+    supervisor.notify(Notice::Stopping);
     // A check in flight is abandoned (its process group is killed), and whoever asked is told baton stops.
     if let Some(check) = supervisor.reexec.check.take() {
         check.abort();
@@ -426,7 +486,21 @@ pub async fn run(config: Config, spawner: Spawner, mut signals: Signals, start: 
         std::process::exit(1);
     });
     supervisor.shut_down().await;
+    pid_file.into_iter().for_each(PidFile::remove);
     Ok(())
+}
+
+/// How often the service manager's status line is refreshed (when it changed).
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The next tick of `interval`; pending when there is none.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The outcome of the re-exec check in flight; pending while there is none.
@@ -737,7 +811,15 @@ impl Supervisor {
                 progress.stage = "handing_over";
             }
         });
-        match self.hand_over(&job, &report, signals).await {
+        let outcome = self.hand_over(&job, &report, signals).await;
+        if self.notifier.is_reloading() {
+            let error = match &outcome {
+                HandOverError::Busy(_) => None,
+                HandOverError::Failed(error) => Some(format!("re-exec failed, nothing changed: {error}")),
+            };
+            self.notify(Notice::Reloaded(error));
+        }
+        match outcome {
             // Another upgrade began between the check and the hand-over: wait for it, and check again.
             HandOverError::Busy(reason) => {
                 tracing::info!(attempt = job.attempt, "re-exec waits: {reason}");
@@ -764,6 +846,7 @@ impl Supervisor {
         if job.checked_config.as_deref() != Some(self.config.text.as_str()) {
             return HandOverError::Busy("the configuration was reloaded during the check: checking again".into());
         }
+        self.notify(Notice::Reloading);
         // While they still relay, the connections add their sockets to their service's watch: the new image
         // serves the idle ones from it as their bytes come, rather than registering all before any.
         self.watch_connections().await;
@@ -955,15 +1038,18 @@ impl Supervisor {
 
     /// Reads the configuration file again and applies it whole, or rejects it whole.
     async fn reload(&mut self, trigger: Trigger, scope: ReloadScope) -> Result<Vec<(String, Pending)>, ReloadError> {
+        self.notify(Notice::Reloading);
         let result = self.try_reload(trigger, scope).await;
         match &result {
             Ok(_) => {
                 tracing::info!(services = self.services.len(), "reload applied");
                 self.context.events.emit("", "reload", json!({"result": "applied"}));
+                self.notify(Notice::Reloaded(None));
             }
             Err(e) => {
                 let error = chain(e);
                 tracing::error!("reload rejected, running configuration kept: {error}");
+                self.notify(Notice::Reloaded(Some(format!("reload rejected: {error}"))));
                 self.context
                     .events
                     .emit("", "reload", json!({"result": "rejected", "error": error}));
@@ -1103,6 +1189,31 @@ impl Supervisor {
     }
 
     /// Stops accepting everywhere, then drains and stops every service at once.
+    /// Tells the service manager `notice`, with the services as they stand.
+    fn notify(&mut self, notice: Notice) {
+        let services: Vec<ServiceLine> = self
+            .services
+            .iter()
+            .map(|(name, handle)| {
+                let state = handle.state.borrow();
+                let generation = state.active.as_ref().map(|active| active.generation);
+                let connections = state
+                    .active
+                    .iter()
+                    .chain(&state.previous)
+                    .chain(&state.draining)
+                    .map(|upstream| upstream.connections())
+                    .sum();
+                ServiceLine {
+                    name: name.clone(),
+                    generation,
+                    connections,
+                }
+            })
+            .collect();
+        self.notifier.notify(notice, &services);
+    }
+
     async fn shut_down(mut self) {
         tracing::info!("shutting down");
         let mut stopping = JoinSet::new();

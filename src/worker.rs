@@ -24,12 +24,15 @@ use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::endpoint::Endpoint;
 
 /// Variables of baton's own that a worker must never inherit (nor those of a re-exec, [`crate::reexec::VARIABLES`]).
-pub const PRIVATE_VARIABLES: [&str; 5] = [
+pub const PRIVATE_VARIABLES: [&str; 8] = [
     "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "BATON_THREADS",
+    "BATON_PID_FILE",
 ];
 
 /// The longest path a Unix socket address holds (`sun_path` less its terminating NUL).
@@ -213,7 +216,8 @@ impl SpawnerLoop {
         loop {
             match self.requests.recv() {
                 Ok(SpawnerMessage::Spawn { command, reply }) => {
-                    let child = tokio::process::Command::from(*command).spawn();
+                    // Recorded as baton's own, so that an orphan reaper never takes its status.
+                    let child = crate::reaper::spawned(|| tokio::process::Command::from(*command).spawn(), |c| c.id());
                     // Nobody waits for this worker any more (its upgrade was abandoned): it must not live on.
                     if let Err(Ok(mut child)) = reply.send(child) {
                         if let Some(pid) = child.id() {
@@ -425,6 +429,9 @@ impl Worker {
         let pidfd = state.pidfd.map(own_fd);
         let output = state.output.map(|(out, err)| (own_fd(out), own_fd(err)));
         let (generation, pid) = (state.generation, state.pid);
+        if state.exited.is_none() {
+            crate::reaper::adopt(pid);
+        }
         let stopping = Arc::new(AtomicBool::new(state.stopping));
         let exit = match state.exited {
             // Reaped by the previous image already: its status is known, and its pid no longer its own.
@@ -573,7 +580,10 @@ fn watch_exit(
     let (exit_tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let (status, reaped_here) = match wait.await {
-            Ok(status) => (status, true),
+            Ok(status) => {
+                crate::reaper::forget(pid);
+                (status, true)
+            }
             Err(e) => {
                 tracing::error!(service = %service, generation, pid, error = %e, "cannot wait for worker");
                 (ExitStatus::from_raw(0x7f00), false)

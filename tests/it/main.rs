@@ -6,6 +6,7 @@ mod data_path;
 mod drain;
 mod faults;
 mod lifecycle;
+mod manager;
 mod reexec;
 mod resend;
 mod security;

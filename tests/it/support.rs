@@ -101,6 +101,12 @@ impl Baton {
         baton
     }
 
+    /// Starts baton as an argument of `wrapper` with `env` added to its environment, and waits only for its
+    /// admin API.
+    pub fn spawn_with_env(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
+        Baton::spawn_with(config, wrapper, env)
+    }
+
     fn spawn_with(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
         let mut baton = Baton::launch(&with_admin(config), wrapper, env);
         baton.wait_admin();
@@ -321,6 +327,20 @@ impl Baton {
     pub fn stop(self) -> ExitStatus {
         self.signal(Signal::SIGTERM);
         self.wait_exit()
+    }
+
+    /// Waits for a baton expected to exit by itself, and returns how it exited with its log.
+    pub fn wait_exit_status(mut self) -> (ExitStatus, String) {
+        let status = wait_for("baton to exit", || match self.child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            _ => Err(self.log_text()),
+        });
+        // The log's reader may still be reading its last lines.
+        let text = wait_for("baton's last log line", || {
+            let text = self.log_text();
+            (!text.is_empty()).then_some(text).ok_or_else(String::new)
+        });
+        (status, text)
     }
 
     /// Waits for baton to exit.

@@ -1,0 +1,241 @@
+//! baton under process managers: systemd's notification protocol (a test-side socket as `NOTIFY_SOCKET`),
+//! the pid file, and baton as PID 1 of a PID namespace reaping orphans.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The notify socket systemd would give baton, and every message it received.
+struct Manager {
+    path: std::path::PathBuf,
+    messages: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Manager {
+    fn new() -> Manager {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 65536];
+            while let Ok(n) = socket.recv(&mut buffer) {
+                kept.lock()
+                    .expect("messages")
+                    .push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            }
+        });
+        Manager {
+            path,
+            messages,
+            _dir: dir,
+        }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.messages.lock().expect("messages").clone()
+    }
+
+    /// Waits for a message after the first `after` that holds `line`, and returns its index.
+    fn wait_line(&self, after: usize, line: &str) -> usize {
+        wait_for(&format!("a notification with {line} after #{after}"), || {
+            let messages = self.messages();
+            messages
+                .iter()
+                .enumerate()
+                .skip(after)
+                .find(|(_, m)| m.lines().any(|l| l == line || l.starts_with(line)))
+                .map(|(i, _)| i)
+                .ok_or_else(|| format!("{messages:#?}"))
+        })
+    }
+}
+
+fn field<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    message.lines().find_map(|l| l.strip_prefix(name))
+}
+
+#[test]
+fn systemd_is_told_ready_reloading_rejected_reexecuted_and_stopping_with_a_status_and_a_watchdog() {
+    let manager = Manager::new();
+    let notify = manager.path.to_string_lossy().into_owned();
+    let baton = Baton::start_with_env(
+        &web(&[], ""),
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+    );
+    let ready = manager.wait_line(0, "READY=1");
+    let first = &manager.messages()[ready];
+    assert_eq!(
+        field(first, "STATUS="),
+        Some("1 service: web generation 1 (0 connections)"),
+        "{first}"
+    );
+    // The watchdog, at half of WATCHDOG_USEC.
+    let watchdog = manager.wait_line(0, "WATCHDOG=1");
+    manager.wait_line(watchdog + 1, "WATCHDOG=1");
+
+    // A reload: RELOADING=1 with the moment it began, then READY=1.
+    let before = manager.messages().len();
+    baton.signal(Signal::SIGHUP);
+    let reloading = manager.wait_line(before, "RELOADING=1");
+    let usec: u64 = field(&manager.messages()[reloading], "MONOTONIC_USEC=")
+        .and_then(|v| v.parse().ok())
+        .expect("MONOTONIC_USEC with RELOADING=1");
+    assert!(usec > 0);
+    let applied = manager.wait_line(reloading + 1, "READY=1");
+    assert_eq!(
+        field(&manager.messages()[applied], "STATUS="),
+        Some("1 service: web generation 1 (0 connections)")
+    );
+
+    // A rejected reload: READY=1 all the same, and the status says why.
+    let good = std::fs::read_to_string(baton.config_path()).expect("config");
+    std::fs::write(baton.config_path(), "this is not toml [").expect("write");
+    baton.signal(Signal::SIGHUP);
+    let reloading = manager.wait_line(manager.messages().len().min(applied + 1), "RELOADING=1");
+    let rejected = manager.wait_line(reloading + 1, "READY=1");
+    let status = field(&manager.messages()[rejected], "STATUS=")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(status.contains("reload rejected"), "{status}");
+    std::fs::write(baton.config_path(), good).expect("write");
+
+    // A re-exec: RELOADING=1 from the old image, READY=1 from the new one, the same process.
+    let before = manager.messages().len();
+    let (code, body) = http(baton.admin, "POST", "/v1/reexec", &[]).expect("reexec");
+    assert_eq!(code, 200, "{body}");
+    let reloading = manager.wait_line(before, "RELOADING=1");
+    let resumed = manager.wait_line(reloading + 1, "READY=1");
+    let record = wait_for("the re-exec's record", || {
+        let status = baton.status();
+        (status["reexecs"] == 1)
+            .then(|| status["last_reexec"].clone())
+            .ok_or_else(|| status.to_string())
+    });
+    assert_eq!(record["result"], "ok", "{record}");
+    assert_eq!(baton.status()["pid"], Value::from(baton.pid()));
+    // The rejected reload is behind: the re-exec went through.
+    let status = field(&manager.messages()[resumed], "STATUS=")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!status.contains("rejected"), "{status}");
+
+    // The watchdog goes on in the new image.
+    manager.wait_line(resumed + 1, "WATCHDOG=1");
+    let before = manager.messages().len();
+    assert_eq!(baton.stop().code(), Some(0));
+    manager.wait_line(before, "STOPPING=1");
+}
+
+#[test]
+fn the_pid_file_is_written_refused_to_a_second_baton_kept_across_reexecs_and_removed_at_exit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("baton.pid");
+    // A stale file (no such process) is replaced.
+    std::fs::write(&path, "4194304\n").expect("write");
+    let file = path.to_string_lossy().into_owned();
+    let baton = Baton::start_with_env(&web(&[], ""), &[("BATON_PID_FILE", &file)]);
+    let written = || std::fs::read_to_string(&path).expect("pid file");
+    assert_eq!(written(), format!("{}\n", baton.pid()));
+
+    // A second baton with the same pid file stops at once, saying why, and leaves the file alone.
+    let second = Baton::launch(&web(&[], ""), &[], &[("BATON_PID_FILE", &file)]);
+    let status = second.wait_exit_status();
+    assert_eq!(status.0.code(), Some(1), "{}", status.1);
+    assert!(
+        status
+            .1
+            .contains(&format!("names baton process {}, which is running", baton.pid())),
+        "{}",
+        status.1
+    );
+    assert_eq!(written(), format!("{}\n", baton.pid()));
+
+    let modified = std::fs::metadata(&path).expect("metadata").modified().expect("mtime");
+    let (code, body) = http(baton.admin, "POST", "/v1/reexec", &[]).expect("reexec");
+    assert_eq!(code, 200, "{body}");
+    wait_for("the re-exec", || {
+        let status = baton.status();
+        (status["reexecs"] == 1).then_some(()).ok_or_else(|| status.to_string())
+    });
+    assert_eq!(written(), format!("{}\n", baton.pid()));
+    assert_eq!(
+        std::fs::metadata(&path).expect("metadata").modified().expect("mtime"),
+        modified
+    );
+
+    assert_eq!(baton.stop().code(), Some(0));
+    assert!(!path.exists(), "the pid file is removed at exit");
+}
+
+/// The processes whose parent is `pid`, with their state letter.
+fn children(pid: u32) -> Vec<(u32, char)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&pid.to_string().as_str()) {
+            found.push((child, fields[0].chars().next().unwrap_or('?')));
+        }
+    }
+    found
+}
+
+#[test]
+fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
+    // Each worker leaves an orphan behind at start: a grandchild whose parent exits at once, and a
+    // double-forked one; both outlive the shell that started them by a moment, then exit.
+    let command = format!(
+        "(sleep 0.2 &) ; sh -c '(sleep 0.3 &) &' ; exec {:?} --port $PORT",
+        worker()
+    );
+    let config = format!(
+        "[service.web]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", {command:?}]\n\
+         env = {{ PORT = \"{{port}}\" }}\n[service.web.readiness]\npath = \"/readyz\"\ninterval = \"10ms\"\n"
+    );
+    let baton = Baton::spawn_with_env(
+        &config,
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        &[("RUST_LOG", "info,baton::supervisor=debug")],
+    );
+    // baton is PID 1 of its namespace: the child of `unshare`.
+    let inner = wait_for("baton inside the namespace", || {
+        children(baton.pid())
+            .first()
+            .map(|(pid, _)| *pid)
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    assert_eq!(baton.status()["pid"], 1, "baton is PID 1 there");
+    baton.wait_idle();
+    // An upgrade starts another worker, and another pair of orphans.
+    kill(Pid::from_raw(inner as i32), Signal::SIGHUP).expect("SIGHUP");
+    baton.wait_generation("web", 2);
+    wait_for("four orphans reaped", || {
+        let reaped = baton.count_log("reaped an orphan");
+        (reaped >= 4).then_some(()).ok_or_else(|| format!("{reaped} reaped"))
+    });
+    wait_for("no zombie under baton", || {
+        let zombies: Vec<_> = children(inner).into_iter().filter(|(_, state)| *state == 'Z').collect();
+        zombies.is_empty().then_some(()).ok_or_else(|| format!("{zombies:?}"))
+    });
+    // SIGTERM as elsewhere, though PID 1 has no default action for it.
+    kill(Pid::from_raw(inner as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = baton.wait_exit();
+    assert_eq!(status.code(), Some(0));
+    wait_gone([inner]);
+}
