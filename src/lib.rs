@@ -26,6 +26,7 @@
 //! - [`endpoint`]: [`endpoint::Endpoint`], a TCP address or Unix socket path: parse, print, bind, connect.
 //! - [`error`]: [`error::chain`], an error and its causes on one line, for every layer.
 
+pub mod activation;
 pub mod admin;
 pub mod cli;
 pub mod clock;

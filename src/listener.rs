@@ -77,7 +77,6 @@ impl Listener {
     }
 
     /// The listening socket, whose options accepted sockets inherit.
-    #[cfg(test)]
     pub(crate) fn socket(&self) -> &tokio::net::TcpListener {
         &self.socket
     }

@@ -220,19 +220,42 @@ fn main() -> ExitCode {
             threads,
             pid_file,
             subreaper,
-        } => match run(&config, threads, Options { pid_file, subreaper }, inherited) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(Failure::Resume(why, inherited, descriptors)) => fall_back(&inherited, &descriptors, &why),
-            Err(Failure::Config(e)) => {
-                eprintln!("error: {}", chain(&e));
-                ExitCode::from(EXIT_CONFIG)
-            }
-            Err(Failure::Runtime(e)) => {
-                tracing::error!("{e:#}");
-                eprintln!("error: {e:#}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
+        } => {
+            // Sockets a service manager passed belong to a fresh start; taken before any thread starts.
+            let passed = match inherited {
+                Some(_) => Vec::new(),
+                None => match baton::activation::take() {
+                    Ok(passed) => passed,
+                    Err(e) => {
+                        eprintln!("error: the sockets the service manager passed: {e}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                },
+            };
+            let options = Options {
+                passed,
+                pid_file,
+                subreaper,
+            };
+            run_daemon(&config, threads, options, inherited)
+        }
+    }
+}
+
+/// Runs the daemon and turns how it ended into baton's exit code.
+fn run_daemon(config: &Path, threads: Option<u16>, options: Options, inherited: Option<Inherited>) -> ExitCode {
+    match run(config, threads, options, inherited) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Resume(why, inherited, descriptors)) => fall_back(&inherited, &descriptors, &why),
+        Err(Failure::Config(e)) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Runtime(e)) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! ([`crate::worker::PRIVATE_VARIABLES`]).
 
 use std::fmt::Write as _;
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -55,6 +56,8 @@ pub struct Notifier {
     sent: Option<String>,
     /// Whether a `RELOADING=1` waits for its `READY=1`.
     reloading: bool,
+    /// Whether the manager keeps descriptors for baton (`$FDSTORE`, `FileDescriptorStoreMax=`).
+    fd_store: bool,
 }
 
 impl Notifier {
@@ -66,6 +69,41 @@ impl Notifier {
             error: None,
             sent: None,
             reloading: false,
+            // systemd 254 and later set it to `FileDescriptorStoreMax=`; a unit for an older one sets it.
+            fd_store: std::env::var("FDSTORE")
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n > 0),
+        }
+    }
+
+    /// Whether the manager keeps descriptors for baton: its public sockets are stored, and passed back
+    /// (socket activation) when it starts again after a crash or a restart.
+    pub fn stores_fds(&self) -> bool {
+        self.enabled && self.fd_store
+    }
+
+    /// Stores `fd` under `name` ([`fd_name`]), if the manager keeps descriptors.
+    pub fn store(&self, name: &str, fd: BorrowedFd<'_>) {
+        if !self.stores_fds() {
+            return;
+        }
+        let states = [NotifyState::FdStore, NotifyState::FdName(name)];
+        match sd_notify::notify_with_fds(&states, &[fd]) {
+            Ok(()) => tracing::info!(name, "socket stored with the service manager"),
+            Err(error) => tracing::warn!(%error, name, "cannot store a socket with the service manager"),
+        }
+    }
+
+    /// Removes what is stored under `name`, if the manager keeps descriptors.
+    pub fn unstore(&self, name: &str) {
+        if !self.stores_fds() {
+            return;
+        }
+        let states = [NotifyState::FdStoreRemove, NotifyState::FdName(name)];
+        match sd_notify::notify(&states) {
+            Ok(()) => tracing::info!(name, "socket removed from the service manager's store"),
+            Err(error) => tracing::warn!(%error, name, "cannot remove a socket from the service manager's store"),
         }
     }
 
@@ -124,6 +162,11 @@ impl Notifier {
             tracing::warn!(%error, ?notice, "cannot notify the service manager");
         }
     }
+}
+
+/// The name a socket is stored under: its address, with `_` for the `:` a name may not hold.
+pub fn fd_name(addr: &std::net::SocketAddr) -> String {
+    format!("tcp-{addr}").replace(':', "_")
 }
 
 /// What `systemctl status` shows: every service with its generation and connections, and the last

@@ -39,6 +39,9 @@ use crate::worker::{RuntimeDir, Spawner};
 /// Why baton could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The service manager passed a socket nothing listens on.
+    #[error("{0}")]
+    Passed(String),
     /// `PR_SET_CHILD_SUBREAPER` failed.
     #[error("cannot become a child subreaper")]
     Subreaper(#[source] io::Error),
@@ -143,8 +146,10 @@ struct Supervisor {
 }
 
 /// How `baton run` was asked to run, besides its configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
+    /// The sockets the service manager passed (socket activation), for a fresh start.
+    pub passed: Vec<crate::activation::Passed>,
     /// Where to write the pid file.
     pub pid_file: Option<std::path::PathBuf>,
     /// Whether to be a child subreaper (`PR_SET_CHILD_SUBREAPER`) and reap orphans, as PID 1 does anyway.
@@ -272,7 +277,11 @@ pub async fn run(
     start: Start,
     options: Options,
 ) -> Result<(), StartError> {
-    let Options { pid_file, subreaper } = options;
+    let Options {
+        passed,
+        pid_file,
+        subreaper,
+    } = options;
     // As PID 1, or a subreaper, the orphans of workers' children come to baton to be reaped.
     let reaping = crate::reaper::enable(subreaper).map_err(StartError::Subreaper)?;
     let metrics = Metrics::new();
@@ -300,7 +309,27 @@ pub async fn run(
     };
     let (pool, admin_listener) = match &state {
         Some(state) => adopt_sockets(&config, state)?,
-        None => (bind_all(&config, &HashMap::new())?, bind_admin(&config.admin.listen)?),
+        None => {
+            let mut passed = crate::activation::Pool::new(passed);
+            let pool = bind_all(&config, &adopt_passed(&config, &mut passed)?)?;
+            let admin = match passed.take(&config.admin.listen) {
+                Some(socket) => {
+                    let listener = config
+                        .admin
+                        .listen
+                        .adopt(socket.fd)
+                        .map_err(|source| StartError::AdminBind {
+                            addr: config.admin.listen.clone(),
+                            source,
+                        })?;
+                    tracing::info!(addr = %listener.local(), "admin API listening");
+                    listener
+                }
+                None => bind_admin(&config.admin.listen)?,
+            };
+            passed.check_all_taken().map_err(StartError::Passed)?;
+            (pool, admin)
+        }
     };
     // Once the public sockets are bound; a re-exec keeps the file an earlier image wrote.
     let pid_file = match (&pid_file, &state) {
@@ -366,6 +395,11 @@ pub async fn run(
         // The hand-over's RELOADING=1 came from the image before.
         supervisor.notify(Notice::Reloaded(failed));
     } else {
+        // Kept by the service manager, if it keeps descriptors: after a crash or a restart, the next baton
+        // gets the same sockets back, and connections wait in their queues meanwhile.
+        let bound = std::mem::take(&mut supervisor.pool);
+        supervisor.store_sockets(&bound);
+        supervisor.pool = bound;
         let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
         let mut first = Vec::new();
         for name in names {
@@ -1073,6 +1107,7 @@ impl Supervisor {
         };
         let token = load_token(&new.admin)?;
         let old = std::mem::replace(&mut self.config, new);
+        self.store_sockets(&pool);
         self.pool = pool;
         self.control.token.store(token);
         if let Some(listener) = admin_listener {
@@ -1189,6 +1224,28 @@ impl Supervisor {
     }
 
     /// Stops accepting everywhere, then drains and stops every service at once.
+    /// Stores with the service manager the public sockets of `pool` that the current pool lacks (all of them
+    /// at start), and removes those the current pool has and `pool` lacks.
+    fn store_sockets(&self, pool: &HashMap<ListenKey, Arc<Listener>>) {
+        if !self.notifier.stores_fds() {
+            return;
+        }
+        let locals = |pool: &HashMap<ListenKey, Arc<Listener>>| -> BTreeMap<SocketAddr, Arc<Listener>> {
+            pool.values().map(|l| (l.local, Arc::clone(l))).collect()
+        };
+        let (before, after) = (locals(&self.pool), locals(pool));
+        for (addr, listener) in &after {
+            if !before.contains_key(addr) {
+                use std::os::fd::AsFd as _;
+                self.notifier
+                    .store(&crate::notify::fd_name(addr), listener.socket().as_fd());
+            }
+        }
+        for addr in before.keys().filter(|addr| !after.contains_key(*addr)) {
+            self.notifier.unstore(&crate::notify::fd_name(addr));
+        }
+    }
+
     /// Tells the service manager `notice`, with the services as they stand.
     fn notify(&mut self, notice: Notice) {
         let services: Vec<ServiceLine> = self
@@ -1256,6 +1313,33 @@ fn bind_all(
                 }
             };
             pool.insert(key, listener);
+        }
+    }
+    Ok(pool)
+}
+
+/// The public sockets the service manager passed for configured addresses, by the key `bind_all` looks
+/// them up by.
+fn adopt_passed(
+    config: &Config,
+    passed: &mut crate::activation::Pool,
+) -> Result<HashMap<ListenKey, Arc<Listener>>, StartError> {
+    let mut pool = HashMap::new();
+    for (name, service) in &config.services {
+        for addr in service.listen.iter().filter(|addr| addr.port() != 0) {
+            let Some(socket) = passed.take_tcp(*addr) else {
+                continue;
+            };
+            let failed = |source| StartError::Bind {
+                service: name.clone(),
+                addr: *addr,
+                source,
+            };
+            // Accepted sockets inherit it, as from a socket baton binds.
+            socket2::SockRef::from(&socket.fd).set_nodelay(true).map_err(failed)?;
+            let listener = Listener::adopt(*addr, socket.fd).map_err(failed)?;
+            tracing::info!(service = %name, listen = %listener.local, name = %socket.name, "adopted a socket the service manager passed");
+            pool.insert(ListenKey::Fixed(*addr), Arc::new(listener));
         }
     }
     Ok(pool)

@@ -24,10 +24,11 @@ use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::endpoint::Endpoint;
 
 /// Variables of baton's own that a worker must never inherit (nor those of a re-exec, [`crate::reexec::VARIABLES`]).
-pub const PRIVATE_VARIABLES: [&str; 8] = [
+pub const PRIVATE_VARIABLES: [&str; 9] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
+    "FDSTORE",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",

@@ -1,6 +1,7 @@
 //! baton under process managers: systemd's notification protocol (a test-side socket as `NOTIFY_SOCKET`),
 //! the pid file, and baton as PID 1 of a PID namespace reaping orphans.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
@@ -10,10 +11,12 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// The notify socket systemd would give baton, and every message it received.
+/// The notify socket systemd would give baton, every message it received and the descriptors that came
+/// with them (`SCM_RIGHTS`), as a file descriptor store keeps them.
 struct Manager {
     path: std::path::PathBuf,
     messages: Arc<Mutex<Vec<String>>>,
+    stored: Arc<Mutex<Vec<(String, OwnedFd)>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -23,18 +26,45 @@ impl Manager {
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).expect("bind notify socket");
         let messages = Arc::new(Mutex::new(Vec::new()));
-        let kept = Arc::clone(&messages);
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let (kept, store) = (Arc::clone(&messages), Arc::clone(&stored));
         std::thread::spawn(move || {
+            use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
             let mut buffer = vec![0u8; 65536];
-            while let Ok(n) = socket.recv(&mut buffer) {
-                kept.lock()
-                    .expect("messages")
-                    .push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            loop {
+                let mut space = nix::cmsg_space!([RawFd; 8]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+                let Ok(message) = recvmsg::<()>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                ) else {
+                    break;
+                };
+                let mut fds = Vec::new();
+                for cmsg in message.cmsgs().into_iter().flatten() {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        // SAFETY: the kernel just gave this process these descriptors.
+                        #[allow(unsafe_code)]
+                        fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+                let n = message.bytes;
+                let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                if let Some(name) = field(&text, "FDNAME=").filter(|_| text.contains("FDSTORE=1")) {
+                    store
+                        .lock()
+                        .expect("store")
+                        .extend(fds.into_iter().map(|fd| (name.to_owned(), fd)));
+                }
+                kept.lock().expect("messages").push(text);
             }
         });
         Manager {
             path,
             messages,
+            stored,
             _dir: dir,
         }
     }
@@ -238,4 +268,140 @@ fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
     let status = baton.wait_exit();
     assert_eq!(status.code(), Some(0));
     wait_gone([inner]);
+}
+
+/// A port free on loopback now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Sends a request that waits in `addr`'s listen queue until baton serves it, and returns its answer.
+fn request_in_queue(addr: std::net::SocketAddr) -> std::thread::JoinHandle<std::io::Result<(u16, String)>> {
+    let stream = std::net::TcpStream::connect(addr).expect("connect: the socket exists before baton");
+    std::thread::spawn(move || {
+        let mut stream = stream;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        exchange_raw(&mut stream, "GET", "/whoami", &[])
+    })
+}
+
+#[test]
+fn sockets_passed_by_systemd_socket_activate_are_adopted_and_one_unused_is_refused() {
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let config = web(&[], "").replace("127.0.0.1:0", &addr.to_string());
+    let listen = addr.to_string();
+    let activate = ["systemd-socket-activate", "-l", listen.as_str(), "--fdname=web"];
+    let mut baton = Baton::launch_with_admin(&config, &activate, &[]);
+    // The socket is systemd-socket-activate's, and baton starts on the first connection, which waits in
+    // the queue meanwhile.
+    let first = wait_for("systemd-socket-activate to listen", || {
+        std::net::TcpStream::connect(addr).map_err(|e| e.to_string())
+    });
+    drop(first);
+    let queued = request_in_queue(addr);
+    baton.wait_admin();
+    let (code, body) = queued.join().expect("request").expect("answered");
+    assert_eq!(code, 200, "{body}");
+    let adopted = baton.wait_log("adopted a socket the service manager passed");
+    assert_eq!(adopted["fields"]["name"], "web", "{adopted}");
+    assert_eq!(
+        baton.count_log("bound"),
+        0,
+        "baton bound nothing itself:\n{}",
+        baton.log_text()
+    );
+    // A reload that adds an address binds it; the passed socket stays.
+    let second = free_port();
+    let config2 = config.replace(
+        &format!("listen = [\"{addr}\"]"),
+        &format!("listen = [\"{addr}\", \"127.0.0.1:{second}\"]"),
+    );
+    baton.write_config(&config2);
+    baton.signal(Signal::SIGHUP);
+    baton.wait_log("reload applied");
+    for port in [port, second] {
+        let (code, _) = http_get(([127, 0, 0, 1], port).into(), "/whoami").expect("answered");
+        assert_eq!(code, 200);
+    }
+    assert_eq!(baton.stop().code(), Some(0));
+
+    // Passed a socket that nothing listens on, baton refuses to start and names it.
+    let spare = free_port();
+    let spare_listen = format!("127.0.0.1:{spare}");
+    let activate = [
+        "systemd-socket-activate",
+        "-l",
+        listen.as_str(),
+        "-l",
+        spare_listen.as_str(),
+        "--fdname=web:spare",
+    ];
+    let baton = Baton::launch_with_admin(&config, &activate, &[]);
+    let knock = wait_for("systemd-socket-activate to listen", || {
+        std::net::TcpStream::connect(addr).map_err(|e| e.to_string())
+    });
+    let (status, log) = baton.wait_exit_status();
+    drop(knock);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "nothing in the configuration listens on: spare ({spare_listen})"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_public_sockets_are_stored_with_the_manager_and_a_baton_started_after_a_crash_gets_them_back() {
+    let manager = Manager::new();
+    let notify = manager.path.to_string_lossy().into_owned();
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let config = web(&[], "").replace("127.0.0.1:0", &addr.to_string());
+    let env = [("NOTIFY_SOCKET", notify.as_str()), ("FDSTORE", "8")];
+    let baton = Baton::start_with_env(&config, &env);
+    let name = format!("tcp-127.0.0.1_{port}");
+    let stored = wait_for("the public socket in the store", || {
+        let stored = manager.stored.lock().expect("store");
+        stored
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(n, fd)| (n.clone(), fd.try_clone().expect("dup")))
+            .ok_or_else(|| format!("{:?}", manager.messages()))
+    });
+    // A crash: connections made meanwhile wait in the socket's queue, which the store keeps open.
+    baton.signal(Signal::SIGKILL);
+    let _ = baton.wait_exit();
+    let queued = request_in_queue(addr);
+    // The manager starts baton again, passing what it stored, as systemd does.
+    let names = stored.0.clone();
+    let again = Baton::launch_passing(
+        &config,
+        &["sh", "-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""],
+        &[
+            ("NOTIFY_SOCKET", notify.as_str()),
+            ("FDSTORE", "8"),
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", names.as_str()),
+        ],
+        vec![stored.1],
+    );
+    let (code, body) = queued.join().expect("request").expect("answered");
+    assert_eq!(code, 200, "{body}");
+    let adopted = again.wait_log("adopted a socket the service manager passed");
+    assert_eq!(adopted["fields"]["name"], name.as_str(), "{adopted}");
+
+    // A reload that drops the address takes it out of the store.
+    let other = free_port();
+    again.write_config(&config.replace(&addr.to_string(), &format!("127.0.0.1:{other}")));
+    let before = manager.messages().len();
+    again.signal(Signal::SIGHUP);
+    let removed = manager.wait_line(before, "FDSTOREREMOVE=1");
+    assert_eq!(field(&manager.messages()[removed], "FDNAME="), Some(name.as_str()));
+    manager.wait_line(before, &format!("FDNAME=tcp-127.0.0.1_{other}"));
+    assert_eq!(again.stop().code(), Some(0));
 }

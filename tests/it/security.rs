@@ -85,11 +85,16 @@ fn workers_inherit_neither_batons_own_variables_nor_its_sockets() {
             "env = { APP_LABEL = \"{service}-{generation}\" }"
         )
     );
+    let pid_dir = tempfile::tempdir().expect("dir");
+    let pid_file = pid_dir.path().join("baton.pid").to_string_lossy().into_owned();
     let env = [
         ("NOTIFY_SOCKET", "/nonexistent/notify"),
         ("LISTEN_FDS", "3"),
         ("LISTEN_PID", "1"),
         ("LISTEN_FDNAMES", "web"),
+        ("WATCHDOG_USEC", "30000000"),
+        ("FDSTORE", "8"),
+        ("BATON_PID_FILE", pid_file.as_str()),
         ("UNRELATED", "kept"),
     ];
     let mut baton = Baton::launch(&config, &[], &env);
@@ -97,7 +102,15 @@ fn workers_inherit_neither_batons_own_variables_nor_its_sockets() {
     baton.wait_idle();
     let (code, body) = http_get(baton.addr("web"), "/env").expect("GET /env");
     assert_eq!(code, 200);
-    for hidden in ["NOTIFY_SOCKET=", "LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES="] {
+    for hidden in [
+        "NOTIFY_SOCKET=",
+        "LISTEN_FDS=",
+        "LISTEN_PID=",
+        "LISTEN_FDNAMES=",
+        "WATCHDOG_USEC=",
+        "FDSTORE=",
+        "BATON_PID_FILE=",
+    ] {
         assert!(!body.lines().any(|l| l.starts_with(hidden)), "{hidden} leaked:\n{body}");
     }
     for present in [

@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,9 +127,27 @@ impl Baton {
         });
     }
 
+    /// Starts baton with `config` and an admin table on an ephemeral port, under `wrapper`, without waiting
+    /// for anything.
+    pub fn launch_with_admin(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
+        Baton::launch(&with_admin(config), wrapper, env)
+    }
+
+    /// Starts baton (an admin table added) under `wrapper` with `env`, passing `fds` as descriptors 3, 4...
+    /// as a service manager passes sockets; waits for its admin API.
+    pub fn launch_passing(config: &str, wrapper: &[&str], env: &[(&str, &str)], fds: Vec<OwnedFd>) -> Baton {
+        let mut baton = Baton::launch_with(&with_admin(config), wrapper, env, fds);
+        baton.wait_admin();
+        baton
+    }
+
     /// Starts baton with exactly `config` (no admin table added) and `env` added to its environment, without
     /// waiting for anything.
     pub fn launch(config: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Baton {
+        Baton::launch_with(config, wrapper, env, Vec::new())
+    }
+
+    fn launch_with(config: &str, wrapper: &[&str], env: &[(&str, &str)], fds: Vec<OwnedFd>) -> Baton {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("baton.toml"), config).expect("write config");
         let baton = env!("CARGO_BIN_EXE_baton");
@@ -139,7 +159,7 @@ impl Baton {
             }
             None => Command::new(baton),
         };
-        let mut child = command
+        command
             .args(["--log-format", "json", "run", "--config"])
             .arg(dir.path().join("baton.toml"))
             .env("RUST_LOG", "info")
@@ -149,9 +169,27 @@ impl Baton {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start baton");
+            .stderr(Stdio::piped());
+        if !fds.is_empty() {
+            let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: between fork and exec, only dup2(2) and fcntl(2), on descriptors this process holds.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || {
+                    for (i, fd) in raw.iter().enumerate() {
+                        let target = 3 + i as i32;
+                        if *fd == target {
+                            nix::fcntl::fcntl(target, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+                        } else {
+                            nix::unistd::dup2(*fd, target)?;
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start baton");
+        drop(fds);
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         {
