@@ -5,7 +5,7 @@
 #     "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9900/status').read().decode())"
 #
 #   docker build -t baton .
-#   docker run --init --rm -p 8080:8080 baton
+#   docker run --rm -p 8080:8080 baton
 #
 # To run your own services, mount a configuration over /etc/baton/baton.toml (and install what its
 # workers need in an image built FROM this one); `docker kill --signal HUP` reloads it with no
@@ -66,8 +66,9 @@ EXPOSE 8080
 # in the shipped configuration), then stops the workers (up to stop_timeout, 10s). Give it that long
 # before the runtime kills it: `docker stop --time 45`, Compose's `stop_grace_period: 45s`, Kubernetes'
 # `terminationGracePeriodSeconds: 45`.
-# baton reaps its own workers but not processes orphaned to it as PID 1: run with `docker run --init`
-# (or an equivalent init) when workers start children of their own.
+# As PID 1, baton reaps every process orphaned to it (a worker's children whose parent exited, double-forked
+# daemons) as well as its own workers: no `--init` is needed. It handles SIGTERM, SIGINT, SIGHUP and
+# SIGUSR2 itself, as PID 1 gets no default action for them.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/baton"]
 CMD ["run", "--config", "/etc/baton/baton.toml"]

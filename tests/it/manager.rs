@@ -228,6 +228,7 @@ fn children(pid: u32) -> Vec<(u32, char)> {
 
 #[test]
 fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
+    need("unshare", "util-linux");
     // Each worker leaves an orphan behind at start: a grandchild whose parent exits at once, and a
     // double-forked one; both outlive the shell that started them by a moment, then exit.
     let command = format!(
@@ -290,6 +291,7 @@ fn request_in_queue(addr: std::net::SocketAddr) -> std::thread::JoinHandle<std::
 
 #[test]
 fn sockets_passed_by_systemd_socket_activate_are_adopted_and_one_unused_is_refused() {
+    need("systemd-socket-activate", "systemd");
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let config = web(&[], "").replace("127.0.0.1:0", &addr.to_string());
@@ -404,4 +406,159 @@ fn the_public_sockets_are_stored_with_the_manager_and_a_baton_started_after_a_cr
     assert_eq!(field(&manager.messages()[removed], "FDNAME="), Some(name.as_str()));
     manager.wait_line(before, &format!("FDNAME=tcp-127.0.0.1_{other}"));
     assert_eq!(again.stop().code(), Some(0));
+}
+
+/// Fails, naming the Debian package to install, if `program` is not on the PATH.
+fn need(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{program} is missing: install the Debian package `{package}`");
+}
+
+/// `sv status` of the service directory `dir`: its output, and baton's pid when it runs.
+fn sv_status(dir: &std::path::Path) -> (String, Option<u32>) {
+    let output = std::process::Command::new("sv")
+        .arg("status")
+        .arg(dir)
+        .output()
+        .expect("sv status");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    // `run: DIR: (pid N) 5s; run: log: (pid M) 5s`: the service's own part comes first.
+    let own = text.split(';').next().unwrap_or_default();
+    let pid = own
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok());
+    (text, pid)
+}
+
+fn sv(command: &str, dir: &std::path::Path) {
+    let status = std::process::Command::new("sv")
+        .arg(command)
+        .arg(dir)
+        .status()
+        .expect("sv");
+    assert!(status.success(), "sv {command}");
+}
+
+/// A `runsv` process, told to exit and reaped when dropped.
+struct Runsv(std::process::Child, std::path::PathBuf);
+
+impl Drop for Runsv {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("sv").arg("exit").arg(&self.1).status();
+        if wait_for_exit(&mut self.0).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn wait_for_exit(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn under_runsv_baton_keeps_its_pid_across_reexecs_upgrades_on_sv_hup_and_stops_on_sv_down() {
+    need("runsv", "runit");
+    need("sv", "runit");
+    need("svlogd", "runit");
+    let dir = tempfile::tempdir().expect("dir");
+    let service = dir.path().join("baton");
+    std::fs::create_dir_all(service.join("log")).expect("service dir");
+    // The shipped run scripts, with this build's binary.
+    let run = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/runit/baton/run"))
+        .expect("conf/runit/baton/run")
+        .replace("/usr/local/bin/baton", env!("CARGO_BIN_EXE_baton"));
+    let log_run = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/runit/baton/log/run"))
+        .expect("conf/runit/baton/log/run");
+    for (path, text) in [(service.join("run"), run), (service.join("log/run"), log_run)] {
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    }
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n{}", web(&[], "")),
+    )
+    .expect("config");
+    let runsv = std::process::Command::new("runsv")
+        .arg(&service)
+        .env("BATON_CONFIG", &config)
+        .env("RUST_LOG", "info")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("runsv");
+    let _runsv = Runsv(runsv, service.clone());
+    // The admin address, from the log svlogd keeps.
+    let admin: std::net::SocketAddr = wait_for("the admin API address in svlogd's log", || {
+        let log = std::fs::read_to_string(service.join("log/main/current")).unwrap_or_default();
+        log.lines()
+            .find(|l| l.contains("admin API listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .ok_or(log)
+    });
+    let status = |path: &str| -> Value {
+        let (code, body) = http(admin, "GET", path, &[]).expect("admin");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON")
+    };
+    wait_for("the first worker", || {
+        let s = status("/status");
+        (s["services"]["web"]["generation"] == 1)
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+    let (text, pid) = sv_status(&service);
+    let pid = pid.unwrap_or_else(|| panic!("sv status names no pid: {text}"));
+    assert_eq!(status("/status")["pid"], pid, "runsv supervises baton itself");
+
+    // `sv 2` (SIGUSR2) re-executes baton: runsv still sees the same process.
+    for round in 1..=2 {
+        sv("2", &service);
+        wait_for("the re-exec", || {
+            let s = status("/status");
+            (s["reexecs"] == round).then_some(()).ok_or(s.to_string())
+        });
+        assert_eq!(status("/status")["last_reexec"]["result"], "ok");
+        assert_eq!(sv_status(&service).1, Some(pid), "{}", sv_status(&service).0);
+    }
+    // `sv hup` reloads: the worker is upgraded.
+    let worker = status("/status")["services"]["web"]["pid"]
+        .as_u64()
+        .expect("worker pid") as u32;
+    sv("hup", &service);
+    wait_for("generation 2", || {
+        let s = status("/status");
+        (s["services"]["web"]["generation"] == 2)
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+    wait_gone([worker]);
+    let worker = status("/status")["services"]["web"]["pid"]
+        .as_u64()
+        .expect("worker pid") as u32;
+    // `sv down` stops baton cleanly, and nothing is left.
+    sv("down", &service);
+    wait_for("baton down", || {
+        let (text, running) = sv_status(&service);
+        (running.is_none() && text.starts_with("down:"))
+            .then_some(())
+            .ok_or(text)
+    });
+    wait_gone([pid, worker]);
+    let log = std::fs::read_to_string(service.join("log/main/current")).unwrap_or_default();
+    assert!(log.contains("SIGTERM: draining"), "{log}");
 }
