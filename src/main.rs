@@ -53,7 +53,7 @@ enum Command {
         pid_file: Option<PathBuf>,
         /// Become a child subreaper: orphans of the workers' children are reaped by baton, as when it is
         /// PID 1 (which it does anyway).
-        #[arg(long)]
+        #[arg(long, env = "BATON_SUBREAPER")]
         subreaper: bool,
     },
     /// Validate a configuration file without binding or starting anything.

@@ -24,7 +24,7 @@ use crate::config::{Backend, Output, ServiceConfig, substitute};
 use crate::endpoint::Endpoint;
 
 /// Variables of baton's own that a worker must never inherit (nor those of a re-exec, [`crate::reexec::VARIABLES`]).
-pub const PRIVATE_VARIABLES: [&str; 9] = [
+pub const PRIVATE_VARIABLES: [&str; 10] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -34,6 +34,7 @@ pub const PRIVATE_VARIABLES: [&str; 9] = [
     "LISTEN_FDNAMES",
     "BATON_THREADS",
     "BATON_PID_FILE",
+    "BATON_SUBREAPER",
 ];
 
 /// The longest path a Unix socket address holds (`sun_path` less its terminating NUL).

@@ -226,21 +226,39 @@ fn children(pid: u32) -> Vec<(u32, char)> {
     found
 }
 
-#[test]
-fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
-    need("unshare", "util-linux");
-    // Each worker leaves an orphan behind at start: a grandchild whose parent exits at once, and a
-    // double-forked one; both outlive the shell that started them by a moment, then exit.
+/// A configuration whose worker leaves two orphans behind at start: a grandchild whose parent exits at
+/// once, and a double-forked one; both outlive the shell that started them by a moment, then exit.
+fn orphaning_config() -> String {
     let command = format!(
         "(sleep 0.2 &) ; sh -c '(sleep 0.3 &) &' ; exec {:?} --port $PORT",
         worker()
     );
-    let config = format!(
+    format!(
         "[service.web]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"sh\", \"-c\", {command:?}]\n\
          env = {{ PORT = \"{{port}}\" }}\n[service.web.readiness]\npath = \"/readyz\"\ninterval = \"10ms\"\n"
-    );
+    )
+}
+
+/// Upgrades the worker once (another pair of orphans), then waits until `pid` (baton) has reaped four
+/// orphans and has no zombie child left.
+fn orphans_are_reaped(baton: &Baton, pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).expect("SIGHUP");
+    baton.wait_generation("web", 2);
+    wait_for("four orphans reaped", || {
+        let reaped = baton.count_log("reaped an orphan");
+        (reaped >= 4).then_some(()).ok_or_else(|| format!("{reaped} reaped"))
+    });
+    wait_for("no zombie under baton", || {
+        let zombies: Vec<_> = children(pid).into_iter().filter(|(_, state)| *state == 'Z').collect();
+        zombies.is_empty().then_some(()).ok_or_else(|| format!("{zombies:?}"))
+    });
+}
+
+#[test]
+fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
+    need("unshare", "util-linux");
     let baton = Baton::spawn_with_env(
-        &config,
+        &orphaning_config(),
         &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
         &[("RUST_LOG", "info,baton::supervisor=debug")],
     );
@@ -253,22 +271,25 @@ fn as_pid_1_baton_reaps_the_orphans_of_its_workers_and_leaves_no_zombie() {
     });
     assert_eq!(baton.status()["pid"], 1, "baton is PID 1 there");
     baton.wait_idle();
-    // An upgrade starts another worker, and another pair of orphans.
-    kill(Pid::from_raw(inner as i32), Signal::SIGHUP).expect("SIGHUP");
-    baton.wait_generation("web", 2);
-    wait_for("four orphans reaped", || {
-        let reaped = baton.count_log("reaped an orphan");
-        (reaped >= 4).then_some(()).ok_or_else(|| format!("{reaped} reaped"))
-    });
-    wait_for("no zombie under baton", || {
-        let zombies: Vec<_> = children(inner).into_iter().filter(|(_, state)| *state == 'Z').collect();
-        zombies.is_empty().then_some(()).ok_or_else(|| format!("{zombies:?}"))
-    });
+    orphans_are_reaped(&baton, inner);
     // SIGTERM as elsewhere, though PID 1 has no default action for it.
     kill(Pid::from_raw(inner as i32), Signal::SIGTERM).expect("SIGTERM");
     let status = baton.wait_exit();
     assert_eq!(status.code(), Some(0));
     wait_gone([inner]);
+}
+
+#[test]
+fn as_a_subreaper_baton_reaps_the_orphans_of_its_workers_too() {
+    let baton = Baton::start_with_env(
+        &orphaning_config(),
+        &[
+            ("BATON_SUBREAPER", "true"),
+            ("RUST_LOG", "info,baton::supervisor=debug"),
+        ],
+    );
+    orphans_are_reaped(&baton, baton.pid());
+    assert_eq!(baton.stop().code(), Some(0));
 }
 
 /// A port free on loopback now.
