@@ -1048,6 +1048,15 @@ mod tests {
         }
     }
 
+    /// Asks the connections of `shared` to park, waits until all have, and takes them.
+    async fn park_all(shared: &Shared) -> Vec<crate::route::ParkedConnection> {
+        shared.parking.request();
+        tokio::time::timeout(DEADLINE, shared.all_parked())
+            .await
+            .expect("every connection parks");
+        shared.parking.take()
+    }
+
     fn route_to(worker: SocketAddr) -> (Arc<ArcSwap<Route>>, Arc<Upstream>) {
         let upstream = Arc::new(Upstream::new(1, 0, WorkerAddr::Tcp(worker)));
         let route = Arc::new(ArcSwap::from_pointee(Route {
@@ -1108,11 +1117,7 @@ mod tests {
         .await;
         accepting.abort();
 
-        shared.parking.request();
-        tokio::time::timeout(DEADLINE, shared.all_parked())
-            .await
-            .expect("every connection parks");
-        let parked = shared.parking.take();
+        let parked = park_all(&shared).await;
         assert_eq!(parked.len(), CONNECTIONS as usize, "parked connections");
         assert_eq!(
             upstream.connections(),
@@ -1374,11 +1379,7 @@ mod tests {
 
         // They park; the watch reports a parked one whose client sends a byte.
         accepting.abort();
-        shared.parking.request();
-        tokio::time::timeout(DEADLINE, shared.all_parked())
-            .await
-            .expect("every connection parks");
-        let parked = shared.parking.take();
+        let parked = park_all(&shared).await;
         assert_eq!(parked.len(), CONNECTIONS);
         assert!(parked.iter().all(|p| p.connection.watched), "all parked watched");
         let mut ready = Vec::new();

@@ -205,27 +205,6 @@ fn the_pid_file_is_written_refused_to_a_second_baton_kept_across_reexecs_and_rem
     assert!(!path.exists(), "the pid file is removed at exit");
 }
 
-/// The processes whose parent is `pid`, with their state letter.
-fn children(pid: u32) -> Vec<(u32, char)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(1) == Some(&pid.to_string().as_str()) {
-            found.push((child, fields[0].chars().next().unwrap_or('?')));
-        }
-    }
-    found
-}
-
 /// A configuration whose worker leaves two orphans behind at start: a grandchild whose parent exits at
 /// once, and a double-forked one; both outlive the shell that started them by a moment, then exit.
 fn orphaning_config() -> String {

@@ -105,23 +105,11 @@ fn descriptors(pid: u32) -> Vec<String> {
 
 /// Child processes of `pid` that are zombies.
 fn zombie_children(pid: u32) -> Vec<u32> {
-    let mut zombies = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split(' ').collect();
-        if fields[0] == "Z" && fields[1] == pid.to_string() {
-            zombies.push(child);
-        }
-    }
-    zombies
+    children(pid)
+        .into_iter()
+        .filter(|(_, state)| *state == 'Z')
+        .map(|(child, _)| child)
+        .collect()
 }
 
 /// A block of the pattern streams send: its index, then a byte that depends on it. A lost, repeated or

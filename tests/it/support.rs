@@ -846,3 +846,24 @@ pub fn close_wait_sockets(pid: u32) -> usize {
         })
         .count()
 }
+
+/// The processes whose parent is `pid`, with their state letter.
+pub fn children(pid: u32) -> Vec<(u32, char)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&pid.to_string().as_str()) {
+            found.push((child, fields[0].chars().next().unwrap_or('?')));
+        }
+    }
+    found
+}
