@@ -140,6 +140,18 @@ pub struct ServiceSnapshot {
     pub watch: Option<WatchState>,
 }
 
+impl ServiceSnapshot {
+    /// Each parked connection with whether its sockets are in the watch (and so inheritable).
+    pub fn parked_watched(&self) -> impl Iterator<Item = (&ParkedState, bool)> {
+        let unwatched: std::collections::HashSet<RawFd> =
+            self.watch.iter().flat_map(|w| w.unwatched.iter().copied()).collect();
+        let watching = self.watch.is_some();
+        self.parked
+            .iter()
+            .map(move |p| (p, watching && !unwatched.contains(&p.client_fd)))
+    }
+}
+
 /// A service's watch: an epoll instance holding the sockets of its parked connections, but those named.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,15 +297,9 @@ impl State {
         let watched: std::collections::HashSet<RawFd> = self
             .services
             .values()
-            .filter_map(|service| service.watch.as_ref().map(|watch| (service, watch)))
-            .flat_map(|(service, watch)| {
-                let unwatched: std::collections::HashSet<RawFd> = watch.unwatched.iter().copied().collect();
-                service
-                    .parked
-                    .iter()
-                    .filter(move |p| !unwatched.contains(&p.client_fd))
-                    .flat_map(|p| [p.client_fd, p.worker_fd])
-            })
+            .flat_map(ServiceSnapshot::parked_watched)
+            .filter(|(_, watched)| *watched)
+            .flat_map(|(p, _)| [p.client_fd, p.worker_fd])
             .collect();
         let mut fds = self.descriptors();
         fds.retain(|fd| !watched.contains(fd));

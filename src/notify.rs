@@ -112,6 +112,11 @@ impl Notifier {
         self.reloading
     }
 
+    /// Whether there is a manager to tell (`NOTIFY_SOCKET`).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// How often to send `WATCHDOG=1`: half the manager's interval, when it asks for it.
     pub fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.filter(|_| self.enabled).map(|interval| interval / 2)

@@ -518,9 +518,9 @@ struct Holder {
     pid: nix::libc::pid_t,
     /// The pipe's write end, close-on-exec: closing it ends the holder.
     release: Option<OwnedFd>,
-    /// The holder's stack and its argument, which must stay put until it has exited.
-    stack: Vec<u8>,
-    ends: Box<[nix::libc::c_int; 2]>,
+    /// The holder's stack and its argument, which must stay put until it has exited (dropped after `drop`).
+    _stack: Vec<u8>,
+    _ends: Box<[nix::libc::c_int; 2]>,
 }
 
 /// The holder's whole life, on its own stack in the shared address space: only system calls, no
@@ -569,8 +569,8 @@ impl Holder {
         Ok(Holder {
             pid,
             release: Some(write),
-            stack,
-            ends,
+            _stack: stack,
+            _ends: ends,
         })
     }
 }
@@ -581,7 +581,6 @@ impl Drop for Holder {
         drop(self.release.take());
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
         crate::reaper::forget(self.pid.unsigned_abs());
-        let _ = (&self.stack, &self.ends);
     }
 }
 

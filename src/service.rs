@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -161,14 +161,13 @@ impl ServiceHandle {
         resumed: Resumed,
         gate: watch::Receiver<bool>,
     ) -> std::io::Result<ServiceHandle> {
+        let watched: Vec<bool> = snapshot.parked_watched().map(|(_, watched)| watched).collect();
         let ServiceSnapshot {
             mut machine,
             workers,
             parked,
             watch,
         } = snapshot;
-        let unwatched: std::collections::HashSet<RawFd> =
-            watch.iter().flat_map(|w| w.unwatched.iter().copied()).collect();
         let watch = watch.map(|w| crate::watch::Watch::adopt(own_fd(w.fd)));
         machine.policy = Policy::of(&config);
         let mut held = HashMap::new();
@@ -188,11 +187,14 @@ impl ServiceHandle {
             );
         }
         let mut connections = Vec::with_capacity(parked.len());
-        for ParkedState {
-            record,
-            client_fd,
-            worker_fd,
-        } in parked
+        for (
+            ParkedState {
+                record,
+                client_fd,
+                worker_fd,
+            },
+            watched,
+        ) in parked.into_iter().zip(watched)
         {
             let fds = [own_fd(client_fd), own_fd(worker_fd)];
             let upstream = match held.get(&record.generation) {
@@ -209,13 +211,11 @@ impl ServiceHandle {
                 }
             };
             let guard = upstream.adopt(record.answered);
-            let watched = watch.is_some() && !unwatched.contains(&client_fd);
             connections.push(Handed {
                 record,
                 fds,
                 guard,
                 watched,
-                inheritable: watched,
             });
         }
         let shared = Arc::new(Shared::new(context.metrics.service(&config.name)));
@@ -278,10 +278,9 @@ struct Handed {
     record: crate::connection::ParkedRecord,
     fds: [std::os::fd::OwnedFd; 2],
     guard: crate::route::Guard,
-    /// Whether the handed-over watch counts it as served (see [`resume_idle`]).
+    /// Whether its sockets are in the handed-over watch, and so came inheritable
+    /// ([`crate::connection::Connection::join`]).
     watched: bool,
-    /// Whether its sockets came inheritable (a watched connection's: [`crate::connection::Connection::join`]).
-    inheritable: bool,
 }
 
 /// Serves a parked connection again, on a task of its own, with a permit of the connection budget `budget`
@@ -312,21 +311,20 @@ struct Takeover {
 
 impl Takeover {
     /// Starts `handed` on a task of its own, which registers its sockets and relays again, and counts it
-    /// there: as served too unless its watch counted it so.
-    fn start(&self, handed: Handed) {
+    /// there: as served too unless the watch counted it so already (`counted`).
+    fn start(&self, handed: Handed, counted: bool) {
         let Handed {
             record,
             fds,
             guard,
             watched,
-            inheritable,
         } = handed;
         let resumed = self.resumed.clone();
         let active = record.is_active();
         spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), move || {
-            let parked = Parked::from_parts(record, fds, inheritable);
+            let parked = Parked::from_parts(record, fds, watched);
             resumed.running.add_permits(1);
-            if !watched {
+            if !counted {
                 resumed.served.add_permits(1);
             }
             if active {
@@ -365,10 +363,7 @@ async fn resume_idle(takeover: Takeover, watch: crate::watch::Watch, idle: Vec<H
         if let Err(e) = watch.ready(&mut ready) {
             tracing::warn!(error = %e, "cannot look at the watch: taking the idle connections over at once");
             for handed in waiting.iter_mut().filter_map(Option::take) {
-                takeover.start(Handed {
-                    watched: counted,
-                    ..handed
-                });
+                takeover.start(handed, counted);
             }
             break;
         }
@@ -383,14 +378,14 @@ async fn resume_idle(takeover: Takeover, watch: crate::watch::Watch, idle: Vec<H
                 .and_then(|&i| waiting.get_mut(i))
                 .and_then(Option::take);
             if let Some(handed) = handed {
-                takeover.start(handed);
+                takeover.start(handed, true);
                 left -= 1;
             }
         }
         let mut step = 0;
         while step < RESUME_STEP && next < waiting.len() {
             if let Some(handed) = waiting[next].take() {
-                takeover.start(handed);
+                takeover.start(handed, true);
                 left -= 1;
                 step += 1;
             }
@@ -399,8 +394,7 @@ async fn resume_idle(takeover: Takeover, watch: crate::watch::Watch, idle: Vec<H
         // The connections just started run before the next step.
         tokio::task::yield_now().await;
     }
-    // Closing it removes every socket from it, which takes a while with thousands.
-    tokio::task::spawn_blocking(move || drop(watch));
+    Arc::new(watch).close();
 }
 
 /// What a task of the driver reports back.
@@ -531,7 +525,7 @@ impl Service {
                 let mut connections: Vec<Option<Handed>> = connections.into_iter().map(Some).collect();
                 let (mut idle, mut eager) = (Vec::new(), Vec::new());
                 for handed in order.into_iter().filter_map(|i| connections[i].take()) {
-                    if watch.is_some() && handed.watched && !handed.record.is_active() {
+                    if handed.watched && !handed.record.is_active() {
                         idle.push(handed);
                     } else {
                         eager.push(handed);
@@ -543,9 +537,8 @@ impl Service {
                     resumed,
                 };
                 let started = eager.len();
-                for mut handed in eager {
-                    handed.watched = false;
-                    takeover.start(handed);
+                for handed in eager {
+                    takeover.start(handed, false);
                 }
                 if let Some(watch) = watch {
                     tokio::spawn(resume_idle(takeover, watch, idle));
@@ -696,8 +689,7 @@ impl Service {
     /// Ends the connections' watch, if there is one.
     fn unwatch(&self) {
         if let Some(watch) = self.shared.parking.unwatch() {
-            // Closing it removes every socket from it, which takes a while with thousands.
-            tokio::task::spawn_blocking(move || drop(watch));
+            watch.close();
         }
     }
 

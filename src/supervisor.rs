@@ -312,21 +312,7 @@ pub async fn run(
         None => {
             let mut passed = crate::activation::Pool::new(passed);
             let pool = bind_all(&config, &adopt_passed(&config, &mut passed)?)?;
-            let admin = match passed.take(&config.admin.listen) {
-                Some(socket) => {
-                    let listener = config
-                        .admin
-                        .listen
-                        .adopt(socket.fd)
-                        .map_err(|source| StartError::AdminBind {
-                            addr: config.admin.listen.clone(),
-                            source,
-                        })?;
-                    tracing::info!(addr = %listener.local(), "admin API listening");
-                    listener
-                }
-                None => bind_admin(&config.admin.listen)?,
-            };
+            let admin = open_admin(&config.admin.listen, passed.take(&config.admin.listen))?;
             passed.check_all_taken().map_err(StartError::Passed)?;
             (pool, admin)
         }
@@ -397,9 +383,7 @@ pub async fn run(
     } else {
         // Kept by the service manager, if it keeps descriptors: after a crash or a restart, the next baton
         // gets the same sockets back, and connections wait in their queues meanwhile.
-        let bound = std::mem::take(&mut supervisor.pool);
-        supervisor.store_sockets(&bound);
-        supervisor.pool = bound;
+        supervisor.store_sockets(&HashMap::new(), &supervisor.pool);
         let names: Vec<String> = supervisor.config.services.keys().cloned().collect();
         let mut first = Vec::new();
         for name in names {
@@ -612,15 +596,9 @@ impl Supervisor {
         let watched = state
             .services
             .values()
-            .filter_map(|s| s.watch.as_ref().map(|watch| (s, watch)))
-            .map(|(s, watch)| {
-                let unwatched: std::collections::HashSet<_> = watch.unwatched.iter().collect();
-                s.parked
-                    .iter()
-                    .filter(|p| !p.record.is_active() && !unwatched.contains(&p.client_fd))
-                    .count()
-            })
-            .sum();
+            .flat_map(ServiceSnapshot::parked_watched)
+            .filter(|(p, watched)| *watched && !p.record.is_active())
+            .count();
         let resumed = Resumed::default();
         // Opened once every service is adopted: until then none runs.
         let (gate, opened) = watch::channel(false);
@@ -1107,7 +1085,7 @@ impl Supervisor {
         };
         let token = load_token(&new.admin)?;
         let old = std::mem::replace(&mut self.config, new);
-        self.store_sockets(&pool);
+        self.store_sockets(&self.pool, &pool);
         self.pool = pool;
         self.control.token.store(token);
         if let Some(listener) = admin_listener {
@@ -1223,17 +1201,16 @@ impl Supervisor {
         self.directory.send_replace(Arc::new(directory));
     }
 
-    /// Stops accepting everywhere, then drains and stops every service at once.
-    /// Stores with the service manager the public sockets of `pool` that the current pool lacks (all of them
-    /// at start), and removes those the current pool has and `pool` lacks.
-    fn store_sockets(&self, pool: &HashMap<ListenKey, Arc<Listener>>) {
+    /// Stores with the service manager the public sockets of `after` that `before` lacks (all of them at
+    /// start), and removes those `before` has and `after` lacks (a reload).
+    fn store_sockets(&self, before: &HashMap<ListenKey, Arc<Listener>>, after: &HashMap<ListenKey, Arc<Listener>>) {
         if !self.notifier.stores_fds() {
             return;
         }
         let locals = |pool: &HashMap<ListenKey, Arc<Listener>>| -> BTreeMap<SocketAddr, Arc<Listener>> {
             pool.values().map(|l| (l.local, Arc::clone(l))).collect()
         };
-        let (before, after) = (locals(&self.pool), locals(pool));
+        let (before, after) = (locals(before), locals(after));
         for (addr, listener) in &after {
             if !before.contains_key(addr) {
                 use std::os::fd::AsFd as _;
@@ -1248,6 +1225,9 @@ impl Supervisor {
 
     /// Tells the service manager `notice`, with the services as they stand.
     fn notify(&mut self, notice: Notice) {
+        if !self.notifier.is_enabled() {
+            return;
+        }
         let services: Vec<ServiceLine> = self
             .services
             .iter()
@@ -1271,6 +1251,7 @@ impl Supervisor {
         self.notifier.notify(notice, &services);
     }
 
+    /// Stops accepting everywhere, then drains and stops every service at once.
     async fn shut_down(mut self) {
         tracing::info!("shutting down");
         let mut stopping = JoinSet::new();
@@ -1346,7 +1327,16 @@ fn adopt_passed(
 }
 
 fn bind_admin(addr: &Endpoint) -> Result<endpoint::Listener, StartError> {
-    let listener = addr.bind().map_err(|source| StartError::AdminBind {
+    open_admin(addr, None)
+}
+
+/// The admin API's socket at `addr`: `passed` if the service manager passed it, else bound now.
+fn open_admin(addr: &Endpoint, passed: Option<crate::activation::Passed>) -> Result<endpoint::Listener, StartError> {
+    let opened = match passed {
+        Some(socket) => addr.adopt(socket.fd),
+        None => addr.bind(),
+    };
+    let listener = opened.map_err(|source| StartError::AdminBind {
         addr: addr.clone(),
         source,
     })?;

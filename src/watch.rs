@@ -97,6 +97,14 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// Closes the watch on a blocking thread: closing it removes every socket from it, which takes a while
+    /// with thousands.
+    pub fn close(self: std::sync::Arc<Self>) {
+        tokio::task::spawn_blocking(move || drop(self));
+    }
+}
+
 impl AsFd for Watch {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.queue.0.as_fd()
