@@ -88,6 +88,12 @@ impl Manager {
     }
 }
 
+/// `/status`, or why not: a request in flight while baton re-executes may see its connection closed.
+fn try_status(admin: std::net::SocketAddr) -> Result<Value, String> {
+    let (_, body) = http_get(admin, "/status").map_err(|e| e.to_string())?;
+    serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+}
+
 fn field<'a>(message: &'a str, name: &str) -> Option<&'a str> {
     message.lines().find_map(|l| l.strip_prefix(name))
 }
@@ -144,7 +150,7 @@ fn systemd_is_told_ready_reloading_rejected_reexecuted_and_stopping_with_a_statu
     let reloading = manager.wait_line(before, "RELOADING=1");
     let resumed = manager.wait_line(reloading + 1, "READY=1");
     let record = wait_for("the re-exec's record", || {
-        let status = baton.status();
+        let status = try_status(baton.admin)?;
         (status["reexecs"] == 1)
             .then(|| status["last_reexec"].clone())
             .ok_or_else(|| status.to_string())
@@ -192,7 +198,7 @@ fn the_pid_file_is_written_refused_to_a_second_baton_kept_across_reexecs_and_rem
     let (code, body) = http(baton.admin, "POST", "/v1/reexec", &[]).expect("reexec");
     assert_eq!(code, 200, "{body}");
     wait_for("the re-exec", || {
-        let status = baton.status();
+        let status = try_status(baton.admin)?;
         (status["reexecs"] == 1).then_some(()).ok_or_else(|| status.to_string())
     });
     assert_eq!(written(), format!("{}\n", baton.pid()));
@@ -529,7 +535,7 @@ fn under_runsv_baton_keeps_its_pid_across_reexecs_upgrades_on_sv_hup_and_stops_o
     for round in 1..=2 {
         sv("2", &service);
         wait_for("the re-exec", || {
-            let s = status("/status");
+            let s = try_status(admin)?;
             (s["reexecs"] == round).then_some(()).ok_or(s.to_string())
         });
         assert_eq!(status("/status")["last_reexec"]["result"], "ok");
