@@ -446,10 +446,25 @@ impl Connection {
         }
     }
 
+    /// Whether the connection waits for bytes on both sides with nothing read and not written, no end
+    /// read and none held back: a connection that can rest in its service's watch, which reports the next
+    /// byte or end on either side.
+    pub(crate) fn is_quiet(&self) -> bool {
+        let quiet =
+            |flow: &Flow| !flow.ended && flow.pending().is_empty() && flow.pipe.as_ref().is_none_or(|p| p.held == 0);
+        let state = &self.state;
+        quiet(&state.to_worker)
+            && quiet(&state.to_client)
+            && !state.worker_shut
+            && !state.client_shut
+            && state.held_until.is_none()
+            && !state.activity.worker_ended()
+    }
+
     /// This connection, parked now: `generation` is its worker's, `answered` whether that worker has sent
-    /// it a byte, `from_pipes` what [`Connection::empty_pipes`] read back, `watch` the id of the service's
-    /// watch (or 0). Its pipes must be empty.
-    pub(crate) fn park(self, generation: u64, answered: bool, from_pipes: usize, watch: u64) -> Parked {
+    /// it a byte, `from_pipes` what [`Connection::empty_pipes`] read back; `rests` if it parks to rest in
+    /// the watch it has just joined ([`Parked::watched`]). Its pipes must be empty.
+    pub(crate) fn park(self, generation: u64, answered: bool, from_pipes: usize, rests: bool) -> Parked {
         let Connection {
             client,
             worker,
@@ -483,7 +498,9 @@ impl Connection {
             client,
             worker,
             from_pipes,
-            watched: watch != 0 && state.joined == watch && state.watched,
+            watched: rests && state.watched,
+            joined: state.joined,
+            inheritable: state.watched,
         }
     }
 }
@@ -499,8 +516,15 @@ pub struct Parked {
     worker: WorkerStream,
     /// How many of the pending bytes were read back from splice pipes when the connection parked.
     pub from_pipes: usize,
-    /// Whether its sockets are in its service's watch, and inheritable ([`Connection::join`]).
+    /// Whether it rests in its service's watch: its sockets are in it, inheritable ([`Connection::join`]),
+    /// and their entries armed, so that the watch reports its next byte or end. A connection that joined
+    /// the watch and parked only when it was frozen is not watched so: its entries may have reported
+    /// already.
     pub watched: bool,
+    /// The id of the watch it joined, or 0.
+    joined: u64,
+    /// Whether its sockets are inheritable, having joined that watch.
+    inheritable: bool,
 }
 
 /// A parked connection without its sockets: what a handover writes out and reads back. Times are moments on
@@ -600,6 +624,8 @@ impl Parked {
             worker,
             from_pipes: 0,
             watched: false,
+            joined: 0,
+            inheritable: false,
         })
     }
 
@@ -609,13 +635,15 @@ impl Parked {
     }
 
     /// The connection, running again: its timers move on by the time it spent parked, so each keeps the
-    /// time it had left (the pause was baton's, not silence of the peers).
+    /// time it had left (the pause was baton's, not silence of the peers). It is still in the watch it
+    /// joined, if any: if that watch has ended, it leaves it as it relays again ([`Connection::leave`]).
     pub(crate) fn resume(self) -> Connection {
         let Parked {
             record,
             client,
             worker,
-            watched,
+            joined,
+            inheritable,
             ..
         } = self;
         let parked_for = Time::now().since(record.parked_at);
@@ -623,7 +651,7 @@ impl Parked {
         activity.answered.store(record.answered_since_sent, Ordering::Relaxed);
         activity.kept.store(record.kept, Ordering::Relaxed);
         activity.worker_ended.store(record.worker_ended, Ordering::Relaxed);
-        let mut connection = Connection {
+        Connection {
             client,
             worker,
             state: State {
@@ -635,13 +663,10 @@ impl Parked {
                 held_until: record.held_until.map(|until| until + parked_for),
                 tail: record.tail,
                 activity,
-                joined: 0,
-                watched,
+                joined,
+                watched: inheritable,
             },
-        };
-        // The hand-over it was watched for did not happen.
-        connection.leave();
-        connection
+        }
     }
 }
 
@@ -743,7 +768,7 @@ mod tests {
         let mut connection = Connection::new(client, WorkerStream::Tcp(worker), Time::now(), true);
         connection.state.held_until = Some(Time::now() + Duration::from_millis(20));
         tokio::time::advance(Duration::from_millis(5)).await;
-        let parked = connection.park(1, true, 0, 0);
+        let parked = connection.park(1, true, 0, false);
         let last_moved = Time::now().since(parked.record.last_moved);
         assert_eq!(last_moved, Duration::from_millis(5));
         tokio::time::advance(Duration::from_secs(60)).await;

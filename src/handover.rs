@@ -130,7 +130,7 @@ pub struct ServiceSnapshot {
     pub machine: Machine,
     /// Every worker process the machine names.
     pub workers: Vec<WorkerState>,
-    /// The service's parked connections (none while it runs; every open one just before an exec). Written
+    /// The service's parked connections (while it runs, none but those resting in a hand-over's watch; every open one just before an exec). Written
     /// compactly ([`compact`]): a hand-over carries thousands, and the time to write and read them is part
     /// of its pause.
     #[serde(with = "compact")]

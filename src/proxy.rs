@@ -95,21 +95,37 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
     let mut connection = Connection::new(client, worker, Time::of(now), resend);
     match run(&mut connection, route, shared, snapshot, &mut guard).await {
         Ran::Ended(outcome) => outcome,
-        Ran::Park => park(connection, guard, shared, admission),
+        Ran::Park => park(connection, guard, shared, admission, false),
+        Ran::Rest => park(connection, guard, shared, admission, true),
     }
 }
 
 /// Serves a parked connection again, from where it stopped: the bytes it had read and not written go
 /// first, ends it had passed on are not passed on again, and its timers have the time they had left.
 pub async fn resume(parked: ParkedConnection, route: &ArcSwap<Route>) -> Outcome {
+    resume_counted(parked, route, false).await
+}
+
+/// Serves again a connection that rested in its service's watch and has bytes or an end waiting, which
+/// the service took back and counted as starting ([`Shared::accepted`]): it counts as open before it stops
+/// counting as starting, so that a freeze that comes meanwhile waits for it to park again.
+pub async fn wake(parked: ParkedConnection, route: &ArcSwap<Route>) -> Outcome {
+    resume_counted(parked, route, true).await
+}
+
+async fn resume_counted(parked: ParkedConnection, route: &ArcSwap<Route>, starting: bool) -> Outcome {
     let first = route.load_full();
     let shared = &first.shared;
     let admission = shared.readmit();
+    if starting {
+        shared.started();
+    }
     let ParkedConnection { connection, mut guard } = parked;
     let mut connection = connection.resume();
     match run(&mut connection, route, shared, Arc::clone(&first), &mut guard).await {
         Ran::Ended(outcome) => outcome,
-        Ran::Park => park(connection, guard, shared, admission),
+        Ran::Park => park(connection, guard, shared, admission, false),
+        Ran::Rest => park(connection, guard, shared, admission, true),
     }
 }
 
@@ -119,6 +135,9 @@ enum Ran {
     Ended(Outcome),
     /// The service asked its connections to park: the caller parks the connection with its guard.
     Park,
+    /// The connection joined its service's watch with nothing to move: the caller parks it there to rest
+    /// until the watch reports its next byte or end, or the service freezes.
+    Rest,
 }
 
 /// Relays `connection` until it ends or parks, resending its unanswered bytes when its worker closes on
@@ -144,14 +163,17 @@ async fn run(
         match relayed {
             Relayed::Ended(outcome) => break outcome,
             Relayed::Park if shared.parking.is_requested() => return Ran::Park,
-            // Asked to join a watch, or to leave the one it joined: it does and relays on.
+            // Asked to join a watch, or to leave the one it joined: it does, and rests there if it has
+            // nothing to move; otherwise it relays on.
             Relayed::Park => {
                 match shared.parking.current_watch() {
-                    Some(watch) => {
-                        if let Err(error) = connection.join(&watch) {
+                    Some(watch) => match connection.join(&watch) {
+                        Ok(()) if connection.is_quiet() => return Ran::Rest,
+                        Ok(()) => {}
+                        Err(error) => {
                             tracing::debug!(%error, "cannot watch a connection: it resumes with the active ones");
                         }
-                    }
+                    },
                     None => connection.leave(),
                 }
                 continue;
@@ -188,9 +210,10 @@ async fn run(
     Ran::Ended(outcome)
 }
 
-/// Parks `connection` in its service's [`crate::route::Parking`], with its guard; the admission is given
-/// back only then, so that a service that counts no open connection has every parked one kept.
-fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Admission<'_>) -> Outcome {
+/// Parks `connection` in its service's [`crate::route::Parking`], with its guard, to rest in the watch it
+/// has just joined if `rests`; the admission is given back only then, so that a service that counts no
+/// open connection has every parked one kept.
+fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Admission<'_>, rests: bool) -> Outcome {
     let from_pipes = match connection.empty_pipes() {
         Ok(moved) => moved,
         Err(error) => {
@@ -204,13 +227,8 @@ fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Ad
         }
     };
     let upstream = guard.upstream();
-    let parked = connection.park(
-        upstream.generation,
-        guard.is_answered(),
-        from_pipes,
-        shared.parking.watch_id(),
-    );
-    tracing::debug!(generation = upstream.generation, from_pipes, "connection parked");
+    let parked = connection.park(upstream.generation, guard.is_answered(), from_pipes, rests);
+    tracing::debug!(generation = upstream.generation, from_pipes, rests, "connection parked");
     shared.parking.keep(ParkedConnection {
         connection: parked,
         guard,
@@ -1304,7 +1322,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_join_a_watch_inheritable_and_leave_it_close_on_exec() {
+    async fn connections_rest_in_a_watch_inheritable_wake_on_a_byte_and_leave_it_close_on_exec() {
         const CONNECTIONS: usize = 40;
         // An echo worker.
         let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
@@ -1347,55 +1365,54 @@ mod tests {
             "close-on-exec while they relay"
         );
 
+        // Asked to join a watch, they do and, having nothing to move, rest there: inheritable, parked.
         let watch = shared.parking.watch().expect("watch");
-        wait_until("every connection joins the watch", || {
-            let joined = watch.joined();
-            (joined == CONNECTIONS).then_some(()).ok_or(format!("{joined} joined"))
-        })
-        .await;
-        wait_until("their sockets are inheritable", || {
-            let count = inheritable_sockets(public, worker_addr).len();
-            (count == 2 * CONNECTIONS)
+        wait_until("every connection rests in the watch", || {
+            let (joined, open) = (watch.joined(), shared.open());
+            (joined == CONNECTIONS && open == 0)
                 .then_some(())
-                .ok_or(format!("{count} inheritable"))
+                .ok_or(format!("{joined} joined, {open} open"))
         })
         .await;
-        // A hand-over given up before they park: they leave, close-on-exec again, and join the next watch.
-        drop(shared.parking.unwatch());
-        wait_until("their sockets are close-on-exec again", || {
-            let left = inheritable_sockets(public, worker_addr);
-            left.is_empty().then_some(()).ok_or(format!("inheritable: {left:?}"))
-        })
-        .await;
-        echo(&mut clients[3], b'x').await;
-        let watch = shared.parking.watch().expect("watch");
-        wait_until("every connection joins the next watch", || {
-            let (joined, count) = (watch.joined(), inheritable_sockets(public, worker_addr).len());
-            (joined == CONNECTIONS && count == 2 * CONNECTIONS)
-                .then_some(())
-                .ok_or(format!("{joined} joined, {count} inheritable"))
-        })
-        .await;
-
-        // They park; the watch reports a parked one whose client sends a byte.
-        accepting.abort();
-        let parked = park_all(&shared).await;
-        assert_eq!(parked.len(), CONNECTIONS);
-        assert!(parked.iter().all(|p| p.connection.watched), "all parked watched");
+        let sockets = inheritable_sockets(public, worker_addr);
+        assert_eq!(sockets.len(), 2 * CONNECTIONS, "inheritable: {sockets:?}");
         let mut ready = Vec::new();
         watch.ready(&mut ready).expect("ready");
         assert!(ready.is_empty(), "nothing waits yet: {ready:?}");
+
+        // A client sends a byte: the watch reports its socket, and its connection is woken and relays it.
         clients[7].write_all(b"b").await.expect("write");
         wait_until("the watch reports the connection that has a byte", || {
             watch.ready(&mut ready).map_err(|e| e.to_string())?;
             (!ready.is_empty()).then_some(()).ok_or("nothing reported".into())
         })
         .await;
-        let sockets = inheritable_sockets(public, worker_addr);
         assert!(
             ready.iter().all(|fd| sockets.contains(fd)),
             "{ready:?} among {sockets:?}"
         );
+        let woken = shared.parking.wake(&ready);
+        assert_eq!(woken.len(), 1, "one connection woken");
+        for connection in woken {
+            shared.accepted();
+            let route = Arc::clone(&route);
+            tokio::spawn(async move { wake(connection, &route).await });
+        }
+        let mut back = [0u8; 1];
+        tokio::time::timeout(DEADLINE, clients[7].read_exact(&mut back))
+            .await
+            .expect("in time")
+            .expect("the byte sent while it rested");
+        assert_eq!(back, *b"b");
+
+        // They are frozen: the resting ones are parked already, the woken one parks, no longer watched
+        // (the watch has reported it).
+        accepting.abort();
+        let parked = park_all(&shared).await;
+        assert_eq!(parked.len(), CONNECTIONS);
+        let unwatched = parked.iter().filter(|p| !p.connection.watched).count();
+        assert_eq!(unwatched, 1, "only the woken connection parked unwatched");
+        assert_eq!(inheritable_sockets(public, worker_addr).len(), 2 * CONNECTIONS);
 
         // The hand-over is given up: they resume, leave the watch, are close-on-exec again and relay.
         shared.parking.cancel();
@@ -1404,16 +1421,13 @@ mod tests {
             let route = Arc::clone(&route);
             tokio::spawn(async move { resume(connection, &route).await });
         }
-        let mut back = [0u8; 1];
-        clients[7]
-            .read_exact(&mut back)
-            .await
-            .expect("the byte sent while parked");
-        assert_eq!(back, *b"b");
         for client in &mut clients {
             echo(client, b'c').await;
         }
-        let left = inheritable_sockets(public, worker_addr);
-        assert!(left.is_empty(), "inheritable after the resume: {left:?}");
+        wait_until("their sockets are close-on-exec again", || {
+            let left = inheritable_sockets(public, worker_addr);
+            left.is_empty().then_some(()).ok_or(format!("inheritable: {left:?}"))
+        })
+        .await;
     }
 }

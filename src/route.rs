@@ -375,11 +375,6 @@ impl Parking {
         Ok(watch)
     }
 
-    /// The id of the watch connections are to join, or 0.
-    pub fn watch_id(&self) -> u64 {
-        self.watch_id.load(Ordering::SeqCst)
-    }
-
     /// The watch connections are to join, if there is one.
     pub fn current_watch(&self) -> Option<Arc<Watch>> {
         self.watch.lock().unwrap_or_else(PoisonError::into_inner).1.clone()
@@ -393,6 +388,27 @@ impl Parking {
         drop(current);
         self.signal.nudge();
         watch
+    }
+
+    /// Takes back the connections resting in the watch ([`crate::connection::Parked::watched`]) that own
+    /// one of the sockets `ready`, which the watch reported with bytes or an end waiting.
+    pub fn wake(&self, ready: &[std::os::fd::RawFd]) -> Vec<ParkedConnection> {
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let ready: std::collections::HashSet<_> = ready.iter().copied().collect();
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut woken = Vec::new();
+        let mut i = 0;
+        while i < parked.len() {
+            let p = &parked[i].connection;
+            if p.watched && p.raw_fds().iter().any(|fd| ready.contains(fd)) {
+                woken.push(parked.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        woken
     }
 
     /// The connections parked so far.

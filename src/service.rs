@@ -285,16 +285,22 @@ struct Handed {
 
 /// Serves a parked connection again, on a task of its own, with a permit of the connection budget `budget`
 /// when one is left (it was counted before it parked, so it goes on even without one). `connection` makes it
-/// on that task: a handed-over one registers its sockets there.
+/// on that task: a handed-over one registers its sockets there. `woken` if it rested in the watch and was
+/// counted as starting ([`crate::proxy::wake`]).
 fn spawn_resumed(
     route: SharedRoute,
     budget: Arc<tokio::sync::Semaphore>,
+    woken: bool,
     connection: impl FnOnce() -> Option<ParkedConnection> + Send + 'static,
 ) {
     let permit = budget.try_acquire_owned().ok();
     tokio::spawn(async move {
         if let Some(connection) = connection() {
-            crate::proxy::resume(connection, &route).await;
+            if woken {
+                crate::proxy::wake(connection, &route).await;
+            } else {
+                crate::proxy::resume(connection, &route).await;
+            }
         }
         drop(permit);
     });
@@ -321,7 +327,7 @@ impl Takeover {
         } = handed;
         let resumed = self.resumed.clone();
         let active = record.is_active();
-        spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), move || {
+        spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), false, move || {
             let parked = Parked::from_parts(record, fds, watched);
             resumed.running.add_permits(1);
             if !counted {
@@ -397,6 +403,14 @@ async fn resume_idle(takeover: Takeover, watch: crate::watch::Watch, idle: Vec<H
     Arc::new(watch).close();
 }
 
+/// Resolves once `waiting` may have something to report; never without one.
+async fn readable(waiting: Option<&crate::watch::Waiting>) {
+    match waiting {
+        Some(waiting) => waiting.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a task of the driver reports back.
 enum Report {
     /// An input for the machine.
@@ -423,6 +437,9 @@ struct Service {
     context: Context,
     /// Public sockets with their accept loops.
     listeners: Vec<(Arc<Listener>, AbortOnDropHandle<()>)>,
+    /// The watch the connections rest in while a hand-over is prepared, registered to serve them as their
+    /// bytes come ([`crate::proxy::wake`]).
+    waiting: Option<crate::watch::Waiting>,
     /// Public sockets not yet accepted on, while the service has had no ready worker.
     pending_listeners: Vec<Arc<Listener>>,
     /// Every worker process the machine names, by generation.
@@ -468,6 +485,7 @@ impl Service {
             shared,
             context,
             listeners: Vec::new(),
+            waiting: None,
             pending_listeners: listeners,
             workers: HashMap::new(),
             tasks: JoinSet::new(),
@@ -561,9 +579,11 @@ impl Service {
                     None => {
                         open = false;
                         tracing::info!(service = %self.config.name, "shutting down");
+                        self.unwatch();
                         self.feed(Input::Shutdown);
                     }
                 },
+                () = readable(self.waiting.as_ref()), if self.waiting.is_some() => self.wake(),
                 Some(done) = self.tasks.join_next() => {
                     if let Ok(report) = done {
                         self.report(report);
@@ -596,10 +616,16 @@ impl Service {
                 let _ = reply.send(Err(FreezeError::Busy("a hand-over is already under way".into())));
             }
             ServiceCommand::Watch(reply) => {
-                let watch = match self.shared.parking.watch() {
-                    Ok(watch) => Some((watch, self.shared.open())),
+                let open = self.shared.open();
+                let watch = self.shared.parking.watch().and_then(|watch| {
+                    self.waiting = Some(crate::watch::Waiting::new(Arc::clone(&watch))?);
+                    Ok(watch)
+                });
+                let watch = match watch {
+                    Ok(watch) => Some((watch, open)),
                     Err(e) => {
                         tracing::warn!(service = %self.config.name, error = %e, "cannot watch the connections");
+                        self.unwatch();
                         None
                     }
                 };
@@ -678,18 +704,41 @@ impl Service {
     fn thaw(&mut self, accepting: Vec<Arc<Listener>>) {
         self.shared.parking.cancel();
         self.unwatch();
-        for connection in self.shared.parking.take() {
-            self.resume(move || Some(connection));
-        }
         for listener in accepting {
             self.accept_on(listener);
         }
     }
 
-    /// Ends the connections' watch, if there is one.
-    fn unwatch(&self) {
+    /// Ends the connections' watch, if there is one, and serves again every parked connection: those
+    /// resting in the watch, and all of them after a freeze.
+    fn unwatch(&mut self) {
+        self.waiting = None;
         if let Some(watch) = self.shared.parking.unwatch() {
             watch.close();
+        }
+        for connection in self.shared.parking.take() {
+            self.resume(move || Some(connection));
+        }
+    }
+
+    /// Serves again the connections resting in the watch that it reports with bytes or an end waiting.
+    fn wake(&mut self) {
+        let Some(waiting) = &self.waiting else { return };
+        let mut ready = Vec::new();
+        if let Err(e) = waiting.watch().ready(&mut ready) {
+            tracing::warn!(service = %self.config.name, error = %e, "cannot look at the watch: ending it");
+            self.unwatch();
+            return;
+        }
+        for connection in self.shared.parking.wake(&ready) {
+            // Counted as starting before it leaves the parked ones, so that a freeze waits for it.
+            self.shared.accepted();
+            spawn_resumed(
+                Arc::clone(&self.route),
+                Arc::clone(&self.context.connections),
+                true,
+                move || Some(connection),
+            );
         }
     }
 
@@ -698,6 +747,7 @@ impl Service {
         spawn_resumed(
             Arc::clone(&self.route),
             Arc::clone(&self.context.connections),
+            false,
             connection,
         );
     }

@@ -105,6 +105,51 @@ impl Watch {
     }
 }
 
+/// A watch registered with the runtime, for the old image to serve the connections resting in it while
+/// the hand-over is prepared: a task waits until it may have something to report.
+#[derive(Debug)]
+pub struct Waiting {
+    fd: tokio::io::unix::AsyncFd<Registered>,
+}
+
+/// The watch as the runtime sees it: its descriptor.
+#[derive(Debug)]
+struct Registered(std::sync::Arc<Watch>);
+
+impl AsRawFd for Registered {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.queue.0.as_raw_fd()
+    }
+}
+
+impl Waiting {
+    /// Registers `watch`. Must run inside the runtime.
+    #[allow(unsafe_code)]
+    pub fn new(watch: std::sync::Arc<Watch>) -> io::Result<Waiting> {
+        let registered = Registered(watch);
+        // SAFETY: the descriptor is the watch's epoll instance, which the `Arc` the registration owns keeps
+        // open, and the same, for as long as the registration lives.
+        let fd =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(registered, tokio::io::Interest::READABLE) }?;
+        Ok(Waiting { fd })
+    }
+
+    /// The watch.
+    pub fn watch(&self) -> &Watch {
+        &self.fd.get_ref().0
+    }
+
+    /// Resolves once the watch may have something to report (perhaps nothing: [`Watch::ready`] tells).
+    /// Whatever it reports after this resolved wakes the next wait.
+    pub async fn readable(&self) {
+        match self.fd.readable().await {
+            Ok(mut ready) => ready.clear_ready(),
+            // The runtime is shutting down.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 impl AsFd for Watch {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.queue.0.as_fd()

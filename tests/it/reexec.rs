@@ -276,7 +276,9 @@ fn a_reexec_keeps_the_process_its_sockets_and_its_workers() {
             .ok_or_else(|| "not yet".to_owned())
     });
 
-    // The adopted worker is stopped, reaped and replaced as any other.
+    // The adopted worker is stopped, reaped and replaced as any other (once its last connection is gone:
+    // it drains).
+    drop(client);
     let (code, body) = http(baton.admin, "POST", "/v1/services/web/upgrade", &[]).expect("upgrade");
     assert_eq!(code, 200, "{body}");
     assert_eq!(baton.wait_generation("web", 2), 2);
