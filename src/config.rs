@@ -52,6 +52,8 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
 /// Consecutive good probes that make an unhealthy worker healthy again.
 pub const DEFAULT_HEALTH_SUCCESSES: u32 = 2;
+/// How long a trusted source has to send its whole PROXY protocol header.
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest duration any setting takes (a year), so that deadlines computed from it cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -133,6 +135,16 @@ pub struct ServiceConfig {
     pub max_draining: u32,
     /// How the active worker is watched.
     pub health: Health,
+    /// The PROXY protocol header sent to the worker ahead of each connection's bytes, and ahead of each
+    /// probe; none when unset.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Sources (load balancers) whose connections must begin with a PROXY protocol header, whose client
+    /// address then stands for the connection's; empty: none.
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    /// How long such a source has to send its whole header.
+    pub proxy_protocol_timeout: Duration,
+    /// Open connections allowed from one client address at once (zero: no limit).
+    pub max_connections_per_client: u32,
 }
 
 /// Where a worker's stdout and stderr go.
@@ -316,6 +328,10 @@ struct RawService {
     resend_unanswered: Option<bool>,
     max_draining: Option<Spanned<u32>>,
     health: Option<RawHealth>,
+    proxy_protocol: Option<Spanned<String>>,
+    accept_proxy_protocol: Option<Vec<Spanned<String>>>,
+    proxy_protocol_timeout: Option<Spanned<String>>,
+    max_connections_per_client: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -546,6 +562,24 @@ impl Validator<'_> {
             failures: count("health.failures", &h.failures, DEFAULT_HEALTH_FAILURES)?,
             successes: count("health.successes", &h.successes, DEFAULT_HEALTH_SUCCESSES)?,
         };
+        let proxy_protocol = match &raw.proxy_protocol {
+            None => None,
+            Some(v) => Some(v.get_ref().parse().map_err(|()| {
+                at(
+                    v.span(),
+                    format!("proxy_protocol `{}` is unknown: use \"v1\" or \"v2\"", v.get_ref()),
+                )
+            })?),
+        };
+        let mut accept_proxy_protocol: Vec<ipnet::IpNet> = Vec::new();
+        for raw_net in raw.accept_proxy_protocol.iter().flatten() {
+            let net =
+                network(raw_net.get_ref()).map_err(|e| at(raw_net.span(), format!("accept_proxy_protocol {e}")))?;
+            if accept_proxy_protocol.contains(&net) {
+                return Err(at(raw_net.span(), format!("accept_proxy_protocol lists `{net}` twice")));
+            }
+            accept_proxy_protocol.push(net);
+        }
         Ok(ServiceConfig {
             name: name.to_owned(),
             listen,
@@ -575,6 +609,14 @@ impl Validator<'_> {
             resend_unanswered: raw.resend_unanswered.unwrap_or(true),
             max_draining: count("max_draining", &raw.max_draining, DEFAULT_MAX_DRAINING)?,
             health,
+            proxy_protocol,
+            accept_proxy_protocol,
+            proxy_protocol_timeout: positive(
+                "proxy_protocol_timeout",
+                &raw.proxy_protocol_timeout,
+                DEFAULT_PROXY_PROTOCOL_TIMEOUT,
+            )?,
+            max_connections_per_client: raw.max_connections_per_client.unwrap_or(0),
         })
     }
 
@@ -626,6 +668,25 @@ fn choice<T: Copy>(
             ))
         }
     }
+}
+
+/// Parses a network for `accept_proxy_protocol`: `ADDRESS/PREFIX`, or one address alone. Bits set past
+/// the prefix are refused rather than dropped: `10.0.0.1/8` is more likely a mistake than `10.0.0.0/8`.
+fn network(text: &str) -> Result<ipnet::IpNet, String> {
+    let net = match text.parse::<ipnet::IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => ipnet::IpNet::from(ip),
+            Err(_) => return Err(format!("`{text}` is not a network like \"10.0.0.0/8\" or an address")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "`{text}` has bits set past its prefix: the network is `{}`",
+            net.trunc()
+        ));
+    }
+    Ok(net)
 }
 
 /// Parses "SIGTERM", "TERM" or "sigterm".

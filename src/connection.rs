@@ -100,6 +100,10 @@ pub(crate) struct State {
     pub(crate) joined: u64,
     /// Whether its sockets are in that watch.
     pub(crate) watched: bool,
+    /// The client's address: the connection's own, or the one a trusted PROXY protocol header carried.
+    pub(crate) client_addr: Option<std::net::SocketAddr>,
+    /// The PROXY protocol header that goes to each worker ahead of the client's bytes.
+    pub(crate) proxy_header: Option<Vec<u8>>,
 }
 
 impl State {
@@ -116,13 +120,28 @@ impl State {
             activity: Activity::new(),
             joined: 0,
             watched: false,
+            client_addr: None,
+            proxy_header: None,
         }
     }
 
+    /// Sets the client's address, and the PROXY protocol header that goes to the worker first: now, and
+    /// again to each worker the connection is resent to.
+    pub(crate) fn introduce(&mut self, client: std::net::SocketAddr, header: Option<Vec<u8>>) {
+        self.client_addr = Some(client);
+        if let Some(header) = &header {
+            self.to_worker.buffer = Some(header.clone());
+            self.to_worker.written = 0;
+        }
+        self.proxy_header = header;
+    }
+
     /// Readies the state for a new worker connection that gets the tail: the tail becomes the bytes to
-    /// send first (whatever was pending is in it), and the old worker's direction starts over.
+    /// send first (whatever was pending is in it), after the PROXY protocol header if the connection has
+    /// one, and the old worker's direction starts over.
     pub(crate) fn resend(&mut self) {
-        let tail = self.tail.bytes().to_vec();
+        let mut tail = self.proxy_header.clone().unwrap_or_default();
+        tail.extend_from_slice(self.tail.bytes());
         self.to_worker.buffer = (!tail.is_empty()).then_some(tail);
         self.to_worker.written = 0;
         self.to_worker.pipe = None;
@@ -492,6 +511,8 @@ impl Connection {
             answered_since_sent: activity.answered.load(Ordering::Relaxed),
             kept: activity.kept.load(Ordering::Relaxed),
             worker_ended: activity.worker_ended(),
+            client: state.client_addr,
+            proxy_header: state.proxy_header,
         };
         Parked {
             record,
@@ -562,6 +583,12 @@ pub struct ParkedRecord {
     pub kept: bool,
     /// Whether the worker's end is held back, so that what the client sends now cannot go to it.
     pub worker_ended: bool,
+    /// The client's address: the connection's own, or the one a trusted PROXY protocol header carried.
+    #[serde(default)]
+    pub client: Option<std::net::SocketAddr>,
+    /// The PROXY protocol header that goes ahead of the connection's bytes to each worker it is sent to.
+    #[serde(default)]
+    pub proxy_header: Option<Vec<u8>>,
 }
 
 /// One direction of a parked connection.
@@ -665,6 +692,8 @@ impl Parked {
                 activity,
                 joined,
                 watched: inheritable,
+                client_addr: record.client,
+                proxy_header: record.proxy_header,
             },
         }
     }
@@ -750,6 +779,8 @@ mod tests {
             answered_since_sent: false,
             kept: true,
             worker_ended: true,
+            client: Some("192.0.2.7:40000".parse().expect("address")),
+            proxy_header: Some(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 80\r\n".to_vec()),
         };
         let text = serde_json::to_string(&record).expect("serialise");
         let back: ParkedRecord = serde_json::from_str(&text).expect("deserialise");

@@ -21,8 +21,9 @@ use crate::endpoint::Endpoint;
 use crate::lifecycle::Machine;
 use crate::reexec::{InFlight, ReexecRecord};
 
-/// The format this binary writes, and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The format this binary writes, and the newest it reads. Format 2 added each parked connection's client
+/// address and PROXY protocol header; format 1 is read too.
+pub const VERSION: u32 = 2;
 
 /// Why a written state cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -343,7 +344,11 @@ impl State {
             }
         };
         match version {
-            VERSION => serde_json::from_slice(bytes).map_err(HandoverError::Invalid),
+            1 | VERSION => {
+                let mut state: State = serde_json::from_slice(bytes).map_err(HandoverError::Invalid)?;
+                state.version = VERSION;
+                Ok(state)
+            }
             found if found > VERSION => Err(HandoverError::Newer { found }),
             found => Err(HandoverError::Unknown { found }),
         }
@@ -361,7 +366,10 @@ mod compact {
     use super::ParkedState;
 
     /// What the string starts with.
-    pub const PREFIX: &str = "postcard+base64:";
+    pub const PREFIX: &str = "postcard2+base64:";
+
+    /// What it started with in format 1, whose records lack the client address and PROXY header.
+    pub const PREFIX_1: &str = "postcard+base64:";
 
     pub fn serialize<S: Serializer>(parked: &[ParkedState], serializer: S) -> Result<S::Ok, S::Error> {
         if parked.is_empty() {
@@ -384,13 +392,21 @@ mod compact {
             }
 
             fn visit_str<E: Error>(self, text: &str) -> Result<Self::Value, E> {
-                let encoded = text
-                    .strip_prefix(PREFIX)
-                    .ok_or_else(|| E::custom(format!("parked connections must start with {PREFIX}")))?;
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .map_err(|e| E::custom(format!("parked connections: {e}")))?;
-                postcard::from_bytes(&bytes).map_err(|e| E::custom(format!("parked connections: {e}")))
+                let decode = |encoded: &str| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .map_err(|e| E::custom(format!("parked connections: {e}")))
+                };
+                let invalid = |e: postcard::Error| E::custom(format!("parked connections: {e}"));
+                if let Some(encoded) = text.strip_prefix(PREFIX) {
+                    return postcard::from_bytes(&decode(encoded)?).map_err(invalid);
+                }
+                if let Some(encoded) = text.strip_prefix(PREFIX_1) {
+                    let parked: Vec<super::legacy::ParkedState1> =
+                        postcard::from_bytes(&decode(encoded)?).map_err(invalid)?;
+                    return Ok(parked.into_iter().map(ParkedState::from).collect());
+                }
+                Err(E::custom(format!("parked connections must start with {PREFIX}")))
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -402,6 +418,71 @@ mod compact {
             }
         }
         deserializer.deserialize_any(Parked)
+    }
+}
+
+/// Parked connections as format 1 wrote them.
+mod legacy {
+    use serde::Deserialize;
+
+    use crate::clock::Time;
+    use crate::connection::{Backend, FlowRecord, ParkedRecord, Tail};
+
+    /// A format 1 [`super::ParkedState`].
+    #[derive(Debug, Deserialize)]
+    pub struct ParkedState1 {
+        record: ParkedRecord1,
+        client_fd: std::os::fd::RawFd,
+        worker_fd: std::os::fd::RawFd,
+    }
+
+    /// A format 1 [`ParkedRecord`]: the same fields, in the same order, less the last two.
+    #[derive(Debug, Deserialize)]
+    struct ParkedRecord1 {
+        generation: u64,
+        backend: Backend,
+        answered: bool,
+        accepted: Time,
+        parked_at: Time,
+        last_moved: Time,
+        held_until: Option<Time>,
+        to_worker: FlowRecord,
+        to_client: FlowRecord,
+        worker_shut: bool,
+        client_shut: bool,
+        tail: Tail,
+        answered_since_sent: bool,
+        kept: bool,
+        worker_ended: bool,
+    }
+
+    impl From<ParkedState1> for super::ParkedState {
+        fn from(old: ParkedState1) -> super::ParkedState {
+            let r = old.record;
+            super::ParkedState {
+                record: ParkedRecord {
+                    generation: r.generation,
+                    backend: r.backend,
+                    answered: r.answered,
+                    accepted: r.accepted,
+                    parked_at: r.parked_at,
+                    last_moved: r.last_moved,
+                    held_until: r.held_until,
+                    to_worker: r.to_worker,
+                    to_client: r.to_client,
+                    worker_shut: r.worker_shut,
+                    client_shut: r.client_shut,
+                    tail: r.tail,
+                    answered_since_sent: r.answered_since_sent,
+                    kept: r.kept,
+                    worker_ended: r.worker_ended,
+                    client: None,
+                    proxy_header: None,
+                },
+                client_fd: old.client_fd,
+                worker_fd: old.worker_fd,
+            }
+        }
     }
 }
 
@@ -494,6 +575,8 @@ mod tests {
                 answered_since_sent: false,
                 kept: true,
                 worker_ended: true,
+                client: Some("192.0.2.7:40000".parse().expect("address")),
+                proxy_header: Some(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 80\r\n".to_vec()),
             },
             client_fd: 21,
             worker_fd: 22,
@@ -607,6 +690,33 @@ mod tests {
             "{}",
             crate::error::chain(&error)
         );
+    }
+
+    #[test]
+    fn a_format_1_state_is_read_its_connections_without_client_or_header() {
+        use base64::Engine as _;
+        let mut state = full();
+        let service = state.services.get_mut("web").expect("web");
+        service.parked[0].record.client = None;
+        service.parked[0].record.proxy_header = None;
+        // Format 1 wrote each record without the last two fields: two `None`s, a byte each, just before
+        // the descriptors.
+        let one = &service.parked[0];
+        let new = postcard::to_allocvec(&service.parked).expect("postcard");
+        let fds = postcard::to_allocvec(&(one.client_fd, one.worker_fd)).expect("postcard");
+        let cut = new.len() - fds.len() - 2;
+        assert_eq!(&new[cut..cut + 2], &[0, 0]);
+        let old = [&new[..cut], &fds[..]].concat();
+        let mut written: serde_json::Value = serde_json::from_slice(&state.encode().expect("encode")).expect("JSON");
+        written["version"] = 1.into();
+        written["services"]["web"]["parked"] = format!(
+            "{}{}",
+            compact::PREFIX_1,
+            base64::engine::general_purpose::STANDARD.encode(old)
+        )
+        .into();
+        let back = State::decode(&serde_json::to_vec(&written).expect("JSON")).expect("decode format 1");
+        assert_eq!(back, state);
     }
 
     #[test]

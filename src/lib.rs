@@ -15,6 +15,7 @@
 //! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
 //! - [`listener`]: public sockets (socket2) and the accept loop.
 //! - [`proxy`]: one connection: dial, copy both ways, half-close, reset; park and resume.
+//! - [`proxy_protocol`]: the PROXY protocol header sent to workers and read from trusted load balancers.
 //! - [`connection`]: one proxied connection as data, parked and resumed; its serialisable record.
 //! - [`control`]: commands and published state shared by the supervisor and the admin API.
 //! - [`admin`]: the admin HTTP API.
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pidfile;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod readiness;
 pub mod reaper;
 pub mod reexec;

@@ -117,7 +117,7 @@ pub async fn accept_loop(listener: Arc<Listener>, service: String, route: Shared
             }
         };
         match listener.socket.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if exhausted {
                     exhausted = false;
                     tracing::info!(service = %service, listen = %listener.local, "accepting again");
@@ -126,7 +126,7 @@ pub async fn accept_loop(listener: Arc<Listener>, service: String, route: Shared
                 // Counted before the task exists, so that a service parking its connections waits for it.
                 shared.accepted();
                 tokio::spawn(async move {
-                    proxy::serve(stream, &route).await;
+                    proxy::serve(stream, peer, &route).await;
                     drop(permit);
                 });
             }

@@ -67,6 +67,11 @@ pub const BUILD_INFO: &str = "baton_build_info";
 pub const REEXECS: &str = "baton_reexecs_total";
 /// How long connections went without baton moving their bytes during a re-exec.
 pub const REEXEC_PAUSE: &str = "baton_reexec_pause_seconds";
+/// PROXY protocol headers read from trusted sources, by version.
+pub const PROXY_HEADERS: &str = "baton_proxy_headers_total";
+/// PROXY protocol headers refused from trusted sources, by reason ([`crate::proxy_protocol::Rejected::LABELS`]):
+/// each closed its connection.
+pub const PROXY_HEADERS_REJECTED: &str = "baton_proxy_headers_rejected_total";
 
 /// The `result` values of [`CONFIG_RELOADS`]: the reload applied, or was rejected whole.
 pub const RELOAD_RESULTS: [&str; 2] = ["success", "failed"];
@@ -82,7 +87,16 @@ pub const RESTART_REASONS: [&str; 2] = ["restart", "unhealthy"];
 /// The `result` values of [`HEALTH_CHECKS`].
 pub const HEALTH_RESULTS: [&str; 2] = ["success", "failure"];
 /// The `reason` values of [`CONNECTIONS_REJECTED`].
-pub const REJECT_REASONS: [&str; 4] = ["no_worker", "max_connections", "pending_timeout", "drain_timeout"];
+pub const REJECT_REASONS: [&str; 6] = [
+    "no_worker",
+    "max_connections",
+    "pending_timeout",
+    "drain_timeout",
+    "per_client_limit",
+    "proxy_header",
+];
+/// The `version` values of [`PROXY_HEADERS`].
+pub const PROXY_VERSIONS: [&str; 2] = ["v1", "v2"];
 /// The `side` and `kind` values of [`CONNECTION_ERRORS`] that occur.
 pub const ERROR_KINDS: [(Side, &str); 7] = [
     (Side::Worker, "connect"),
@@ -106,6 +120,8 @@ pub struct Metrics {
     active: IntGaugeVec,
     pending: IntGaugeVec,
     rejected: IntCounterVec,
+    proxy_headers: IntCounterVec,
+    proxy_rejected: IntCounterVec,
     resent: IntCounterVec,
     errors: IntCounterVec,
     bytes: IntCounterVec,
@@ -156,6 +172,14 @@ pub struct ServiceMetrics {
     pub rejected_max_connections: IntCounter,
     /// Connections closed after waiting `pending_timeout` for a worker.
     pub rejected_pending_timeout: IntCounter,
+    /// Connections closed at once because `max_connections_per_client` were open from their client.
+    pub rejected_per_client: IntCounter,
+    /// Connections closed because their PROXY protocol header was refused.
+    pub rejected_proxy_header: IntCounter,
+    /// PROXY protocol headers read, v1 and v2.
+    pub proxy_headers: [IntCounter; 2],
+    /// PROXY protocol headers refused, by the reasons of [`crate::proxy_protocol::Rejected::LABELS`].
+    pub proxy_rejected: [IntCounter; 6],
     /// Connections waiting for a ready worker.
     pub pending: IntGauge,
     /// Health probes that succeeded.
@@ -232,6 +256,16 @@ impl Metrics {
             rejected: counter(
                 CONNECTIONS_REJECTED,
                 "Connections closed by baton before reaching a worker, by reason.",
+                &["service", "reason"],
+            ),
+            proxy_headers: counter(
+                PROXY_HEADERS,
+                "PROXY protocol headers read from trusted sources, by version.",
+                &["service", "version"],
+            ),
+            proxy_rejected: counter(
+                PROXY_HEADERS_REJECTED,
+                "PROXY protocol headers refused from trusted sources, by reason; each closed its connection.",
                 &["service", "reason"],
             ),
             resent: counter(
@@ -396,6 +430,11 @@ impl Metrics {
             rejected_no_worker: rejected("no_worker"),
             rejected_max_connections: rejected("max_connections"),
             rejected_pending_timeout: rejected("pending_timeout"),
+            rejected_per_client: rejected("per_client_limit"),
+            rejected_proxy_header: rejected("proxy_header"),
+            proxy_headers: PROXY_VERSIONS.map(|version| self.proxy_headers.with_label_values(&[name, version])),
+            proxy_rejected: crate::proxy_protocol::Rejected::LABELS
+                .map(|reason| self.proxy_rejected.with_label_values(&[name, reason])),
             pending: self.pending.with_label_values(&[name]),
             health_ok: health("success"),
             health_failed: health("failure"),
@@ -500,6 +539,12 @@ impl Metrics {
         }
         for reason in REJECT_REASONS {
             let _ = self.rejected.remove_label_values(&[service, reason]);
+        }
+        for version in PROXY_VERSIONS {
+            let _ = self.proxy_headers.remove_label_values(&[service, version]);
+        }
+        for reason in crate::proxy_protocol::Rejected::LABELS {
+            let _ = self.proxy_rejected.remove_label_values(&[service, reason]);
         }
         for result in HEALTH_RESULTS {
             let _ = self.health.remove_label_values(&[service, result]);

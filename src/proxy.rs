@@ -28,7 +28,8 @@ use crate::clock::Time;
 use crate::connection::{Activity, Connection, Flow, Pipe, State, WorkerStream};
 pub use crate::connection::{BUFFER_SIZE, FIRST_BUFFER_SIZE, RESEND_LIMIT};
 use crate::metrics::Side;
-use crate::route::{Admission, Guard, ParkedConnection, Route, Shared, WorkerAddr};
+use crate::proxy_protocol::{self, Rejected};
+use crate::route::{Admission, ClientSlot, Guard, ParkedConnection, Route, Shared, WorkerAddr};
 
 /// The pipe size asked for when splicing.
 const PIPE_SIZE: i32 = 1 << 20;
@@ -66,11 +67,15 @@ pub enum Outcome {
     Parked,
     /// Parking failed (a splice pipe could not be read back); both sides were reset.
     ParkFailed,
+    /// A trusted source sent no valid PROXY protocol header in time; the connection was closed.
+    ProxyHeaderRefused,
+    /// `max_connections_per_client` connections were open from the client already.
+    PerClientLimit,
 }
 
-/// Serves one accepted client connection of the service whose route is `route`. The client socket has
-/// TCP_NODELAY already, from the listening socket.
-pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
+/// Serves one accepted client connection of the service whose route is `route`, from `peer`. The client
+/// socket has TCP_NODELAY already, from the listening socket.
+pub async fn serve(client: TcpStream, peer: SocketAddr, route: &ArcSwap<Route>) -> Outcome {
     let now = Instant::now();
     let first = route.load_full();
     let shared = &first.shared;
@@ -83,7 +88,47 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         reset(&client);
         return Outcome::OverLimit;
     };
-    let deadline = now + first.settings.pending_timeout;
+    let settings = &first.settings;
+    // Who the client is: the peer, or the client a trusted source's PROXY protocol header names.
+    let mut origin = Origin {
+        client: peer,
+        server: None,
+        tlvs: Vec::new(),
+    };
+    if settings.trusts(peer.ip()) {
+        let read = tokio::time::timeout(settings.proxy_protocol_timeout, proxy_protocol::read(&client));
+        match read.await.unwrap_or(Err(Rejected::Timeout)) {
+            Ok(received) => {
+                metrics.proxy_headers[usize::from(received.version == proxy_protocol::Version::V2)].inc();
+                if let Some((client, server)) = received.addresses {
+                    (origin.client, origin.server) = (client, Some(server));
+                }
+                origin.tlvs = received.tlvs;
+            }
+            Err(rejected) => {
+                tracing::debug!(%peer, reason = rejected.label(), error = %rejected, "PROXY protocol header refused: closing");
+                let reason = Rejected::LABELS.iter().position(|label| *label == rejected.label());
+                if let Some(counter) = reason.and_then(|i| metrics.proxy_rejected.get(i)) {
+                    counter.inc();
+                }
+                metrics.rejected_proxy_header.inc();
+                return Outcome::ProxyHeaderRefused;
+            }
+        }
+    }
+    let client_slot = match settings.max_connections_per_client {
+        0 => None,
+        max => match first.shared.client_slot(origin.client.ip(), max, false) {
+            Some(slot) => Some(slot),
+            None => {
+                metrics.rejected_per_client.inc();
+                tracing::debug!(client = %origin.client, max, "too many connections from one client: closing");
+                reset(&client);
+                return Outcome::PerClientLimit;
+            }
+        },
+    };
+    let deadline = now + settings.pending_timeout;
     let (snapshot, mut guard, worker) = match connect(route, &first, deadline).await {
         Ok(connected) => connected,
         Err(outcome) => {
@@ -92,12 +137,28 @@ pub async fn serve(client: TcpStream, route: &ArcSwap<Route>) -> Outcome {
         }
     };
     let resend = snapshot.settings.resend_unanswered;
+    let header = snapshot.settings.proxy_protocol.map(|version| {
+        // Baton's own address as the client reached it, unless a trusted header said otherwise.
+        let server = origin.server.or_else(|| client.local_addr().ok());
+        proxy_protocol::encode(version, server.map(|server| (origin.client, server)), &origin.tlvs)
+    });
     let mut connection = Connection::new(client, worker, Time::of(now), resend);
+    connection.state.introduce(origin.client, header);
     match run(&mut connection, route, shared, snapshot, &mut guard).await {
         Ran::Ended(outcome) => outcome,
-        Ran::Park => park(connection, guard, shared, admission, false),
-        Ran::Rest => park(connection, guard, shared, admission, true),
+        Ran::Park => park(connection, guard, client_slot, shared, admission, false),
+        Ran::Rest => park(connection, guard, client_slot, shared, admission, true),
     }
+}
+
+/// Who a connection comes from, and to which address.
+struct Origin {
+    /// The client.
+    client: SocketAddr,
+    /// Baton's address as the client reached it, when a trusted header said so.
+    server: Option<SocketAddr>,
+    /// The TLVs of a trusted v2 header, passed on in the one sent to the worker.
+    tlvs: Vec<u8>,
 }
 
 /// Serves a parked connection again, from where it stopped: the bytes it had read and not written go
@@ -120,12 +181,16 @@ async fn resume_counted(parked: ParkedConnection, route: &ArcSwap<Route>, starti
     if starting {
         shared.started();
     }
-    let ParkedConnection { connection, mut guard } = parked;
+    let ParkedConnection {
+        connection,
+        mut guard,
+        client,
+    } = parked;
     let mut connection = connection.resume();
     match run(&mut connection, route, shared, Arc::clone(&first), &mut guard).await {
         Ran::Ended(outcome) => outcome,
-        Ran::Park => park(connection, guard, shared, admission, false),
-        Ran::Rest => park(connection, guard, shared, admission, true),
+        Ran::Park => park(connection, guard, client, shared, admission, false),
+        Ran::Rest => park(connection, guard, client, shared, admission, true),
     }
 }
 
@@ -213,7 +278,14 @@ async fn run(
 /// Parks `connection` in its service's [`crate::route::Parking`], with its guard, to rest in the watch it
 /// has just joined if `rests`; the admission is given back only then, so that a service that counts no
 /// open connection has every parked one kept.
-fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Admission<'_>, rests: bool) -> Outcome {
+fn park(
+    mut connection: Connection,
+    guard: Guard,
+    client: Option<ClientSlot>,
+    shared: &Shared,
+    admission: Admission<'_>,
+    rests: bool,
+) -> Outcome {
     let from_pipes = match connection.empty_pipes() {
         Ok(moved) => moved,
         Err(error) => {
@@ -232,6 +304,7 @@ fn park(mut connection: Connection, guard: Guard, shared: &Shared, admission: Ad
     shared.parking.keep(ParkedConnection {
         connection: parked,
         guard,
+        client,
     });
     drop(admission);
     Outcome::Parked
@@ -1087,6 +1160,10 @@ mod tests {
                 idle_timeout: Duration::from_secs(300),
                 half_close_timeout: Duration::from_secs(300),
                 resend_unanswered: true,
+                proxy_protocol: None,
+                accept_proxy_protocol: Vec::new(),
+                proxy_protocol_timeout: Duration::from_secs(3),
+                max_connections_per_client: 0,
             },
             shared: Arc::new(Shared::new(crate::metrics::Metrics::new().service("park"))),
         }));
@@ -1147,7 +1224,7 @@ mod tests {
         let addrs = addrs.lock().expect("addresses").clone();
         let (mut pending, mut from_pipes) = (0, 0);
         let mut resumed = Vec::new();
-        for ParkedConnection { connection, guard } in parked {
+        for ParkedConnection { connection, guard, .. } in parked {
             let id = addrs[&connection.client_addr().expect("client address")];
             let record = &connection.record;
             match Scenario::of(id) {
@@ -1177,6 +1254,7 @@ mod tests {
             let adopted = upstream.adopt(record.answered);
             drop(guard);
             resumed.push(ParkedConnection {
+                client: None,
                 connection,
                 guard: adopted,
             });
@@ -1229,10 +1307,10 @@ mod tests {
             let mut client = TcpStream::connect(public.local_addr().expect("address"))
                 .await
                 .expect("connect");
-            let (accepted, _) = public.accept().await.expect("accept");
+            let (accepted, peer) = public.accept().await.expect("accept");
             let serving = tokio::spawn({
                 let route = Arc::clone(&route);
-                async move { serve(accepted, &route).await }
+                async move { serve(accepted, peer, &route).await }
             });
             let (mut worker, _) = workers.accept().await.expect("worker accept");
             client.write_all(b"hello").await.expect("write");
@@ -1268,7 +1346,7 @@ mod tests {
                 tokio::task::yield_now().await;
             };
             assert_eq!(serving.await.expect("serve"), Outcome::Parked);
-            let ParkedConnection { connection, guard } = parked;
+            let ParkedConnection { connection, guard, .. } = parked;
             let (record, fds) = connection.into_parts().expect("into parts");
             let back: ParkedRecord =
                 serde_json::from_str(&serde_json::to_string(&record).expect("serialise")).expect("deserialise");
@@ -1276,7 +1354,14 @@ mod tests {
             shared.parking.cancel();
             let resumed = tokio::spawn({
                 let route = Arc::clone(&route);
-                async move { resume(ParkedConnection { connection, guard }, &route).await }
+                async move {
+                    let parked = ParkedConnection {
+                        connection,
+                        guard,
+                        client: None,
+                    };
+                    resume(parked, &route).await
+                }
             });
             // The held end reaches the client once the hold's remaining time has passed.
             let mut rest = Vec::new();

@@ -11,8 +11,11 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use tokio::io::AsyncWriteExt;
+
 use crate::config::Readiness;
 use crate::endpoint::{Endpoint, Stream};
+use crate::proxy_protocol::Version;
 
 /// The longest one probe may take, whatever the interval.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,13 +51,19 @@ pub enum ProbeError {
 }
 
 /// Polls the worker at `addr` every `readiness.interval` until a probe succeeds, or fails at `deadline`.
-pub async fn wait_ready(addr: &Endpoint, readiness: &Readiness, deadline: Instant) -> Result<(), ReadinessError> {
+/// Each probe begins with a PROXY protocol header of version `proxy` if there is one (see [`probe`]).
+pub async fn wait_ready(
+    addr: &Endpoint,
+    readiness: &Readiness,
+    proxy: Option<Version>,
+    deadline: Instant,
+) -> Result<(), ReadinessError> {
     let mut last = String::from("no probe yet");
     let poll = async {
         loop {
             let next = Instant::now() + readiness.interval;
             let probe_deadline = (Instant::now() + PROBE_TIMEOUT).min(deadline);
-            match tokio::time::timeout_at(probe_deadline, probe(addr, readiness.path.as_deref())).await {
+            match tokio::time::timeout_at(probe_deadline, probe(addr, readiness.path.as_deref(), proxy)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => last = e.to_string(),
                 // A probe cut by the overall deadline says nothing new: keep what the one before saw.
@@ -73,9 +82,14 @@ pub async fn wait_ready(addr: &Endpoint, readiness: &Readiness, deadline: Instan
     }
 }
 
-/// One probe: a connect, then a GET of `path` when there is one.
-pub async fn probe(addr: &Endpoint, path: Option<&str>) -> Result<(), ProbeError> {
-    let stream = addr.connect().await.map_err(ProbeError::Connect)?;
+/// One probe: a connect, then a GET of `path` when there is one. A worker that reads the PROXY protocol
+/// gets a header first (version `proxy`), one that names no client: v2 `LOCAL`, v1 `UNKNOWN`.
+pub async fn probe(addr: &Endpoint, path: Option<&str>, proxy: Option<Version>) -> Result<(), ProbeError> {
+    let mut stream = addr.connect().await.map_err(ProbeError::Connect)?;
+    if let Some(version) = proxy {
+        let header = crate::proxy_protocol::encode(version, None, &[]);
+        stream.write_all(&header).await.map_err(ProbeError::Connect)?;
+    }
     match path {
         Some(path) => http_get(stream, path).await,
         None => Ok(()),

@@ -51,7 +51,7 @@ pub struct Route {
 }
 
 /// The per-connection settings of a service, copied from its configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// How long dialling the worker may take.
     pub connect_timeout: Duration,
@@ -65,6 +65,14 @@ pub struct Settings {
     pub half_close_timeout: Duration,
     /// Whether bytes a worker closed on without reading go to the current worker on a new connection.
     pub resend_unanswered: bool,
+    /// The PROXY protocol header sent to the worker ahead of each connection, if any.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Sources whose connections must begin with a PROXY protocol header.
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    /// How long such a source has to send its whole header.
+    pub proxy_protocol_timeout: Duration,
+    /// Open connections allowed from one client address; zero for no limit.
+    pub max_connections_per_client: u32,
 }
 
 impl Settings {
@@ -77,7 +85,20 @@ impl Settings {
             idle_timeout: config.idle_timeout,
             half_close_timeout: config.half_close_timeout,
             resend_unanswered: config.resend_unanswered,
+            proxy_protocol: config.proxy_protocol,
+            accept_proxy_protocol: config.accept_proxy_protocol.clone(),
+            proxy_protocol_timeout: config.proxy_protocol_timeout,
+            max_connections_per_client: config.max_connections_per_client,
         }
+    }
+
+    /// Whether a connection from `peer` must begin with a PROXY protocol header.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        if self.accept_proxy_protocol.is_empty() {
+            return false;
+        }
+        let peer = crate::proxy_protocol::canonical_ip(peer);
+        self.accept_proxy_protocol.iter().any(|net| net.contains(&peer))
     }
 }
 
@@ -94,6 +115,46 @@ pub struct Shared {
     open: AtomicUsize,
     /// Connections accepted whose task has not yet counted them in `open`.
     starting: AtomicUsize,
+    /// Open connections per client address, for `max_connections_per_client`.
+    clients: Clients,
+}
+
+/// Open connections per client address: a lock-free map whose entry goes when its count falls to zero, so
+/// that it holds the clients with connections open and no others, however many have come and gone.
+#[derive(Debug, Default)]
+struct Clients {
+    counts: papaya::HashMap<std::net::IpAddr, u32>,
+}
+
+/// One open connection counted against its client address; uncounts it when dropped. It stays with the
+/// connection while it is parked, so that a client's parked connections still count.
+#[derive(Debug)]
+pub struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl ClientSlot {
+    /// The client address it counts against.
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.ip
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let counts = &self.shared.clients.counts;
+        let guard = counts.guard();
+        counts.compute(
+            self.ip,
+            |entry| match entry {
+                Some((_, &count)) if count > 1 => papaya::Operation::Insert(count - 1),
+                Some(_) => papaya::Operation::Remove,
+                None => papaya::Operation::Abort(()),
+            },
+            &guard,
+        );
+    }
 }
 
 /// One open connection, counted against `max_connections`; uncounts it when dropped.
@@ -111,7 +172,36 @@ impl Shared {
             parking: Parking::default(),
             open: AtomicUsize::new(0),
             starting: AtomicUsize::new(0),
+            clients: Clients::default(),
         }
+    }
+
+    /// Counts a connection from `ip` unless `max` (zero: no limit) are open from it already; `max` is
+    /// ignored for a connection that was counted before (`readmitted`: one handed over by a re-exec).
+    pub fn client_slot(self: &Arc<Self>, ip: std::net::IpAddr, max: u32, readmitted: bool) -> Option<ClientSlot> {
+        let counts = &self.clients.counts;
+        let guard = counts.guard();
+        let counted = counts.compute(
+            ip,
+            |entry| match entry {
+                Some((_, &count)) if count >= max && !readmitted => papaya::Operation::Abort(()),
+                Some((_, &count)) => papaya::Operation::Insert(count.saturating_add(1)),
+                None => papaya::Operation::Insert(1),
+            },
+            &guard,
+        );
+        match counted {
+            papaya::Compute::Aborted(()) => None,
+            _ => Some(ClientSlot {
+                shared: Arc::clone(self),
+                ip,
+            }),
+        }
+    }
+
+    /// How many client addresses have connections open, counted by [`Shared::client_slot`].
+    pub fn clients(&self) -> usize {
+        self.clients.counts.len()
     }
 
     /// Notes a connection just accepted, before its task runs: until [`Shared::started`], it counts as open
@@ -309,6 +399,8 @@ pub struct ParkedConnection {
     pub connection: Parked,
     /// Its worker's guard: the worker does not drain away from under it.
     pub guard: Guard,
+    /// Its count against its client address, under `max_connections_per_client`.
+    pub client: Option<ClientSlot>,
 }
 
 impl Parking {
@@ -678,12 +770,16 @@ mod tests {
             idle_timeout: Duration::ZERO,
             half_close_timeout: Duration::from_secs(1),
             resend_unanswered: true,
+            proxy_protocol: None,
+            accept_proxy_protocol: Vec::new(),
+            proxy_protocol_timeout: Duration::from_secs(3),
+            max_connections_per_client: 0,
         };
         let old = upstream();
         let route = ArcSwap::from_pointee(Route {
             upstream: Some(Arc::clone(&old)),
             hold: true,
-            settings,
+            settings: settings.clone(),
             shared: Arc::clone(&shared),
         });
         let new = Arc::new(Upstream::new(

@@ -327,6 +327,14 @@ impl Takeover {
         } = handed;
         let resumed = self.resumed.clone();
         let active = record.is_active();
+        // It counts against its client again, over the limit or not: it was admitted before.
+        let client = record.client.and_then(|client| {
+            let route = self.route.load();
+            match route.settings.max_connections_per_client {
+                0 => None,
+                max => route.shared.client_slot(client.ip(), max, true),
+            }
+        });
         spawn_resumed(Arc::clone(&self.route), Arc::clone(&self.budget), false, move || {
             let parked = Parked::from_parts(record, fds, watched);
             resumed.running.add_permits(1);
@@ -337,7 +345,11 @@ impl Takeover {
                 resumed.active.add_permits(1);
             }
             match parked {
-                Ok(connection) => Some(ParkedConnection { connection, guard }),
+                Ok(connection) => Some(ParkedConnection {
+                    connection,
+                    guard,
+                    client,
+                }),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot take over a connection: it is lost");
                     None
@@ -875,10 +887,11 @@ impl Service {
             }
             Effect::WaitReady { generation, deadline } => {
                 let readiness = self.config.readiness.clone();
+                let proxy = self.config.proxy_protocol;
                 self.watch(generation, |held| {
                     let addr = held.worker.addr.clone();
                     async move {
-                        match wait_ready(&addr, &readiness, deadline.instant()).await {
+                        match wait_ready(&addr, &readiness, proxy, deadline.instant()).await {
                             Ok(()) => Input::Ready { generation },
                             Err(error) => Input::NotReady {
                                 generation,
@@ -901,10 +914,11 @@ impl Service {
             Effect::Probe { generation } => {
                 let path = self.config.readiness.path.clone();
                 let timeout = self.config.health.timeout;
+                let proxy = self.config.proxy_protocol;
                 self.watch(generation, |held| {
                     let addr = held.worker.addr.clone();
                     async move {
-                        let probed = tokio::time::timeout(timeout, probe(&addr, path.as_deref())).await;
+                        let probed = tokio::time::timeout(timeout, probe(&addr, path.as_deref(), proxy)).await;
                         let ok = matches!(probed, Ok(Ok(())));
                         Input::Probed { generation, ok }
                     }
