@@ -791,6 +791,10 @@ half_close_timeout = "10s"
 drain_policy = "signal"
 resend_unanswered = false
 max_draining = 1
+proxy_protocol = "v1"
+accept_proxy_protocol = ["10.0.0.0/8"]
+proxy_protocol_timeout = "1s"
+max_connections_per_client = 8
 
 [service.api.health]
 interval = "200ms"
@@ -833,6 +837,10 @@ timeout = "3s"
         assert_eq!(api.drain_policy, DrainPolicy::Signal);
         assert!(!api.resend_unanswered);
         assert_eq!(api.max_draining, 1);
+        assert_eq!(api.proxy_protocol, Some(crate::proxy_protocol::Version::V1));
+        assert_eq!(api.accept_proxy_protocol.len(), 1);
+        assert_eq!(api.proxy_protocol_timeout, Duration::from_secs(1));
+        assert_eq!(api.max_connections_per_client, 8);
         assert_eq!(
             api.health,
             Health {
@@ -892,6 +900,56 @@ timeout = "3s"
         assert!(message.contains("drain_policy `sometimes` is unknown"), "{message}");
         let message = error(&format!("{MINIMAL}[service.web.health]\nfailures = 0\n"));
         assert!(message.contains("health.failures must be at least 1"), "{message}");
+    }
+
+    #[test]
+    fn the_proxy_protocol_keys_are_read_and_checked() {
+        let web = &parse(MINIMAL).expect("valid").services["web"].clone();
+        assert_eq!(web.proxy_protocol, None);
+        assert!(web.accept_proxy_protocol.is_empty());
+        assert_eq!(web.proxy_protocol_timeout, DEFAULT_PROXY_PROTOCOL_TIMEOUT);
+        assert_eq!(web.max_connections_per_client, 0);
+        let config = parse(&format!(
+            "{MINIMAL}proxy_protocol = \"v2\"\naccept_proxy_protocol = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n\
+             proxy_protocol_timeout = \"500ms\"\nmax_connections_per_client = 20\n"
+        ))
+        .expect("valid");
+        let web = &config.services["web"];
+        assert_eq!(web.proxy_protocol, Some(crate::proxy_protocol::Version::V2));
+        let nets: Vec<String> = web.accept_proxy_protocol.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert_eq!(web.proxy_protocol_timeout, Duration::from_millis(500));
+        assert_eq!(web.max_connections_per_client, 20);
+        for (bad, expected) in [
+            (
+                "proxy_protocol = \"v3\"",
+                "proxy_protocol `v3` is unknown: use \"v1\" or \"v2\"",
+            ),
+            (
+                "accept_proxy_protocol = [\"10.0.0.0/33\"]",
+                "accept_proxy_protocol `10.0.0.0/33` is not a network",
+            ),
+            (
+                "accept_proxy_protocol = [\"lb.example\"]",
+                "accept_proxy_protocol `lb.example` is not a network",
+            ),
+            (
+                "accept_proxy_protocol = [\"10.0.0.1/8\"]",
+                "`10.0.0.1/8` has bits set past its prefix: the network is `10.0.0.0/8`",
+            ),
+            (
+                "accept_proxy_protocol = [\"10.0.0.0/8\", \"10.0.0.0/8\"]",
+                "accept_proxy_protocol lists `10.0.0.0/8` twice",
+            ),
+            (
+                "proxy_protocol_timeout = \"0s\"",
+                "proxy_protocol_timeout must be greater than zero",
+            ),
+        ] {
+            let message = error(&format!("{MINIMAL}{bad}\n"));
+            assert!(message.contains(expected), "{bad}: {message}");
+            assert!(message.contains("service `web`"), "{bad}: {message}");
+        }
     }
 
     #[test]

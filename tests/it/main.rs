@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod client_address;
 mod data_path;
 mod drain;
 mod faults;

@@ -414,14 +414,6 @@ fn the_public_sockets_are_stored_with_the_manager_and_a_baton_started_after_a_cr
     assert_eq!(again.stop().code(), Some(0));
 }
 
-/// Fails, naming the Debian package to install, if `program` is not on the PATH.
-fn need(program: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false);
-    assert!(found, "{program} is missing: install the Debian package `{package}`");
-}
-
 /// `sv status` of the service directory `dir`: its output, and baton's pid when it runs.
 fn sv_status(dir: &std::path::Path) -> (String, Option<u32>) {
     let output = std::process::Command::new("sv")

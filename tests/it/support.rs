@@ -867,3 +867,11 @@ pub fn children(pid: u32) -> Vec<(u32, char)> {
     }
     found
 }
+
+/// Fails, naming the Debian package to install, if `program` is not on the PATH.
+pub fn need(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{program} is missing: install the Debian package `{package}`");
+}
