@@ -208,6 +208,11 @@ http {{
             f.write(self.nginx_upstream_conf("127.0.0.1:PORT").replace("$$", "worker-PORT"))
         worker = ["sh", "-c", f"sed s/PORT/$PORT/g {self.dir}/worker.conf.in > {self.dir}/worker-$PORT.conf && "
                               f"exec nginx -c {self.dir}/worker-$PORT.conf"]
+        # The same reading the PROXY protocol, which baton sends it (proxy_protocol = "v2").
+        with open(f"{self.dir}/worker-pp.conf.in", "w") as f:
+            f.write(self.nginx_upstream_conf("127.0.0.1:PORT proxy_protocol").replace("$$", "worker-pp-PORT"))
+        pp_worker = ["sh", "-c", f"sed s/PORT/$PORT/g {self.dir}/worker-pp.conf.in > {self.dir}/worker-pp-$PORT.conf "
+                                 f"&& exec nginx -c {self.dir}/worker-pp-$PORT.conf"]
         # The same on a Unix socket baton chose (backend = "unix").
         with open(f"{self.dir}/worker-unix.conf.in", "w") as f:
             f.write(self.nginx_upstream_conf("unix:SOCKET").replace("$$", "worker-unix-GEN"))
@@ -232,6 +237,20 @@ path = "/index.html"
 interval = "10ms"
 
 [service.web.health]
+interval = "1h"
+
+[service.web_pp]
+listen = ["127.0.0.1:0"]
+command = {json.dumps(pp_worker)}
+proxy_protocol = "v2"
+watchdog = "0s"
+idle_timeout = "0s"
+
+[service.web_pp.readiness]
+path = "/index.html"
+interval = "10ms"
+
+[service.web_pp.health]
 interval = "1h"
 
 [service.web_unix]
@@ -280,6 +299,7 @@ interval = "1h"
                 break
             time.sleep(0.05)
         port = lambda name: int(status[name]["listen"][0].rsplit(":", 1)[1])
+        self.baton_pp = Target("baton_pp", port("web_pp"), port("bulk"), [process.pid], False)
         return Target("baton", port("web"), port("bulk"), [process.pid], False, port("web_unix"))
 
     def start_haproxy(self, up_web, up_bulk):
@@ -677,6 +697,9 @@ def main():
                              "and HAProxy, the re-exec window (HAProxy: reloads) and the pause with idle connections")
     parser.add_argument("--pause-reexecs", type=int, default=5,
                         help="re-execs with the idle connections open (default 5)")
+    parser.add_argument("--proxy-protocol-only", action="store_true",
+                        help="only the cost of the PROXY protocol: the keep-alive and new-connection loads through "
+                             "baton with and without `proxy_protocol = \"v2\"` (to an nginx that reads it)")
     args = parser.parse_args()
     globals()["BATON"] = args.baton
     if args.quick:
@@ -698,6 +721,22 @@ def main():
 
     bench = Bench(args)
     results = {}
+    if args.proxy_protocol_only:
+        try:
+            bench.setup()
+            print(f"working directory (logs): {bench.dir}", file=sys.stderr)
+            targets = [bench.targets["baton"], bench.baton_pp]
+            for round_ in range(args.rounds):
+                order = targets[round_ % 2:] + targets[:round_ % 2]
+                print(f"round {round_ + 1}/{args.rounds}: {', '.join(t.name for t in order)}", file=sys.stderr)
+                for target in order:
+                    r = results.setdefault(target.name, {})
+                    r.setdefault("newconn", []).append(bench.wrk(target, ["-H", "Connection: close"]))
+                    r.setdefault("keepalive", []).append(bench.wrk(target, []))
+        finally:
+            bench.stop_all()
+        proxy_protocol_report(results, args)
+        return
     try:
         bench.setup()
         print(f"working directory (logs): {bench.dir}", file=sys.stderr)
@@ -740,6 +779,31 @@ def main():
     finally:
         bench.stop_all()
     report(results, args)
+
+
+def proxy_protocol_report(results, args):
+    """The loads through baton without and with the PROXY protocol v2 header to the worker, side by side."""
+    print(f"Loads of {args.duration} s, {args.rounds} round(s), interleaved; median (min–max). baton on "
+          f"{args.baton_threads} thread(s); upstream: nginx 1 worker, reading the PROXY protocol for `with v2`.\n")
+    print("| metric | without | with v2 | with / without |")
+    print("|---|---|---|---|")
+    for label, load, key, digits in [
+        ("new-connection requests/s", "newconn", "rps", 0),
+        ("new-connection p99 ms", "newconn", "p99", 3),
+        ("CPU µs per new-connection request", "newconn", "cpu_us_per_request", 2),
+        ("keep-alive requests/s", "keepalive", "rps", 0),
+        ("keep-alive p99 ms", "keepalive", "p99", 3),
+    ]:
+        got = [summary([run.get(key) for run in results.get(name, {}).get(load, [])]) for name in ("baton", "baton_pp")]
+        relative = f"{got[1][0] / got[0][0]:.2f}×" if got[0] and got[1] and got[0][0] else "-"
+        print(f"| {label} | {cell(got[0], digits)} | {cell(got[1], digits)} | {relative} |")
+    errors = [sum(run.get("errors", 0) for load in ("newconn", "keepalive") for run in results.get(name, {}).get(load, []))
+              for name in ("baton", "baton_pp")]
+    print(f"| errors | {errors[0]} | {errors[1]} | |")
+    print()
+    print("Machine:")
+    for line in machine():
+        print(line)
 
 
 def report(results, args):

@@ -583,7 +583,11 @@ fn a_state_or_configuration_the_new_binary_rejects_is_refused_by_its_check() {
     assert_eq!(report["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(report["services"][0], "web");
 
-    let newer = state.replacen("\"version\":1", "\"version\":99", 1);
+    let newer = state.replacen(
+        &format!("\"version\":{}", baton::handover::VERSION),
+        "\"version\":99",
+        1,
+    );
     let (code, _, stderr) = check(&newer);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("state format 99 is newer"), "{stderr}");

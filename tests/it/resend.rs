@@ -83,3 +83,32 @@ fn a_request_the_worker_read_is_never_sent_twice() {
     assert_eq!(baton.metric(RESENT), 0.0);
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn a_resent_connection_sends_its_proxy_protocol_header_to_the_new_worker_connection_too() {
+    // Each worker connection answers one request, then closes on the next one unread: every request after
+    // the first goes on a new worker connection, which must begin with the client's header too.
+    let baton = Baton::start(&service(
+        "web",
+        &["--port", "{port}", "--close-unread-after", "1", "--proxy-protocol"],
+        "proxy_protocol = \"v1\"\noutput = \"log\"",
+    ));
+    let addr = baton.addr("web");
+    let mut client = KeepAlive::connect(addr);
+    let port = client.stream().local_addr().expect("local").port();
+    for request in 0..3 {
+        assert_eq!(client.whoami().unwrap_or_else(|e| panic!("request {request}: {e}")), 1);
+    }
+    assert_eq!(baton.metric(RESENT), 2.0);
+    let header = format!("PROXY header PROXY TCP4 127.0.0.1 127.0.0.1 {port} {}", addr.port());
+    wait_for("a header on each of the three worker connections", || {
+        let seen = baton.log_text().matches(&header).count();
+        (seen == 3).then_some(()).ok_or(format!("{seen} of `{header}`"))
+    });
+    assert!(
+        baton.log_text().contains("PROXY header PROXY UNKNOWN"),
+        "the probe's header"
+    );
+    drop(client);
+    assert_eq!(baton.stop().code(), Some(0));
+}

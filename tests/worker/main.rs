@@ -13,7 +13,8 @@
 //! - `SEND <n>\n`: `n` bytes, then a half-close;
 //! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
 //!
-//! HTTP connections are kept alive unless the request says `Connection: close`.
+//! HTTP connections are kept alive unless the request says `Connection: close`. With `--proxy-protocol`,
+//! every connection begins with a v1 PROXY protocol header, which it prints on stderr.
 //!
 //! By default SIGTERM ends it at once, like most servers. `--graceful` makes it stop like a server with a
 //! graceful shutdown: stop accepting, finish the requests in flight, close idle keep-alive connections,
@@ -70,6 +71,9 @@ struct Args {
     /// arrives, without reading it (a reset).
     #[arg(long)]
     close_unread_after: Option<u64>,
+    /// Every connection begins with a v1 PROXY protocol header: read it first and print it on stderr.
+    #[arg(long)]
+    proxy_protocol: bool,
 }
 
 /// Set when a graceful shutdown has begun.
@@ -103,6 +107,7 @@ struct Worker {
     flap: Option<AtomicU64>,
     ignore_eof: bool,
     close_unread_after: Option<u64>,
+    proxy_protocol: bool,
 }
 
 impl Worker {
@@ -143,6 +148,7 @@ fn main() {
         flap: args.flap.then(|| AtomicU64::new(0)),
         ignore_eof: args.ignore_eof,
         close_unread_after: args.close_unread_after,
+        proxy_protocol: args.proxy_protocol,
     });
     if let Some(after) = args.exit_after {
         std::thread::spawn(move || {
@@ -228,6 +234,21 @@ fn close_on_next_request(stream: &impl AsFd) {
 }
 
 fn serve<S: Read + Write + AsFd>(worker: &Worker, mut stream: S) {
+    if worker.proxy_protocol {
+        // A v1 line, a byte at a time so that nothing after it is taken.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") && line.len() < 108 {
+            match stream.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                _ => return,
+            }
+        }
+        eprintln!(
+            "test worker: PROXY header {}",
+            String::from_utf8_lossy(&line).trim_end()
+        );
+    }
     if worker.close_unread_after == Some(0) {
         close_on_next_request(&stream);
         return;
