@@ -52,6 +52,10 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
 /// Consecutive good probes that make an unhealthy worker healthy again.
 pub const DEFAULT_HEALTH_SUCCESSES: u32 = 2;
+/// How long a watched path must stay unchanged before its change upgrades the service.
+pub const DEFAULT_WATCH_SETTLE: Duration = Duration::from_secs(2);
+/// How long a `prepare` command may run.
+pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a trusted source has to send its whole PROXY protocol header.
 pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -145,6 +149,17 @@ pub struct ServiceConfig {
     pub proxy_protocol_timeout: Duration,
     /// Open connections allowed from one client address at once (zero: no limit).
     pub max_connections_per_client: u32,
+    /// Paths whose change (a symlink flipped, a file replaced or rewritten) upgrades the service.
+    pub watch: Vec<PathBuf>,
+    /// How long the watched paths must stay unchanged before a change upgrades the service.
+    pub watch_settle: Duration,
+    /// How long a worker serves before it is replaced; none when unset.
+    pub max_lifetime: Option<Duration>,
+    /// A command run before each new worker is spawned (placeholders substituted, the worker's user, cwd
+    /// and env); empty: none.
+    pub prepare: Vec<String>,
+    /// How long `prepare` may run before the upgrade fails.
+    pub prepare_timeout: Duration,
 }
 
 /// Where a worker's stdout and stderr go.
@@ -332,6 +347,11 @@ struct RawService {
     accept_proxy_protocol: Option<Vec<Spanned<String>>>,
     proxy_protocol_timeout: Option<Spanned<String>>,
     max_connections_per_client: Option<u32>,
+    watch: Option<Spanned<Vec<Spanned<String>>>>,
+    watch_settle: Option<Spanned<String>>,
+    max_lifetime: Option<Spanned<String>>,
+    prepare: Option<Spanned<Vec<String>>>,
+    prepare_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -580,6 +600,45 @@ impl Validator<'_> {
             }
             accept_proxy_protocol.push(net);
         }
+        let mut watch: Vec<PathBuf> = Vec::new();
+        for raw_path in raw.watch.iter().flat_map(|w| w.get_ref().iter()) {
+            let path = PathBuf::from(raw_path.get_ref());
+            if !path.is_absolute() {
+                return Err(at(
+                    raw_path.span(),
+                    format!("watch `{}` is not an absolute path", raw_path.get_ref()),
+                ));
+            }
+            if watch.contains(&path) {
+                return Err(at(
+                    raw_path.span(),
+                    format!("watch lists `{}` twice", raw_path.get_ref()),
+                ));
+            }
+            watch.push(path);
+        }
+        let prepare = raw.prepare.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+        if let Some(raw_prepare) = &raw.prepare {
+            if prepare.first().is_none_or(String::is_empty) {
+                return Err(at(
+                    raw_prepare.span(),
+                    "prepare is empty: give a command's argv, or leave it out".into(),
+                ));
+            }
+            if let Some(arg) = prepare.iter().find(|a| a.contains("{port}") || a.contains("{socket}")) {
+                return Err(at(
+                    raw_prepare.span(),
+                    format!(
+                        "prepare argument `{arg}` names the worker's address, which is chosen after prepare runs: \
+                         only {{service}} and {{generation}} are replaced"
+                    ),
+                ));
+            }
+        }
+        let max_lifetime = match &raw.max_lifetime {
+            None => None,
+            Some(_) => Some(positive("max_lifetime", &raw.max_lifetime, Duration::ZERO)?),
+        };
         Ok(ServiceConfig {
             name: name.to_owned(),
             listen,
@@ -617,6 +676,11 @@ impl Validator<'_> {
                 DEFAULT_PROXY_PROTOCOL_TIMEOUT,
             )?,
             max_connections_per_client: raw.max_connections_per_client.unwrap_or(0),
+            watch,
+            watch_settle: duration("watch_settle", &raw.watch_settle, DEFAULT_WATCH_SETTLE)?,
+            max_lifetime,
+            prepare,
+            prepare_timeout: positive("prepare_timeout", &raw.prepare_timeout, DEFAULT_PREPARE_TIMEOUT)?,
         })
     }
 

@@ -158,16 +158,22 @@ pub enum Trigger {
     Restart,
     /// The active worker failed its health checks.
     Unhealthy,
+    /// A watched path changed: a new release.
+    Watch,
+    /// The active worker reached its `max_lifetime`.
+    Recycle,
 }
 
 impl Trigger {
     /// Every trigger, in declaration order.
-    pub const ALL: [Trigger; 5] = [
+    pub const ALL: [Trigger; 7] = [
         Trigger::Start,
         Trigger::Signal,
         Trigger::Api,
         Trigger::Restart,
         Trigger::Unhealthy,
+        Trigger::Watch,
+        Trigger::Recycle,
     ];
 
     /// The `trigger` label value.
@@ -178,6 +184,8 @@ impl Trigger {
             Trigger::Api => "api",
             Trigger::Restart => "restart",
             Trigger::Unhealthy => "unhealthy",
+            Trigger::Watch => "watch",
+            Trigger::Recycle => "recycle",
         }
     }
 }
@@ -258,7 +266,10 @@ pub struct UpgradeRecord {
 /// Milliseconds spent in each phase of an upgrade; a phase not reached is absent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseTimes {
-    /// From the start to a running process.
+    /// The `prepare` command, before the spawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_ms: Option<u64>,
+    /// From the start to a running process (the `prepare` command included).
     pub spawn_ms: Option<u64>,
     /// From a running process to a ready one.
     pub ready_ms: Option<u64>,

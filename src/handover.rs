@@ -516,6 +516,8 @@ mod tests {
             health_interval: Duration::from_secs(1),
             health_failures: 3,
             health_successes: 2,
+            watch_settle: Duration::from_secs(2),
+            max_lifetime: None,
         };
         let mut machine = Machine::new("web".into(), policy);
         let now = Time::from_origin(Duration::from_secs(100));

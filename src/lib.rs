@@ -11,6 +11,7 @@
 //! - [`lifecycle`]: one service's lifecycle as a state machine with no I/O: `step(input, now) -> effects`.
 //! - [`service`]: the driver of that machine: performs its effects; the only owner of its workers.
 //! - [`worker`]: spawning (on the main thread), signalling and reaping one worker process.
+//! - [`release`]: watching a service's release paths, whose change upgrades it.
 //! - [`readiness`]: HTTP and TCP probes of a new worker.
 //! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
 //! - [`listener`]: public sockets (socket2) and the accept loop.
@@ -47,6 +48,7 @@ pub mod proxy_protocol;
 pub mod readiness;
 pub mod reaper;
 pub mod reexec;
+pub mod release;
 pub mod route;
 pub mod service;
 pub mod supervisor;

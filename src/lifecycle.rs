@@ -26,6 +26,9 @@ use crate::control::{ActionError, Phase, PhaseTimes, Trigger, UpgradeRecord, Upg
 
 /// The first wait before replacing a worker that died or turned unhealthy.
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How long a worker past its `max_lifetime` serves on after an upgrade to replace it failed, before the
+/// next try.
+pub const RECYCLE_RETRY: Duration = Duration::from_secs(60);
 /// The longest wait between two restarts.
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a worker must run before a crash restarts it after [`RESTART_BACKOFF_MIN`] again.
@@ -61,6 +64,13 @@ pub struct Policy {
     pub health_failures: u32,
     /// Consecutive good probes that make it healthy again.
     pub health_successes: u32,
+    /// How long a watched path must stay unchanged before its change upgrades the service.
+    #[serde(default)]
+    pub watch_settle: Duration,
+    /// How long a worker serves before it is replaced (plus up to a tenth of it, per generation); none
+    /// when unset.
+    #[serde(default)]
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Policy {
@@ -77,7 +87,25 @@ impl Policy {
             health_interval: config.health.interval,
             health_failures: config.health.failures,
             health_successes: config.health.successes,
+            watch_settle: config.watch_settle,
+            max_lifetime: config.max_lifetime,
         }
+    }
+
+    /// When worker `generation` of `service`, serving since `since`, is due to be recycled: after
+    /// `max_lifetime` and a jitter of up to a tenth of it, the same for the same service and generation,
+    /// so that services started together do not recycle together.
+    pub fn recycle_at(&self, service: &str, generation: u64, since: Time) -> Option<Time> {
+        let lifetime = self.max_lifetime?;
+        // FNV-1a of the name and generation: stable across runs and images, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in service.bytes().chain(generation.to_le_bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let tenth = lifetime.as_millis() / 10;
+        let jitter = if tenth == 0 { 0 } else { u128::from(hash) % tenth };
+        let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
+        Some(since + lifetime + jitter)
     }
 }
 
@@ -98,6 +126,16 @@ pub enum Input {
     },
     /// The service's configuration changed.
     Reconfigure(Policy),
+    /// A watched path changed (a new release); the service upgrades once the paths have been still for
+    /// `watch_settle`.
+    Changed,
+    /// The new generation's `prepare` command finished, in `ms` milliseconds; its spawn follows.
+    Prepared {
+        /// Its generation.
+        generation: u64,
+        /// How long the command took.
+        ms: u64,
+    },
     /// The new generation's process runs.
     Spawned {
         /// Its generation.
@@ -431,10 +469,13 @@ pub struct Serving {
     pub next_probe: Option<Time>,
     /// How it exited, if it has.
     pub exited: Option<String>,
+    /// When it is to be replaced for its age (`max_lifetime`), if it is.
+    #[serde(default)]
+    pub recycle_at: Option<Time>,
 }
 
 impl Serving {
-    fn new(generation: u64, pid: u32, now: Time, policy: &Policy) -> Serving {
+    fn new(service: &str, generation: u64, pid: u32, now: Time, policy: &Policy) -> Serving {
         Serving {
             generation,
             pid,
@@ -444,6 +485,7 @@ impl Serving {
             healthy: true,
             next_probe: Some(now + policy.health_interval),
             exited: None,
+            recycle_at: policy.recycle_at(service, generation, now),
         }
     }
 }
@@ -462,6 +504,9 @@ pub struct Candidate {
     pub process: Option<Process>,
     /// Told the outcome.
     pub waiters: Vec<WaiterId>,
+    /// How long its `prepare` command took, once it ran.
+    #[serde(default)]
+    pub prepare_ms: Option<u64>,
 }
 
 /// A candidate's running process, probed until it is ready.
@@ -592,6 +637,9 @@ pub struct Machine {
     pub shutting_down: bool,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
+    /// When a change of a watched path upgrades the service, once the paths have settled.
+    #[serde(default)]
+    pub changed: Option<Time>,
 }
 
 impl Machine {
@@ -612,6 +660,7 @@ impl Machine {
             starting: true,
             shutting_down: false,
             last_upgrade: None,
+            changed: None,
         }
     }
 
@@ -696,6 +745,12 @@ impl Machine {
         if let Some(restart) = &self.restart {
             at(restart.at);
         }
+        if let Some(changed) = self.changed {
+            at(changed);
+        }
+        if let Some(recycle) = self.active.as_ref().and_then(|a| a.recycle_at) {
+            at(recycle);
+        }
         if let Some(probe) = self.active.as_ref().and_then(|a| a.next_probe) {
             at(probe);
         }
@@ -774,6 +829,16 @@ impl Machine {
             Input::Reconfigure(policy) => {
                 self.policy = policy;
                 out.push(Effect::Route);
+            }
+            Input::Changed => {
+                if !self.shutting_down {
+                    self.changed = Some(now + self.policy.watch_settle);
+                }
+            }
+            Input::Prepared { generation, ms } => {
+                if let Some(candidate) = self.candidate.as_mut().filter(|c| c.generation == generation) {
+                    candidate.prepare_ms = Some(ms);
+                }
             }
             Input::Spawned {
                 generation,
@@ -877,6 +942,42 @@ impl Machine {
                 );
             }
         }
+        // A release that changed, once the paths have settled; a worker past its lifetime. Each is an
+        // upgrade like any other: one asked for during another joins it.
+        if self.changed.is_some_and(|at| at <= now) {
+            self.changed = None;
+            if !self.shutting_down {
+                self.apply(
+                    Input::Upgrade {
+                        trigger: Trigger::Watch,
+                        waiter: None,
+                    },
+                    now,
+                    out,
+                );
+            }
+        }
+        let recycle = self
+            .active
+            .as_ref()
+            .and_then(|a| a.recycle_at)
+            .is_some_and(|at| at <= now);
+        if recycle && !self.shutting_down {
+            // Looked at again after a while if this upgrade fails and the worker keeps serving.
+            if let Some(active) = self.active.as_mut() {
+                active.recycle_at = Some(now + RECYCLE_RETRY);
+            }
+            if self.candidate.is_none() && self.restart.is_none() {
+                self.apply(
+                    Input::Upgrade {
+                        trigger: Trigger::Recycle,
+                        waiter: None,
+                    },
+                    now,
+                    out,
+                );
+            }
+        }
         if let Some(active) = self.active.as_mut() {
             if active.next_probe.is_some_and(|at| at <= now) {
                 active.next_probe = None;
@@ -963,6 +1064,7 @@ impl Machine {
             started: now,
             process: None,
             waiters,
+            prepare_ms: None,
         });
         out.push(Effect::Event(Event::UpgradeStarted { generation, trigger }));
         out.push(Effect::Spawn { generation });
@@ -992,6 +1094,7 @@ impl Machine {
             new_pid: candidate.process.map(|p| p.pid),
             duration_ms: millis(now.since(candidate.started)),
             phases: PhaseTimes {
+                prepare_ms: candidate.prepare_ms,
                 spawn_ms: spawned.map(|s| millis(s.since(candidate.started))),
                 ready_ms: spawned.map(|s| millis(now.since(s))),
                 watch_ms: None,
@@ -1047,7 +1150,7 @@ impl Machine {
         }));
         let previous = self
             .active
-            .replace(Serving::new(generation, process.pid, now, &self.policy));
+            .replace(Serving::new(&self.service, generation, process.pid, now, &self.policy));
         // A replacement that was due is moot now.
         self.restart = None;
         // The new route is stored before the old worker drains, so that a connection that finds the old one

@@ -427,8 +427,8 @@ async fn readable(waiting: Option<&crate::watch::Waiting>) {
 enum Report {
     /// An input for the machine.
     Input(Input),
-    /// How the spawn of a generation went.
-    Spawned(u64, Result<Worker, SpawnError>),
+    /// How the spawn of a generation went, and how long its `prepare` command took if it ran one.
+    Spawned(u64, Result<Worker, SpawnError>, Option<u64>),
 }
 
 /// Someone waiting for an outcome, by the kind of answer they take.
@@ -452,6 +452,13 @@ struct Service {
     /// The watch the connections rest in while a hand-over is prepared, registered to serve them as their
     /// bytes come ([`crate::proxy::wake`]).
     waiting: Option<crate::watch::Waiting>,
+    /// The task watching the service's `watch` paths, and the paths it watches.
+    release_watch: Option<(Vec<std::path::PathBuf>, AbortOnDropHandle<()>)>,
+    /// Where it sends the paths that changed; the sender goes to each such task.
+    changes: (
+        mpsc::UnboundedSender<std::path::PathBuf>,
+        mpsc::UnboundedReceiver<std::path::PathBuf>,
+    ),
     /// Public sockets not yet accepted on, while the service has had no ready worker.
     pending_listeners: Vec<Arc<Listener>>,
     /// Every worker process the machine names, by generation.
@@ -498,6 +505,8 @@ impl Service {
             context,
             listeners: Vec::new(),
             waiting: None,
+            release_watch: None,
+            changes: mpsc::unbounded_channel(),
             pending_listeners: listeners,
             workers: HashMap::new(),
             tasks: JoinSet::new(),
@@ -581,6 +590,7 @@ impl Service {
                 self.feed(Input::Tick);
             }
         }
+        self.watch_release();
         let mut open = true;
         while !self.machine.is_stopped() {
             let deadline = self.machine.next_deadline().map(Time::instant);
@@ -596,6 +606,10 @@ impl Service {
                     }
                 },
                 () = readable(self.waiting.as_ref()), if self.waiting.is_some() => self.wake(),
+                Some(path) = self.changes.1.recv() => {
+                    tracing::info!(service = %self.config.name, path = %path.display(), "release changed: upgrading once it settles");
+                    self.feed(Input::Changed);
+                }
                 Some(done) = self.tasks.join_next() => {
                     if let Ok(report) = done {
                         self.report(report);
@@ -830,7 +844,10 @@ impl Service {
     fn report(&mut self, report: Report) {
         match report {
             Report::Input(input) => self.feed(input),
-            Report::Spawned(generation, Ok(worker)) => {
+            Report::Spawned(generation, Ok(worker), prepared) => {
+                if let Some(ms) = prepared {
+                    self.feed(Input::Prepared { generation, ms });
+                }
                 let input = Input::Spawned {
                     generation,
                     pid: worker.pid,
@@ -847,7 +864,7 @@ impl Service {
                 );
                 self.feed(input);
             }
-            Report::Spawned(generation, Err(error)) => self.feed(Input::SpawnFailed {
+            Report::Spawned(generation, Err(error), _) => self.feed(Input::SpawnFailed {
                 generation,
                 error: chain(&error),
             }),
@@ -880,9 +897,17 @@ impl Service {
                 let config = Arc::clone(&self.config);
                 let context = self.context.clone();
                 self.tasks.spawn(async move {
+                    let mut prepared = None;
+                    if !config.prepare.is_empty() {
+                        let started = Time::now();
+                        if let Err(error) = crate::worker::prepare(&config, generation, &context.spawner).await {
+                            return Report::Spawned(generation, Err(error), None);
+                        }
+                        prepared = Some(crate::control::millis(Time::now().since(started)));
+                    }
                     let spawned =
                         Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await;
-                    Report::Spawned(generation, spawned)
+                    Report::Spawned(generation, spawned, prepared)
                 });
             }
             Effect::WaitReady { generation, deadline } => {
@@ -1146,7 +1171,20 @@ impl Service {
             }
         }
         drop(old);
+        self.watch_release();
         self.feed(Input::Reconfigure(Policy::of(&self.config)));
+    }
+
+    /// Watches the configured `watch` paths, unless they are watched already (or there are none).
+    fn watch_release(&mut self) {
+        let paths = &self.config.watch;
+        if self.release_watch.as_ref().is_some_and(|(watched, _)| watched == paths) {
+            return;
+        }
+        self.release_watch = (!paths.is_empty()).then(|| {
+            let task = tokio::spawn(crate::release::watch(paths.clone(), self.changes.0.clone()));
+            (paths.clone(), AbortOnDropHandle::new(task))
+        });
     }
 
     fn accept_on(&mut self, listener: Arc<Listener>) {

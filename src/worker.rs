@@ -66,6 +66,91 @@ pub enum SpawnError {
     /// The main thread no longer takes spawn requests: baton is exiting.
     #[error("baton is shutting down")]
     ShuttingDown,
+    /// The `prepare` command failed or did not finish in time; nothing was started.
+    #[error("prepare: {0}")]
+    Prepare(String),
+}
+
+/// How many of the last lines of a failed `prepare` command's output its error quotes.
+const PREPARE_LINES: usize = 10;
+
+/// Runs the service's `prepare` command for `generation` and waits for it, up to `prepare_timeout`: on the
+/// spawning thread like a worker, with the worker's user, working directory, environment and placeholders
+/// (`{service}`, `{generation}`), in a process group of its own that is killed if it runs too long. Fails
+/// with the last lines of its output unless it exits 0.
+pub async fn prepare(service: &ServiceConfig, generation: u64, spawner: &Spawner) -> Result<(), SpawnError> {
+    let identity = identity(service)?;
+    let fill = |text: &str| substitute(text, service, "", generation);
+    let program = fill(&service.prepare[0]);
+    let mut command = std::process::Command::new(&program);
+    command
+        .args(service.prepare[1..].iter().map(|a| fill(a)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for variable in PRIVATE_VARIABLES.iter().chain(crate::reexec::VARIABLES.iter()) {
+        command.env_remove(variable);
+    }
+    command
+        .envs(service.env.iter().map(|(k, v)| (k, fill(v))))
+        .env("BATON_SERVICE", &service.name)
+        .env("BATON_GENERATION", generation.to_string());
+    if let Some(cwd) = &service.cwd {
+        command.current_dir(cwd);
+    }
+    prepare_child(&mut command, identity, spawner.worker_fd_limit);
+    let child = spawner.spawn(command).await?.map_err(|source| SpawnError::Exec {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    // However it ends (baton shutting down included), its process group goes with it.
+    let _group = KilledGroup(pid.map(|pid| Pid::from_raw(pid as i32)));
+    let waited = tokio::time::timeout(service.prepare_timeout, child.wait_with_output()).await;
+    if let Some(pid) = pid {
+        crate::reaper::forget(pid);
+    }
+    let output = match waited {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => return Err(SpawnError::Prepare(format!("cannot wait for `{program}`: {e}"))),
+        Err(_) => {
+            return Err(SpawnError::Prepare(format!(
+                "`{program}` did not finish within {} (prepare_timeout): killed",
+                humantime::format_duration(service.prepare_timeout)
+            )));
+        }
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let text = [
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    ]
+    .concat();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let last = lines[lines.len().saturating_sub(PREPARE_LINES)..].join(" | ");
+    Err(SpawnError::Prepare(format!(
+        "`{program}` ended: {}; its last output: {}",
+        describe(output.status),
+        if last.is_empty() { "none" } else { &last }
+    )))
+}
+
+/// A process group killed when dropped.
+struct KilledGroup(Option<Pid>);
+
+impl Drop for KilledGroup {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
 }
 
 /// Hands spawn requests to the thread that forks the workers.

@@ -16,6 +16,8 @@ fn policy() -> Policy {
         health_interval: SECOND,
         health_failures: 3,
         health_successes: 2,
+        watch_settle: Duration::from_secs(2),
+        max_lifetime: None,
     }
 }
 
@@ -857,4 +859,90 @@ fn an_adopted_candidate_is_waited_for_or_spawned_again() {
         ),
         "{effects:?}"
     );
+}
+
+#[test]
+fn a_release_change_upgrades_once_the_paths_have_settled_and_changes_meanwhile_restart_the_wait() {
+    let mut run = Run::serving(without_watchdog());
+    run.step(Input::Changed);
+    // A copy still in progress: more changes push the upgrade back, each by the whole settle time.
+    assert!(spawns(&run.pass(SECOND)).is_empty());
+    run.step(Input::Changed);
+    assert!(spawns(&run.pass(SECOND + SECOND / 2)).is_empty(), "settling again");
+    let effects = run.pass(SECOND);
+    assert_eq!(spawns(&effects), [2], "one upgrade for the burst");
+    assert_eq!(
+        pick(&effects, |e| match e {
+            Effect::Event(Event::UpgradeStarted { trigger, .. }) => Some(*trigger),
+            _ => None,
+        }),
+        [Trigger::Watch]
+    );
+    // A change while that upgrade runs is one more upgrade after it, not a second one at once.
+    run.step(Input::Changed);
+    assert!(spawns(&run.pass(3 * SECOND)).is_empty(), "joins the upgrade in flight");
+    let mut effects = run.ready(2);
+    let record = finished(&effects).pop().expect("a record");
+    assert_eq!(record.trigger, Trigger::Watch);
+    effects.extend(run.pass(SECOND));
+    assert_eq!(spawns(&effects), [3], "the follow-up");
+}
+
+#[test]
+fn a_worker_past_its_lifetime_is_replaced_with_a_jitter_and_retried_if_that_fails() {
+    let policy = Policy {
+        max_lifetime: Some(3600 * SECOND),
+        ..without_watchdog()
+    };
+    let due = policy
+        .recycle_at("web", 1, Time::from_origin(Duration::ZERO))
+        .expect("a lifetime")
+        .since(Time::from_origin(Duration::ZERO));
+    assert!(due >= 3600 * SECOND && due < 3960 * SECOND, "{due:?}");
+    assert_eq!(
+        policy.recycle_at("web", 1, Time::from_origin(Duration::ZERO)),
+        policy.recycle_at("web", 1, Time::from_origin(Duration::ZERO))
+    );
+    let others: std::collections::HashSet<_> = ["api", "web", "mail", "db"]
+        .iter()
+        .map(|name| policy.recycle_at(name, 1, Time::from_origin(Duration::ZERO)))
+        .collect();
+    assert!(others.len() > 1, "services started together do not recycle together");
+
+    let mut run = Run::serving(policy);
+    let started = run.now;
+    assert!(spawns(&run.pass(3599 * SECOND)).is_empty(), "not before its lifetime");
+    while spawns(&run.pass(SECOND)).is_empty() {
+        assert!(
+            run.now.since(started) < 3961 * SECOND,
+            "recycled within its lifetime and jitter"
+        );
+    }
+    let first = run.now;
+    // The new worker never gets ready: the old one serves on and is tried again a minute later.
+    run.spawned(2);
+    let effects = run.step(Input::NotReady {
+        generation: 2,
+        error: "no".into(),
+    });
+    assert_eq!(finished(&effects).pop().map(|r| r.trigger), Some(Trigger::Recycle));
+    assert_eq!(run.active(), Some(1));
+    while spawns(&run.pass(SECOND)).is_empty() {
+        assert!(run.now.since(first) < 62 * SECOND, "retried");
+    }
+    assert!(run.now.since(first) >= RECYCLE_RETRY, "not before a minute");
+    run.ready(3);
+    assert_eq!(run.active(), Some(3));
+}
+
+#[test]
+fn the_prepare_time_is_recorded_apart() {
+    let mut run = Run::serving(without_watchdog());
+    run.request(Trigger::Api, None);
+    run.step(Input::Prepared {
+        generation: 2,
+        ms: 1234,
+    });
+    let record = finished(&run.ready(2)).pop().expect("a record");
+    assert_eq!(record.phases.prepare_ms, Some(1234));
 }

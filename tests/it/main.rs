@@ -4,6 +4,7 @@ mod admin;
 mod cli;
 mod client_address;
 mod data_path;
+mod deploy;
 mod drain;
 mod faults;
 mod lifecycle;

@@ -1,0 +1,140 @@
+//! Deploys that run themselves: a watched release that changes upgrades the service, a worker past its
+//! lifetime is replaced, and a `prepare` command runs before each new worker.
+
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+/// Points `link` at `target` the way a deploy flips it: a new symlink renamed over the old one.
+fn flip(link: &Path, target: &Path) {
+    let next = link.with_extension("next");
+    let _ = std::fs::remove_file(&next);
+    std::os::unix::fs::symlink(target, &next).expect("symlink");
+    std::fs::rename(&next, link).expect("flip");
+}
+
+#[test]
+fn a_flipped_release_symlink_or_a_rewritten_file_upgrades_the_service_once_it_settles() {
+    let dir = tempfile::tempdir().expect("dir");
+    let releases = dir.path().join("releases");
+    for release in ["41", "42"] {
+        std::fs::create_dir_all(releases.join(release)).expect("release");
+    }
+    let current = dir.path().join("current");
+    flip(&current, &releases.join("41"));
+    let settings = dir.path().join("settings.conf");
+    std::fs::write(&settings, "a = 1\n").expect("write");
+    let baton = Baton::start(&web(
+        &[],
+        &format!(
+            "watch = [{:?}, {:?}]\nwatch_settle = \"300ms\"\nwatchdog = \"0s\"",
+            current.display().to_string(),
+            settings.display().to_string()
+        ),
+    ));
+    assert_eq!(baton.service("web")["generation"], 1);
+
+    flip(&current, &releases.join("42"));
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["trigger"], "watch", "{record}");
+    assert_eq!(record["result"], "success", "{record}");
+
+    // A file rewritten in place, twice in a row (a copy in progress): one upgrade.
+    std::fs::write(&settings, "a = 2\n").expect("write");
+    std::fs::write(&settings, "a = 2\nb = 3\n").expect("write");
+    let record = baton.wait_upgrade("web", 3);
+    assert_eq!(record["trigger"], "watch", "{record}");
+    assert_eq!(
+        baton.metric("baton_upgrades_total{result=\"success\",service=\"web\",trigger=\"watch\"}"),
+        2.0
+    );
+
+    // A watched path that disappears is no change; it is one when it comes back different.
+    std::fs::remove_file(&settings).expect("remove");
+    std::fs::write(&settings, "a = 4\nchanged = true\n").expect("write");
+    let record = baton.wait_upgrade("web", 4);
+    assert_eq!(record["trigger"], "watch", "{record}");
+    assert_eq!(
+        baton.service("web")["generation"],
+        4,
+        "one upgrade for the removal and return"
+    );
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn a_worker_past_its_max_lifetime_is_replaced_through_a_normal_upgrade() {
+    let baton = Baton::start(&web(&[], "max_lifetime = \"1s\"\nwatchdog = \"0s\""));
+    let first = baton.worker_pid("web");
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["trigger"], "recycle", "{record}");
+    assert_eq!(record["result"], "success", "{record}");
+    wait_gone([first]);
+    let record = baton.wait_upgrade("web", 3);
+    assert_eq!(record["trigger"], "recycle", "{record}");
+    assert!(baton.metric("baton_upgrades_total{result=\"success\",service=\"web\",trigger=\"recycle\"}") >= 2.0);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+#[test]
+fn prepare_runs_before_each_worker_and_its_failure_or_timeout_fails_the_upgrade_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("prepared");
+    let good = format!(
+        "prepare = [\"sh\", \"-c\", \"echo $BATON_SERVICE {{generation}} >> {}\"]\nwatchdog = \"0s\"",
+        log.display()
+    );
+    let baton = Baton::start(&web(&[], &good));
+    let prepared = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(prepared(), "web 1\n");
+    let record = baton.service("web")["last_upgrade"].clone();
+    assert!(record["phases"]["prepare_ms"].is_u64(), "{record}");
+
+    // A prepare that fails: the upgrade fails with its last lines, nothing is spawned, the worker serves.
+    let worker = baton.worker_pid("web");
+    baton.write_config(&web(
+        &[],
+        "prepare = [\"sh\", \"-c\", \"echo pulling registry/app:stable; echo manifest unknown >&2; exit 3\"]\n\
+         watchdog = \"0s\"",
+    ));
+    baton.signal(Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(error.contains("prepare"), "{error}");
+    assert!(error.contains("exit code 3"), "{error}");
+    assert!(
+        error.contains("pulling registry/app:stable | manifest unknown"),
+        "{error}"
+    );
+    assert!(record["new_pid"].is_null(), "nothing started: {record}");
+    assert_eq!(baton.worker_pid("web"), worker, "the worker serves on");
+    let (code, _) = http_get(baton.addr("web"), "/whoami").expect("served");
+    assert_eq!(code, 200);
+
+    // One that runs past prepare_timeout: killed, with what it started, and the upgrade fails.
+    let marker = dir.path().join("child.pid");
+    baton.write_config(&web(
+        &[],
+        &format!(
+            "prepare = [\"sh\", \"-c\", \"sleep 30 & echo $! > {}; wait\"]\nprepare_timeout = \"300ms\"\nwatchdog = \"0s\"",
+            marker.display()
+        ),
+    ));
+    baton.signal(Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 3);
+    assert_eq!(record["result"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not finish within 300ms"), "{error}");
+    let sleeper: u32 = wait_for("the prepare's child pid", || {
+        std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    wait_gone([sleeper]);
+    assert_eq!(baton.worker_pid("web"), worker, "the worker serves on");
+    assert_eq!(baton.stop().code(), Some(0));
+}
