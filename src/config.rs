@@ -160,6 +160,8 @@ pub struct ServiceConfig {
     pub prepare: Vec<String>,
     /// How long `prepare` may run before the upgrade fails.
     pub prepare_timeout: Duration,
+    /// When automatic upgrades (a changed release, a recycle) may run; any time when unset.
+    pub upgrade_window: Option<crate::window::Window>,
 }
 
 /// Where a worker's stdout and stderr go.
@@ -352,6 +354,7 @@ struct RawService {
     max_lifetime: Option<Spanned<String>>,
     prepare: Option<Spanned<Vec<String>>>,
     prepare_timeout: Option<Spanned<String>>,
+    upgrade_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -635,6 +638,12 @@ impl Validator<'_> {
                 ));
             }
         }
+        let upgrade_window = match &raw.upgrade_window {
+            None => None,
+            Some(w) => Some(
+                crate::window::Window::parse(w.get_ref()).map_err(|e| at(w.span(), format!("upgrade_window {e}")))?,
+            ),
+        };
         let max_lifetime = match &raw.max_lifetime {
             None => None,
             Some(_) => Some(positive("max_lifetime", &raw.max_lifetime, Duration::ZERO)?),
@@ -681,6 +690,7 @@ impl Validator<'_> {
             max_lifetime,
             prepare,
             prepare_timeout: positive("prepare_timeout", &raw.prepare_timeout, DEFAULT_PREPARE_TIMEOUT)?,
+            upgrade_window,
         })
     }
 
@@ -859,6 +869,12 @@ proxy_protocol = "v1"
 accept_proxy_protocol = ["10.0.0.0/8"]
 proxy_protocol_timeout = "1s"
 max_connections_per_client = 8
+watch = ["/srv/api/current"]
+watch_settle = "1s"
+max_lifetime = "12h"
+prepare = ["true"]
+prepare_timeout = "10s"
+upgrade_window = "02:00-04:00"
 
 [service.api.health]
 interval = "200ms"
@@ -1009,6 +1025,46 @@ timeout = "3s"
                 "proxy_protocol_timeout = \"0s\"",
                 "proxy_protocol_timeout must be greater than zero",
             ),
+        ] {
+            let message = error(&format!("{MINIMAL}{bad}\n"));
+            assert!(message.contains(expected), "{bad}: {message}");
+            assert!(message.contains("service `web`"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_deploy_keys_are_read_and_checked() {
+        let web = parse(MINIMAL).expect("valid").services["web"].clone();
+        assert!(web.watch.is_empty() && web.prepare.is_empty());
+        assert_eq!(web.watch_settle, DEFAULT_WATCH_SETTLE);
+        assert_eq!(web.max_lifetime, None);
+        assert_eq!(web.prepare_timeout, DEFAULT_PREPARE_TIMEOUT);
+        assert_eq!(web.upgrade_window, None);
+        let config = parse(&format!(
+            "{MINIMAL}watch = [\"/srv/app/current\"]\nwatch_settle = \"500ms\"\nmax_lifetime = \"24h\"\n\
+             prepare = [\"docker\", \"pull\", \"app:{{generation}}\"]\nprepare_timeout = \"1m\"\n\
+             upgrade_window = \"Sat,Sun 01:00-05:00\"\n"
+        ))
+        .expect("valid");
+        let web = &config.services["web"];
+        assert_eq!(web.watch, [PathBuf::from("/srv/app/current")]);
+        assert_eq!(web.watch_settle, Duration::from_millis(500));
+        assert_eq!(web.max_lifetime, Some(Duration::from_secs(24 * 3600)));
+        assert_eq!(web.prepare, ["docker", "pull", "app:{generation}"]);
+        assert_eq!(web.prepare_timeout, Duration::from_secs(60));
+        assert_eq!(
+            web.upgrade_window.map(|w| w.to_string()).as_deref(),
+            Some("sat,sun 01:00:00-05:00:00")
+        );
+        for (bad, expected) in [
+            ("watch = [\"current\"]", "watch `current` is not an absolute path"),
+            ("watch = [\"/a\", \"/a\"]", "watch lists `/a` twice"),
+            ("prepare = []", "prepare is empty"),
+            ("prepare = [\"pull\", \"{port}\"]", "names the worker's address"),
+            ("max_lifetime = \"0s\"", "max_lifetime must be greater than zero"),
+            ("prepare_timeout = \"0s\"", "prepare_timeout must be greater than zero"),
+            ("upgrade_window = \"2am-4am\"", "upgrade_window `2am` is not a time"),
+            ("upgrade_window = \"Someday 01:00-02:00\"", "`Someday` is not a day"),
         ] {
             let message = error(&format!("{MINIMAL}{bad}\n"));
             assert!(message.contains(expected), "{bad}: {message}");

@@ -363,6 +363,8 @@ pub struct ServiceState {
     pub last_upgrade: Option<UpgradeRecord>,
     /// What the next upgrade waits for, when it waits for a draining worker to stop.
     pub waiting: Option<Waiting>,
+    /// An automatic upgrade waiting for the maintenance window, and when that opens.
+    pub deferred: Option<(Trigger, Option<tokio::time::Instant>)>,
 }
 
 /// An upgrade that waits because `max_draining` old workers drain already.
@@ -390,6 +392,7 @@ impl ServiceState {
             listen,
             last_upgrade: None,
             waiting: None,
+            deferred: None,
         }
     }
 
@@ -435,9 +438,30 @@ impl ServiceState {
                 max_draining: w.max_draining,
                 waited_ms: millis(w.since.elapsed()),
             }),
+            deferred: self.deferred.map(|(trigger, until)| {
+                let in_ms = until.map_or(0, |at| {
+                    millis(at.saturating_duration_since(tokio::time::Instant::now()))
+                });
+                DeferredView {
+                    trigger,
+                    in_ms,
+                    until: unix_now() + in_ms as f64 / 1e3,
+                }
+            }),
             last_upgrade: self.last_upgrade.clone(),
         }
     }
+}
+
+/// An automatic upgrade waiting for the maintenance window, in `/status`.
+#[derive(Debug, Serialize)]
+pub struct DeferredView {
+    /// What set it off.
+    pub trigger: Trigger,
+    /// Milliseconds until the window opens.
+    pub in_ms: u64,
+    /// When it opens, in Unix seconds.
+    pub until: f64,
 }
 
 /// One service in `/status`.
@@ -467,6 +491,8 @@ pub struct ServiceView {
     pub restart_in_ms: Option<u64>,
     /// What the next upgrade waits for, if it waits.
     pub waiting: Option<WaitingView>,
+    /// An automatic upgrade waiting for the maintenance window, if one does.
+    pub deferred: Option<DeferredView>,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
 }

@@ -11,6 +11,7 @@
 //! - [`lifecycle`]: one service's lifecycle as a state machine with no I/O: `step(input, now) -> effects`.
 //! - [`service`]: the driver of that machine: performs its effects; the only owner of its workers.
 //! - [`worker`]: spawning (on the main thread), signalling and reaping one worker process.
+//! - [`window`]: a service's maintenance window in local time.
 //! - [`release`]: watching a service's release paths, whose change upgrades it.
 //! - [`readiness`]: HTTP and TCP probes of a new worker.
 //! - [`route`]: the per-service routing snapshot behind one `ArcSwap`, and connection guards.
@@ -53,6 +54,7 @@ pub mod route;
 pub mod service;
 pub mod supervisor;
 pub mod watch;
+pub mod window;
 pub mod worker;
 
 pub use supervisor::run;

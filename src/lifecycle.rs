@@ -129,6 +129,8 @@ pub enum Input {
     /// A watched path changed (a new release); the service upgrades once the paths have been still for
     /// `watch_settle`.
     Changed,
+    /// The maintenance window as the driver sees it now (`None`: the service has none).
+    Window(Option<WindowFacts>),
     /// The new generation's `prepare` command finished, in `ms` milliseconds; its spawn follows.
     Prepared {
         /// Its generation.
@@ -308,6 +310,13 @@ pub enum Event {
         generation: u64,
         /// What set it off.
         trigger: Trigger,
+    },
+    /// An automatic upgrade waits for the maintenance window to open.
+    Deferred {
+        /// What set it off.
+        trigger: Trigger,
+        /// Milliseconds until the window opens.
+        until_ms: u64,
     },
     /// An upgrade waits for a draining worker to finish.
     UpgradeWaiting {
@@ -640,6 +649,23 @@ pub struct Machine {
     /// When a change of a watched path upgrades the service, once the paths have settled.
     #[serde(default)]
     pub changed: Option<Time>,
+    /// The maintenance window, as last seen (`None`: no window, automatic upgrades run at once).
+    #[serde(default)]
+    pub window: Option<WindowFacts>,
+    /// An automatic upgrade (a changed release, a recycle) that came while the window was closed: it runs
+    /// when the window opens.
+    #[serde(default)]
+    pub deferred: Option<Trigger>,
+}
+
+/// Whether a service's maintenance window is open, and when that changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowFacts {
+    /// Whether it is open.
+    pub open: bool,
+    /// When it closes, or opens.
+    pub changes: Time,
 }
 
 impl Machine {
@@ -661,6 +687,8 @@ impl Machine {
             shutting_down: false,
             last_upgrade: None,
             changed: None,
+            window: None,
+            deferred: None,
         }
     }
 
@@ -748,6 +776,9 @@ impl Machine {
         if let Some(changed) = self.changed {
             at(changed);
         }
+        if let Some(window) = self.window {
+            at(window.changes);
+        }
         if let Some(recycle) = self.active.as_ref().and_then(|a| a.recycle_at) {
             at(recycle);
         }
@@ -833,6 +864,14 @@ impl Machine {
             Input::Changed => {
                 if !self.shutting_down {
                     self.changed = Some(now + self.policy.watch_settle);
+                }
+            }
+            Input::Window(facts) => {
+                self.window = facts;
+                if facts.is_none_or(|w| w.open) {
+                    if let Some(trigger) = self.deferred.take() {
+                        self.automatic(trigger, now, out);
+                    }
                 }
             }
             Input::Prepared { generation, ms } => {
@@ -946,16 +985,7 @@ impl Machine {
         // upgrade like any other: one asked for during another joins it.
         if self.changed.is_some_and(|at| at <= now) {
             self.changed = None;
-            if !self.shutting_down {
-                self.apply(
-                    Input::Upgrade {
-                        trigger: Trigger::Watch,
-                        waiter: None,
-                    },
-                    now,
-                    out,
-                );
-            }
+            self.automatic(Trigger::Watch, now, out);
         }
         let recycle = self
             .active
@@ -968,14 +998,7 @@ impl Machine {
                 active.recycle_at = Some(now + RECYCLE_RETRY);
             }
             if self.candidate.is_none() && self.restart.is_none() {
-                self.apply(
-                    Input::Upgrade {
-                        trigger: Trigger::Recycle,
-                        waiter: None,
-                    },
-                    now,
-                    out,
-                );
+                self.automatic(Trigger::Recycle, now, out);
             }
         }
         if let Some(active) = self.active.as_mut() {
@@ -1102,6 +1125,25 @@ impl Machine {
             error: None,
             finished_at: 0.0,
         }
+    }
+
+    /// An upgrade nobody asked for (`trigger`: a changed release, a recycle): at once, or when the maintenance
+    /// window opens. Deferred ones fold into one, which names the first trigger.
+    fn automatic(&mut self, trigger: Trigger, now: Time, out: &mut Vec<Effect>) {
+        if self.shutting_down {
+            return;
+        }
+        if self.window.is_some_and(|w| !w.open) {
+            if self.deferred.is_none() {
+                out.push(Effect::Event(Event::Deferred {
+                    trigger,
+                    until_ms: self.window.map_or(0, |w| millis(w.changes.since(now))),
+                }));
+            }
+            self.deferred.get_or_insert(trigger);
+            return;
+        }
+        self.apply(Input::Upgrade { trigger, waiter: None }, now, out);
     }
 
     /// The upgrade in flight produced no ready worker: the old one keeps serving.

@@ -28,7 +28,7 @@ use crate::control::{ActionError, Events, ServiceState, Trigger, UpgradeRecord, 
 use crate::endpoint::Endpoint;
 use crate::error::chain;
 use crate::handover::{ParkedState, ServiceSnapshot, WatchState, WorkerState};
-use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId};
+use crate::lifecycle::{Count, Effect, Event, Input, Machine, Policy, WaiterId, WindowFacts};
 use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{probe, wait_ready};
@@ -876,6 +876,16 @@ impl Service {
     /// only after that, so that what they read next (`/status`) already shows it.
     fn feed(&mut self, input: Input) {
         let mut inputs = VecDeque::from([input]);
+        // The maintenance window as it stands now goes first, when the machine does not see it so yet.
+        let window = self.window_facts();
+        let moved = |a: Time, b: Time| a.since(b).max(b.since(a)) > std::time::Duration::from_secs(1);
+        let seen = match (window, self.machine.window) {
+            (Some(now), Some(was)) => now.open == was.open && !moved(now.changes, was.changes),
+            (now, was) => now.is_none() && was.is_none(),
+        };
+        if !seen {
+            inputs.push_front(Input::Window(window));
+        }
         let mut answers = Vec::new();
         while let Some(input) = inputs.pop_front() {
             for effect in self.machine.step(input, Time::now()) {
@@ -1091,6 +1101,10 @@ impl Service {
             Event::UpgradeStarted { generation, trigger } => {
                 tracing::info!(service = %name, generation, trigger = trigger.label(), "upgrade started");
             }
+            Event::Deferred { trigger, until_ms } => tracing::info!(
+                service = %name, trigger = trigger.label(), until_ms,
+                "upgrade deferred until the maintenance window opens"
+            ),
             Event::UpgradeWaiting {
                 draining,
                 max_draining,
@@ -1175,6 +1189,21 @@ impl Service {
         self.feed(Input::Reconfigure(Policy::of(&self.config)));
     }
 
+    /// Whether the service's maintenance window is open now, and when that changes, on the machine's clock;
+    /// `None` without a window.
+    fn window_facts(&self) -> Option<WindowFacts> {
+        let window = self.config.upgrade_window?;
+        let local = jiff::ZonedDateTime::now();
+        let seen = window.at(&local);
+        let until = seen.changes.timestamp().duration_since(local.timestamp());
+        let until = std::time::Duration::try_from(until).unwrap_or_default();
+        // Looked at again a moment after the change, so that the clock has surely passed it.
+        Some(WindowFacts {
+            open: seen.open,
+            changes: Time::now() + until + std::time::Duration::from_millis(1),
+        })
+    }
+
     /// Watches the configured `watch` paths, unless they are watched already (or there are none).
     fn watch_release(&mut self) {
         let paths = &self.config.watch;
@@ -1243,6 +1272,9 @@ impl Service {
                     max_draining: machine.policy.max_draining,
                 });
             s.last_upgrade.clone_from(&machine.last_upgrade);
+            s.deferred = machine
+                .deferred
+                .map(|trigger| (trigger, machine.window.map(|w| w.changes.instant())));
             s.listen = self
                 .listeners
                 .iter()

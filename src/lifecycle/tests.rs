@@ -946,3 +946,39 @@ fn the_prepare_time_is_recorded_apart() {
     let record = finished(&run.ready(2)).pop().expect("a record");
     assert_eq!(record.phases.prepare_ms, Some(1234));
 }
+
+#[test]
+fn automatic_upgrades_outside_the_window_wait_for_it_and_an_operators_does_not() {
+    let mut run = Run::serving(without_watchdog());
+    let opens = run.now + 3600 * SECOND;
+    run.step(Input::Window(Some(WindowFacts {
+        open: false,
+        changes: opens,
+    })));
+    run.step(Input::Changed);
+    let effects = run.pass(10 * SECOND);
+    assert!(spawns(&effects).is_empty(), "deferred");
+    assert_eq!(events(&effects), ["deferred"]);
+    assert_eq!(run.machine.deferred, Some(Trigger::Watch));
+    // More changes meanwhile: still one deferred upgrade, told once.
+    run.step(Input::Changed);
+    assert!(events(&run.pass(10 * SECOND)).is_empty());
+    // An operator's upgrade runs at once, window or not; the deferred one still waits.
+    let (generation, _) = run.upgrade(None);
+    assert_eq!(generation, 2);
+    assert_eq!(run.machine.deferred, Some(Trigger::Watch));
+    // The window opens: the deferred upgrade runs.
+    run.now = opens;
+    let effects = run.step(Input::Window(Some(WindowFacts {
+        open: true,
+        changes: opens + 7200 * SECOND,
+    })));
+    assert_eq!(spawns(&effects), [3]);
+    assert_eq!(run.machine.deferred, None);
+    let record = finished(&run.ready(3)).pop().expect("a record");
+    assert_eq!(record.trigger, Trigger::Watch);
+    // Without a window again, nothing waits.
+    run.step(Input::Window(None));
+    run.step(Input::Changed);
+    assert_eq!(spawns(&run.pass(3 * SECOND)), [4]);
+}

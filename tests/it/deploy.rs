@@ -138,3 +138,65 @@ fn prepare_runs_before_each_worker_and_its_failure_or_timeout_fails_the_upgrade_
     assert_eq!(baton.worker_pid("web"), worker, "the worker serves on");
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+/// `HH:MM:SS` of the time of day in UTC `ahead` from now.
+fn utc_time_of_day(ahead: std::time::Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        + ahead;
+    let seconds = now.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}", seconds / 3600, seconds / 60 % 60, seconds % 60)
+}
+
+#[test]
+fn a_release_change_outside_the_maintenance_window_waits_for_it_and_an_operators_upgrade_does_not() {
+    let dir = tempfile::tempdir().expect("dir");
+    let release = dir.path().join("release.txt");
+    std::fs::write(&release, "1\n").expect("write");
+    // Local time is UTC here; the window opens a few seconds from now and lasts an hour.
+    let opens_in = std::time::Duration::from_secs(5);
+    let window = format!(
+        "{}-{}",
+        utc_time_of_day(opens_in),
+        utc_time_of_day(opens_in + std::time::Duration::from_secs(3600))
+    );
+    // The window's start is a whole second: it opens up to a second before `opens_in` has passed.
+    let opens_at = std::time::Instant::now() + opens_in - std::time::Duration::from_secs(1);
+    let baton = Baton::start_with_env(
+        &web(
+            &[],
+            &format!(
+                "watch = [{:?}]\nwatch_settle = \"100ms\"\nwatchdog = \"0s\"\nupgrade_window = \"{window}\"",
+                release.display().to_string()
+            ),
+        ),
+        &[("TZ", "UTC")],
+    );
+    std::fs::write(&release, "2\n").expect("write");
+    let deferred = wait_for("the upgrade deferred", || {
+        let service = baton.service("web");
+        match service["deferred"]["trigger"].as_str() {
+            Some("watch") => Ok(service["deferred"].clone()),
+            _ => Err(service.to_string()),
+        }
+    });
+    assert!(deferred["in_ms"].as_u64().is_some_and(|ms| ms <= 5_000), "{deferred}");
+    assert_eq!(baton.service("web")["generation"], 1, "nothing runs outside the window");
+
+    // An operator's upgrade runs at once.
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/upgrade", &[]).expect("upgrade");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(baton.service("web")["generation"], 2);
+    assert!(
+        std::time::Instant::now() < opens_at,
+        "the window was still closed: make it open later"
+    );
+
+    // The window opens: the deferred upgrade runs.
+    let record = baton.wait_upgrade("web", 3);
+    assert!(std::time::Instant::now() >= opens_at, "not before the window opened");
+    assert_eq!(record["trigger"], "watch", "{record}");
+    assert!(baton.service("web")["deferred"].is_null());
+    assert_eq!(baton.stop().code(), Some(0));
+}
