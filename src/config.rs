@@ -76,6 +76,15 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The services by name, in name order.
     pub services: BTreeMap<String, Arc<ServiceConfig>>,
+    /// The `[daemon]` table: baton itself.
+    pub daemon: DaemonConfig,
+}
+
+/// The `[daemon]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Whether baton re-executes itself when its own binary, at the path it was started from, is replaced.
+    pub reexec_on_change: bool,
 }
 
 /// The `[admin]` table.
@@ -307,8 +316,15 @@ impl fmt::Display for Backend {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     admin: Option<RawAdmin>,
+    daemon: Option<RawDaemon>,
     #[serde(default)]
     service: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    reexec_on_change: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -438,6 +454,9 @@ impl Validator<'_> {
             text: self.text.to_owned(),
             admin,
             services,
+            daemon: DaemonConfig {
+                reexec_on_change: raw.daemon.and_then(|d| d.reexec_on_change).unwrap_or(false),
+            },
         })
     }
 
@@ -842,6 +861,9 @@ command = ["server", "{port}"]
             r#"
 [admin]
 listen = "[::1]:9901"
+
+[daemon]
+reexec_on_change = true
 
 [service.api]
 listen = ["127.0.0.1:8080", "[::1]:8080"]

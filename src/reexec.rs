@@ -71,6 +71,8 @@ pub enum ReexecTrigger {
     Signal,
     /// The admin API (or `baton reexec`).
     Api,
+    /// Its own binary was replaced (`[daemon] reexec_on_change`).
+    Watch,
 }
 
 /// How a re-exec ended.

@@ -235,6 +235,12 @@ struct Reexecs {
     check: Option<tokio::task::JoinHandle<Result<CheckReport, String>>>,
     /// What `/status` shows.
     view: watch::Sender<ReexecView>,
+    /// The watch of the own binary at `binary`, with `[daemon] reexec_on_change`.
+    watching: Option<AbortOnDropHandle<()>>,
+    /// Where that watch sends a change.
+    changes: (mpsc::UnboundedSender<PathBuf>, mpsc::UnboundedReceiver<PathBuf>),
+    /// When the changed binary has settled and the re-exec it asks for is due.
+    due: Option<tokio::time::Instant>,
 }
 
 /// A re-exec asked for and not ended.
@@ -372,6 +378,9 @@ pub async fn run(
             job: None,
             check: None,
             view,
+            watching: None,
+            changes: mpsc::unbounded_channel(),
+            due: None,
         },
         notifier: Notifier::from_env(),
     };
@@ -430,8 +439,10 @@ pub async fn run(
     // Only this loop sends WATCHDOG=1: a daemon whose loop is stuck is not alive.
     let mut watchdog = supervisor.notifier.watchdog_interval().map(tokio::time::interval);
     let mut status = tokio::time::interval(STATUS_INTERVAL);
+    supervisor.watch_binary();
     let name = loop {
         let waiting = supervisor.reexec.job.as_ref().is_some_and(|j| j.waiting_for.is_some());
+        let due = supervisor.reexec.due;
         tokio::select! {
             _ = signals.terminate.recv() => break "SIGTERM",
             _ = signals.interrupt.recv() => break "SIGINT",
@@ -485,6 +496,14 @@ pub async fn run(
                 supervisor.checked(checked, &mut signals).await;
             }
             () = tokio::time::sleep(REEXEC_RETRY), if waiting => supervisor.advance_reexec().await,
+            Some(path) = supervisor.reexec.changes.1.recv() => {
+                tracing::info!(binary = %path.display(), "baton's binary changed: re-executing once it settles");
+                supervisor.reexec.due = Some(tokio::time::Instant::now() + crate::config::DEFAULT_WATCH_SETTLE);
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                supervisor.reexec.due = None;
+                supervisor.request_reexec(ReexecTrigger::Watch, None, reexec::CHECK_TIMEOUT, None).await;
+            }
             Some(_) = supervisor.retiring.join_next(), if !supervisor.retiring.is_empty() => {}
         }
     };
@@ -694,6 +713,27 @@ impl Supervisor {
         self.finish_reexec(record);
         self.context.spawner.adopted();
         Ok(())
+    }
+
+    /// Watches baton's own binary, at the path it was started from, when `[daemon] reexec_on_change` asks
+    /// for it; stops watching when it no longer does.
+    fn watch_binary(&mut self) {
+        let wanted = self.config.daemon.reexec_on_change;
+        match (&self.reexec.binary, wanted, self.reexec.watching.is_some()) {
+            (Some(binary), true, false) => {
+                let task = tokio::spawn(crate::release::watch(
+                    vec![binary.clone()],
+                    self.reexec.changes.0.clone(),
+                ));
+                self.reexec.watching = Some(AbortOnDropHandle::new(task));
+            }
+            (None, true, _) => tracing::warn!("reexec_on_change: the path baton was started from is unknown"),
+            (_, false, true) => {
+                self.reexec.watching = None;
+                self.reexec.due = None;
+            }
+            _ => {}
+        }
     }
 
     /// Asks for a re-exec with `binary` (or the one at the path baton was started from); joins the one under
@@ -1054,6 +1094,7 @@ impl Supervisor {
         let result = self.try_reload(trigger, scope).await;
         match &result {
             Ok(_) => {
+                self.watch_binary();
                 tracing::info!(services = self.services.len(), "reload applied");
                 self.context.events.emit("", "reload", json!({"result": "applied"}));
                 self.notify(Notice::Reloaded(None));

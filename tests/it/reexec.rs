@@ -909,3 +909,43 @@ fn the_command_reexecs_through_a_unix_admin_socket_with_a_token_and_the_socket_i
     assert_eq!(baton.stop().code(), Some(0));
     assert!(!path.exists(), "the socket is removed at exit");
 }
+
+#[test]
+fn with_reexec_on_change_a_replaced_binary_reexecutes_baton_in_place() {
+    let dir = tempfile::tempdir().expect("dir");
+    let binary = copy_of_baton(dir.path(), "baton");
+    // Started from the copy: the path baton was started from is the one it watches.
+    let script = format!("shift; exec '{}' \"$@\"", binary.display());
+    let config = format!("[daemon]\nreexec_on_change = true\n\n{}", web(&[], ""));
+    let baton = Baton::spawn_with_env(&config, &["sh", "-c", &script, "sh"], &[]);
+    baton.wait_idle();
+    let pid = baton.pid();
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe"), binary);
+    let worker = baton.worker_pid("web");
+
+    // A deploy replaces the binary the way a package manager does: a new file renamed over the old one.
+    let new = copy_of_baton(dir.path(), "baton.new");
+    std::fs::rename(&new, &binary).expect("replace the binary");
+    let record = wait_for("the re-exec the new binary set off", || {
+        let status = baton.status();
+        match status["last_reexec"]["result"].as_str() {
+            Some(_) => Ok(status["last_reexec"].clone()),
+            None => Err(status.to_string()),
+        }
+    });
+    assert_eq!(record["result"], "ok", "{record}\n{}", baton.log_text());
+    assert_eq!(record["trigger"], "watch", "{record}");
+    let status = baton.status();
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["reexecs"], 1);
+    assert_eq!(baton.worker_pid("web"), worker, "the worker was kept");
+    // The new image watches it too: the next replacement re-executes again.
+    let newer = copy_of_baton(dir.path(), "baton.newer");
+    std::fs::rename(&newer, &binary).expect("replace the binary again");
+    wait_for("a second re-exec", || {
+        let status = baton.status();
+        (status["reexecs"] == 2).then_some(()).ok_or(status.to_string())
+    });
+    assert_eq!(baton.status()["last_reexec"]["trigger"], "watch");
+    assert_eq!(baton.stop().code(), Some(0));
+}
