@@ -163,15 +163,35 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
             if !control.directory.borrow().contains_key(*name) {
                 return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
             }
-            match query.only(&["wait"]).and_then(|()| query.wait()) {
+            let allowed: &[&str] = if *action == "rollback" {
+                &["wait", "to"]
+            } else {
+                &["wait"]
+            };
+            let to = match query.get("to").map(str::parse::<u64>) {
+                None => None,
+                Some(Ok(to)) => Some(to),
+                Some(Err(_)) => return bad_request("to must be a generation number".into()),
+            };
+            match query.only(allowed).and_then(|()| query.wait()) {
                 Ok(_) if has_body(&request) => bad_request(format!("{path} takes no request body")),
-                Ok(wait) => action_on(control, name, action, wait).await,
+                Ok(wait) => action_on(control, name, action, to, wait).await,
                 Err(message) => bad_request(message),
             }
         }
-        (["healthz"] | ["status"] | ["v1", "status"] | ["metrics"] | ["v1", "events"], _) => {
-            not_allowed(&method, &path, "GET")
-        }
+        (["v1", "services", name, "releases"], &Method::GET) => match query.only(&[]) {
+            Ok(()) => releases(control, name).await,
+            Err(message) => bad_request(message),
+        },
+        (
+            ["healthz"]
+            | ["status"]
+            | ["v1", "status"]
+            | ["metrics"]
+            | ["v1", "events"]
+            | ["v1", "services", _, "releases"],
+            _,
+        ) => not_allowed(&method, &path, "GET"),
         (["v1", "reload"] | ["v1", "reexec"] | ["v1", "services", _, "upgrade" | "rollback"], _) => {
             not_allowed(&method, &path, "POST")
         }
@@ -254,12 +274,12 @@ fn not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<B
 
 /// `POST /v1/services/{name}/upgrade|rollback`: the outcome as JSON, 200 when the new worker took over (or the
 /// rollback happened), 502 when the upgrade failed or was rolled back, 409 when there is nothing to roll back.
-async fn action_on(control: &Control, name: &str, action: &str, wait: bool) -> Response<Body> {
+async fn action_on(control: &Control, name: &str, action: &str, to: Option<u64>, wait: bool) -> Response<Body> {
     let (reply, outcome) = oneshot::channel();
     let service = name.to_owned();
     let command = match action {
         "upgrade" => Command::Upgrade { service, reply },
-        _ => Command::Rollback { service, reply },
+        _ => Command::Rollback { service, to, reply },
     };
     if control.commands.send(command).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
@@ -283,6 +303,27 @@ async fn action_on(control: &Control, name: &str, action: &str, wait: bool) -> R
         Ok(Err(ActionError::ShuttingDown)) | Err(_) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into())
         }
+    }
+}
+
+/// `GET /v1/services/{name}/releases`: the releases the service remembers, newest first.
+async fn releases(control: &Control, name: &str) -> Response<Body> {
+    let (reply, releases) = oneshot::channel();
+    let command = Command::Releases {
+        service: name.to_owned(),
+        reply,
+    };
+    if control.commands.send(command).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into());
+    }
+    match releases.await {
+        Ok(Ok(releases)) => json(
+            StatusCode::OK,
+            &serde_json::json!({"service": name, "releases": releases}),
+        ),
+        Ok(Err(ActionError::NotFound(name))) => error(StatusCode::NOT_FOUND, format!("no service `{name}`")),
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "baton is shutting down".into()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! The operator's commands (`status`, `upgrade`, `rollback`, `reload`, `reexec`): a client of the admin API.
+//! The operator's commands (`status`, `upgrade`, `rollback`, `releases`, `reload`, `reexec`): a client of the
+//! admin API.
 //!
 //! It finds the API from the configuration file (or `--admin`), speaks HTTP/1.1 over TCP or a Unix socket
 //! with hyper, and prints what happens as it happens: on a terminal a drain countdown updates in place,
@@ -237,16 +238,68 @@ pub async fn status(client: &Client, json: bool) -> Result<(), CliError> {
             last,
         ]);
     }
-    let widths: Vec<usize> = (0..table[0].len())
+    print_table(&table);
+    Ok(())
+}
+
+/// Prints `table` with its columns aligned.
+fn print_table<const N: usize>(table: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
         .map(|i| table.iter().map(|row| row[i].chars().count()).max().unwrap_or(0))
         .collect();
-    for row in &table {
+    for row in table {
         let mut line = String::new();
         for (cell, width) in row.iter().zip(&widths) {
             let _ = write!(line, "{cell:<width$}  ");
         }
         println!("{}", line.trim_end());
     }
+}
+
+/// `baton releases SERVICE`: the releases the service remembers, newest first.
+pub async fn releases(client: &Client, service: &str, json: bool) -> Result<(), CliError> {
+    let (code, answer) = client
+        .call(Method::GET, &format!("/v1/services/{service}/releases"))
+        .await?;
+    refused(code, &answer)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+        return Ok(());
+    }
+    let when = |v: &Value| {
+        v.as_f64().map_or_else(
+            || "-".to_owned(),
+            |t| {
+                let ago = (crate::control::unix_now() - t).max(0.0);
+                format!("{} ago", humantime::format_duration(Duration::from_secs(ago as u64)))
+            },
+        )
+    };
+    let mut table = vec![["GEN", "RELEASE", "STARTED", "ENDED", "OUTCOME"].map(String::from)];
+    for release in answer["releases"].as_array().into_iter().flatten() {
+        let command: Vec<&str> = release["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut outcome = release["outcome"].as_str().unwrap_or("-").to_owned();
+        if let Some(from) = release["from"].as_u64() {
+            outcome = format!("{outcome} (g{from} again)");
+        }
+        table.push([
+            text(&release["generation"]),
+            command.join(" "),
+            when(&release["started"]),
+            if release["ended"].is_null() {
+                "serving".into()
+            } else {
+                when(&release["ended"])
+            },
+            outcome,
+        ]);
+    }
+    print_table(&table);
     Ok(())
 }
 
@@ -255,20 +308,25 @@ pub async fn upgrade(client: &Client, service: &str) -> Result<(), CliError> {
     follow(client, service, "upgrade").await
 }
 
-/// `baton rollback SERVICE`: switches back to the warm previous worker.
-pub async fn rollback(client: &Client, service: &str) -> Result<(), CliError> {
-    follow(client, service, "rollback").await
+/// `baton rollback SERVICE [--to GENERATION]`: switches back to the warm previous worker, or after the
+/// watchdog window starts the previous release (or `to`'s) again.
+pub async fn rollback(client: &Client, service: &str, to: Option<u64>) -> Result<(), CliError> {
+    match to {
+        Some(to) => follow(client, service, &format!("rollback?to={to}")).await,
+        None => follow(client, service, "rollback").await,
+    }
 }
 
 /// Runs `action` on `service` while printing its events, until the outcome and, after a switch, the stop of
 /// the worker it replaced.
-async fn follow(client: &Client, service: &str, action: &str) -> Result<(), CliError> {
+async fn follow(client: &Client, service: &str, request_action: &str) -> Result<(), CliError> {
+    let action = request_action.split('?').next().unwrap_or(request_action);
     let mut events = client.events(service).await?;
     // The stream is live once its first line has come: nothing of the action can be missed.
     let _ = events.recv().await;
     let request = {
         let client = client.clone();
-        let path = format!("/v1/services/{service}/{action}");
+        let path = format!("/v1/services/{service}/{request_action}");
         tokio::spawn(async move { client.call(Method::POST, &path).await })
     };
     tokio::pin!(request);
@@ -285,11 +343,14 @@ async fn follow(client: &Client, service: &str, action: &str) -> Result<(), CliE
         return Err(CliError::Refused(error_text(&record)));
     }
     let result = record["result"].as_str().unwrap_or_default().to_owned();
-    let succeeded = result == "success" || action == "rollback";
+    // A rollback in the watchdog window switches back (`rolled_back`); one after it starts an earlier
+    // release as a new generation, an upgrade like any other.
+    let switched_back = result == "rolled_back" && action == "rollback";
+    let succeeded = result == "success" || switched_back;
     // The worker that lost the traffic drains; follow it to its stop.
-    let retired = match (action, result.as_str()) {
-        ("rollback", _) | (_, "rolled_back") => record["new_generation"].as_u64(),
-        (_, "success") => record["old_generation"].as_u64(),
+    let retired = match result.as_str() {
+        "rolled_back" => record["new_generation"].as_u64(),
+        "success" => record["old_generation"].as_u64(),
         // A failed worker never took traffic: it was killed at once.
         _ => None,
     };
@@ -307,7 +368,7 @@ async fn follow(client: &Client, service: &str, action: &str) -> Result<(), CliE
     if succeeded {
         println!(
             "{action} of {service}: {result} (generation {} serving)",
-            if action == "rollback" {
+            if switched_back {
                 text(&record["old_generation"])
             } else {
                 text(&record["new_generation"])

@@ -33,12 +33,22 @@ pub enum Command {
         /// Told the outcome once the upgrade (with its watchdog window) is over.
         reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
     },
-    /// Switch one service back to its previous worker, while that one is still warm.
+    /// Switch one service back to its previous worker, while that one is still warm; after that, start an
+    /// earlier release again (the previous one, or generation `to`'s).
     Rollback {
         /// The service.
         service: String,
+        /// The generation whose release to start again, instead of the previous one.
+        to: Option<u64>,
         /// Told the outcome.
         reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
+    },
+    /// The releases one service remembers, newest first.
+    Releases {
+        /// The service.
+        service: String,
+        /// Told them.
+        reply: oneshot::Sender<Result<Vec<crate::release::Release>, ActionError>>,
     },
     /// Write out the daemon's whole state (see `handover`).
     State {
@@ -162,11 +172,13 @@ pub enum Trigger {
     Watch,
     /// The active worker reached its `max_lifetime`.
     Recycle,
+    /// A rollback to an earlier release, once no previous worker was warm.
+    Rollback,
 }
 
 impl Trigger {
     /// Every trigger, in declaration order.
-    pub const ALL: [Trigger; 7] = [
+    pub const ALL: [Trigger; 8] = [
         Trigger::Start,
         Trigger::Signal,
         Trigger::Api,
@@ -174,6 +186,7 @@ impl Trigger {
         Trigger::Unhealthy,
         Trigger::Watch,
         Trigger::Recycle,
+        Trigger::Rollback,
     ];
 
     /// The `trigger` label value.
@@ -186,6 +199,7 @@ impl Trigger {
             Trigger::Unhealthy => "unhealthy",
             Trigger::Watch => "watch",
             Trigger::Recycle => "recycle",
+            Trigger::Rollback => "rollback",
         }
     }
 }

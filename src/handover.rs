@@ -139,6 +139,9 @@ pub struct ServiceSnapshot {
     /// The watch the parked connections' sockets are in ([`crate::watch`]), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchState>,
+    /// The releases the service remembers, oldest first ([`crate::release::Release`]).
+    #[serde(default)]
+    pub releases: Vec<crate::release::Release>,
 }
 
 impl ServiceSnapshot {
@@ -627,6 +630,17 @@ mod tests {
                         fd: 31,
                         unwatched: vec![],
                     }),
+                    releases: vec![crate::release::Release {
+                        generation: 2,
+                        command: vec!["/srv/app/releases/41/server".into(), "{port}".into()],
+                        cwd: Some("/srv/app/releases/41".into()),
+                        env: BTreeMap::from([("APP".into(), "/srv/app/releases/41/app.conf".into())]),
+                        files: BTreeMap::from([("/srv/app/releases/41/server".into(), "ab12".into())]),
+                        started: 1_700_000_000.5,
+                        ended: None,
+                        outcome: Some(crate::control::UpgradeResult::Success),
+                        from: None,
+                    }],
                 },
             )]),
             metrics: vec![MetricFamily {

@@ -124,6 +124,14 @@ pub enum Input {
         /// Who waits for the answer.
         reply: WaiterId,
     },
+    /// Start generation `from`'s release again as a new generation: a rollback once no previous worker is
+    /// warm. `waiter` is told the outcome, or why it cannot start now.
+    Redeploy {
+        /// The generation whose release to run.
+        from: u64,
+        /// Who waits for the answer.
+        waiter: WaiterId,
+    },
     /// The service's configuration changed.
     Reconfigure(Policy),
     /// A watched path changed (a new release); the service upgrades once the paths have been still for
@@ -516,6 +524,9 @@ pub struct Candidate {
     /// How long its `prepare` command took, once it ran.
     #[serde(default)]
     pub prepare_ms: Option<u64>,
+    /// The generation whose release it runs again, when it does ([`FollowUp::release`]).
+    #[serde(default)]
+    pub release: Option<u64>,
 }
 
 /// A candidate's running process, probed until it is ready.
@@ -602,6 +613,10 @@ pub struct FollowUp {
     pub waiters: Vec<WaiterId>,
     /// Since when it waits for a drain slot, if it does.
     pub waiting_since: Option<Time>,
+    /// The generation whose release it starts again, for a rollback past the watchdog window; the
+    /// configured command otherwise.
+    #[serde(default)]
+    pub release: Option<u64>,
 }
 
 /// A replacement of a dead or unhealthy worker, due at a time.
@@ -840,9 +855,37 @@ impl Machine {
                     trigger,
                     waiters: Vec::new(),
                     waiting_since: None,
+                    release: None,
                 });
                 follow_up.trigger = trigger;
+                follow_up.release = None;
                 follow_up.waiters.extend(waiter);
+            }
+            Input::Redeploy { from, waiter } => {
+                if self.shutting_down || self.candidate.is_some() || self.watch.is_some() {
+                    let why = if self.shutting_down {
+                        "it is shutting down".to_owned()
+                    } else {
+                        "an upgrade is in flight: roll back once it is over".to_owned()
+                    };
+                    out.push(Effect::Reply {
+                        waiter,
+                        outcome: Err(ActionError::Conflict(format!(
+                            "service `{}`: cannot start generation {from}'s release again: {why}",
+                            self.service
+                        ))),
+                    });
+                    return;
+                }
+                let follow_up = self.follow_up.get_or_insert(FollowUp {
+                    trigger: Trigger::Rollback,
+                    waiters: Vec::new(),
+                    waiting_since: None,
+                    release: None,
+                });
+                follow_up.trigger = Trigger::Rollback;
+                follow_up.release = Some(from);
+                follow_up.waiters.push(waiter);
             }
             Input::Rollback { reply } => {
                 let outcome = match self.watch.take() {
@@ -1078,7 +1121,12 @@ impl Machine {
             }
             return;
         }
-        let FollowUp { trigger, waiters, .. } = self.follow_up.take().expect("checked");
+        let FollowUp {
+            trigger,
+            waiters,
+            release,
+            ..
+        } = self.follow_up.take().expect("checked");
         self.last_generation += 1;
         let generation = self.last_generation;
         self.candidate = Some(Candidate {
@@ -1088,6 +1136,7 @@ impl Machine {
             process: None,
             waiters,
             prepare_ms: None,
+            release,
         });
         out.push(Effect::Event(Event::UpgradeStarted { generation, trigger }));
         out.push(Effect::Spawn { generation });

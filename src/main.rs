@@ -77,12 +77,26 @@ enum Command {
         /// The service.
         service: String,
     },
-    /// Switch a service back to its previous worker, while it is still warm.
+    /// Switch a service back to its previous worker while it is still warm; after the watchdog window, start
+    /// its previous release (or GENERATION's) again as a new generation.
     Rollback {
         #[command(flatten)]
         admin: AdminArgs,
         /// The service.
         service: String,
+        /// Start this generation's release again.
+        #[arg(long, value_name = "GENERATION")]
+        to: Option<u64>,
+    },
+    /// List the releases a service remembers (the last 10): generation, command, started, ended, outcome.
+    Releases {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The service.
+        service: String,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read the configuration file and upgrade the services, like SIGHUP.
     Reload {
@@ -184,8 +198,17 @@ fn main() -> ExitCode {
         Command::Upgrade { admin, service } => {
             client(admin, |client| async move { cli::upgrade(&client, &service).await })
         }
-        Command::Rollback { admin, service } => {
-            client(admin, |client| async move { cli::rollback(&client, &service).await })
+        Command::Rollback { admin, service, to } => {
+            client(
+                admin,
+                |client| async move { cli::rollback(&client, &service, to).await },
+            )
+        }
+        Command::Releases { admin, service, json } => {
+            client(
+                admin,
+                |client| async move { cli::releases(&client, &service, json).await },
+            )
         }
         Command::Reload { admin, changed } => {
             client(admin, |client| async move { cli::reload(&client, changed).await })

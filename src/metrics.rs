@@ -78,7 +78,16 @@ pub const RELOAD_RESULTS: [&str; 2] = ["success", "failed"];
 /// The `result` values of [`REEXECS`].
 pub const REEXEC_RESULTS: [&str; 3] = ["ok", "refused", "failed"];
 /// The `trigger` values of [`UPGRADES`]: the labels of `control::Trigger`, every one of them.
-pub const UPGRADE_TRIGGERS: [&str; 7] = ["start", "signal", "api", "restart", "unhealthy", "watch", "recycle"];
+pub const UPGRADE_TRIGGERS: [&str; 8] = [
+    "start",
+    "signal",
+    "api",
+    "restart",
+    "unhealthy",
+    "watch",
+    "recycle",
+    "rollback",
+];
 /// The `result` values of [`UPGRADES`]: the labels of `control::UpgradeResult`, every one of them.
 pub const UPGRADE_RESULTS: [&str; 3] = ["success", "failed", "rolled_back"];
 /// The `reason` values of [`WORKER_RESTARTS`]: the labels of the triggers that replace a worker,

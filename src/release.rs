@@ -1,5 +1,6 @@
-//! Watching a service's release: the paths whose change (a symlink flipped to a new release directory, a
-//! binary replaced, a file rewritten in place) upgrades the service.
+//! A service's releases: what each generation was started with ([`Release`], kept so that an earlier one can
+//! be started again), and the paths whose change (a symlink flipped to a new release directory, a binary
+//! replaced, a file rewritten in place) upgrades the service.
 //!
 //! A path's identity is its [`Fingerprint`]: where it leads once every symlink is followed, and that file's
 //! device, inode, size and modification time (not its change time, which a rename alone moves). The kernel says when to look again (inotify, through
@@ -9,13 +10,198 @@
 //! service's lifecycle debounces the changes (`watch_settle`), so that a copy in progress is not taken
 //! half-written.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::Watcher as _;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+/// How many releases a service remembers.
+pub const KEPT: usize = 10;
+
+/// What a generation was started with: its release. The command, working directory and environment are the
+/// configured ones with every path through a watched symlink resolved (and the executable's own path
+/// resolved), so that a later flip of the symlink changes nothing under the running worker and the release
+/// can be started again as it was; placeholders are kept (each generation gets its own address).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// The generation started with it.
+    pub generation: u64,
+    /// The argv, paths resolved.
+    pub command: Vec<String>,
+    /// The working directory, resolved.
+    pub cwd: Option<PathBuf>,
+    /// The configured environment, paths resolved.
+    pub env: BTreeMap<String, String>,
+    /// The SHA-256 of the executable and of every file an argument or variable names, by resolved path.
+    pub files: BTreeMap<PathBuf, String>,
+    /// When it started, in Unix seconds.
+    pub started: f64,
+    /// When its worker ended, in Unix seconds.
+    #[serde(default)]
+    pub ended: Option<f64>,
+    /// How its upgrade went.
+    #[serde(default)]
+    pub outcome: Option<crate::control::UpgradeResult>,
+    /// The generation whose release this one started again (a rollback), if any.
+    #[serde(default)]
+    pub from: Option<u64>,
+}
+
+impl Release {
+    /// The release `service`'s configuration makes for `generation` now: its paths resolved and its files
+    /// hashed (which reads them: run it off the runtime's threads).
+    pub fn resolve(service: &crate::config::ServiceConfig, generation: u64) -> Release {
+        let through_watched = |value: &str| resolve_watched(value, &service.watch);
+        let mut command: Vec<String> = service.command.iter().map(|a| through_watched(a)).collect();
+        if let Some(program) = command.first_mut() {
+            if program.contains('/') {
+                if let Ok(real) = std::fs::canonicalize(&*program) {
+                    *program = real.to_string_lossy().into_owned();
+                }
+            }
+        }
+        let cwd = service
+            .cwd
+            .as_ref()
+            .map(|cwd| std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.clone()));
+        let env: BTreeMap<String, String> = service
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), through_watched(v)))
+            .collect();
+        let mut release = Release {
+            generation,
+            command,
+            cwd,
+            env,
+            files: BTreeMap::new(),
+            started: crate::control::unix_now(),
+            ended: None,
+            outcome: None,
+            from: None,
+        };
+        release.files = release.hash_files();
+        release
+    }
+
+    /// This release again, for `generation`: the same command and files.
+    pub fn again(&self, generation: u64) -> Release {
+        Release {
+            generation,
+            started: crate::control::unix_now(),
+            ended: None,
+            outcome: None,
+            from: Some(self.generation),
+            ..self.clone()
+        }
+    }
+
+    /// The files it names, hashed as they are now.
+    fn hash_files(&self) -> BTreeMap<PathBuf, String> {
+        let mut files = BTreeMap::new();
+        let program = self
+            .command
+            .first()
+            .map(|p| executable(p, self.env.get("PATH").map(String::as_str)));
+        let named = self
+            .command
+            .iter()
+            .skip(1)
+            .chain(self.env.values())
+            .filter(|v| v.starts_with('/'))
+            .map(PathBuf::from);
+        for path in program.into_iter().flatten().chain(named) {
+            if path.is_file() {
+                if let Some(hash) = sha256(&path) {
+                    files.insert(path, hash);
+                }
+            }
+        }
+        files
+    }
+
+    /// Whether its files are still there as they were: why not, if not.
+    pub fn verify(&self) -> Result<(), String> {
+        for (path, hash) in &self.files {
+            match sha256(path) {
+                None => return Err(format!("`{}` is gone", path.display())),
+                Some(now) if &now != hash => {
+                    return Err(format!(
+                        "`{}` has changed since generation {} started",
+                        path.display(),
+                        self.generation
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.is_dir() {
+                return Err(format!("the working directory `{}` is gone", cwd.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The service's configuration with this release's command, working directory and environment.
+    pub fn apply(&self, service: &crate::config::ServiceConfig) -> crate::config::ServiceConfig {
+        crate::config::ServiceConfig {
+            command: self.command.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            ..service.clone()
+        }
+    }
+}
+
+/// `value` with a leading watched path (one of `watched`) replaced by where it leads now.
+fn resolve_watched(value: &str, watched: &[PathBuf]) -> String {
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return value.to_owned();
+    }
+    for watched in watched {
+        if let Ok(rest) = path.strip_prefix(watched) {
+            if let Ok(real) = std::fs::canonicalize(watched) {
+                let resolved = if rest.as_os_str().is_empty() {
+                    real
+                } else {
+                    real.join(rest)
+                };
+                return resolved.to_string_lossy().into_owned();
+            }
+        }
+    }
+    value.to_owned()
+}
+
+/// Where `program` runs from: itself if it has a slash, else the first match on `path` (or baton's PATH).
+fn executable(program: &str, path: Option<&str>) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let search = path
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"))?;
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .map(|found| std::fs::canonicalize(&found).unwrap_or(found))
+}
+
+/// The SHA-256 of a file's content, in hex; `None` if it cannot be read.
+fn sha256(path: &Path) -> Option<String> {
+    use sha2::Digest as _;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).ok()?;
+    Some(format!("{:x}", hasher.finalize()))
+}
 
 /// How often the paths are looked at whatever inotify says.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);

@@ -33,6 +33,7 @@ use crate::listener::{Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::readiness::{probe, wait_ready};
 use crate::reexec::{PARK_TIMEOUT, own_fd};
+use crate::release::Release;
 use crate::route::{ParkedConnection, Route, Settings, Shared, SharedRoute, Upstream};
 use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 
@@ -41,8 +42,11 @@ use crate::worker::{RuntimeDir, SpawnError, Spawner, Worker, describe};
 pub enum ServiceCommand {
     /// Start a new worker generation and switch to it; the waiter, if any, is told the outcome.
     Upgrade(Trigger, Option<Waiter>),
-    /// Switch back to the previous worker while it is warm.
-    Rollback(oneshot::Sender<Result<UpgradeRecord, ActionError>>),
+    /// Switch back to the previous worker while it is warm; after the watchdog window, start the previous
+    /// release again (or generation `to`'s) as a new generation.
+    Rollback(Option<u64>, oneshot::Sender<Result<UpgradeRecord, ActionError>>),
+    /// Tell the releases the service remembers, newest first.
+    Releases(oneshot::Sender<Vec<crate::release::Release>>),
     /// Use this configuration and these public sockets from now on (the next worker gets the new command).
     Reconfigure {
         /// The service's new stanza.
@@ -167,6 +171,7 @@ impl ServiceHandle {
             workers,
             parked,
             watch,
+            releases,
         } = snapshot;
         let watch = watch.map(|w| crate::watch::Watch::adopt(own_fd(w.fd)));
         machine.policy = Policy::of(&config);
@@ -223,6 +228,7 @@ impl ServiceHandle {
         for (generation, held) in held {
             service.hold_worker(generation, held);
         }
+        service.releases = releases.into();
         let task = tokio::spawn(service.run(commands.1, Start::Adopted(connections, watch, resumed, gate)));
         Ok(ServiceHandle {
             commands: commands.0,
@@ -427,8 +433,26 @@ async fn readable(waiting: Option<&crate::watch::Waiting>) {
 enum Report {
     /// An input for the machine.
     Input(Input),
-    /// How the spawn of a generation went, and how long its `prepare` command took if it ran one.
-    Spawned(u64, Result<Worker, SpawnError>, Option<u64>),
+    /// How the spawn of a generation went, how long its `prepare` command took if it ran one, and the
+    /// release it was started with.
+    Spawned {
+        generation: u64,
+        result: Result<Worker, SpawnError>,
+        prepared: Option<u64>,
+        release: Option<Release>,
+    },
+}
+
+impl Report {
+    /// A spawn that failed before it had a release.
+    fn spawned(generation: u64, result: Result<Worker, SpawnError>) -> Report {
+        Report::Spawned {
+            generation,
+            result,
+            prepared: None,
+            release: None,
+        }
+    }
 }
 
 /// Someone waiting for an outcome, by the kind of answer they take.
@@ -454,6 +478,8 @@ struct Service {
     waiting: Option<crate::watch::Waiting>,
     /// The task watching the service's `watch` paths, and the paths it watches.
     release_watch: Option<(Vec<std::path::PathBuf>, AbortOnDropHandle<()>)>,
+    /// The last [`crate::release::KEPT`] releases, oldest first: what each generation was started with.
+    releases: std::collections::VecDeque<crate::release::Release>,
     /// Where it sends the paths that changed; the sender goes to each such task.
     changes: (
         mpsc::UnboundedSender<std::path::PathBuf>,
@@ -506,6 +532,7 @@ impl Service {
             listeners: Vec::new(),
             waiting: None,
             release_watch: None,
+            releases: std::collections::VecDeque::new(),
             changes: mpsc::unbounded_channel(),
             pending_listeners: listeners,
             workers: HashMap::new(),
@@ -630,9 +657,9 @@ impl Service {
                 let waiter = waiter.map(|w| self.hold(Reply::Upgrade(w)));
                 self.feed(Input::Upgrade { trigger, waiter });
             }
-            ServiceCommand::Rollback(reply) => {
-                let reply = self.hold(Reply::Rollback(reply));
-                self.feed(Input::Rollback { reply });
+            ServiceCommand::Rollback(to, reply) => self.rollback(to, reply),
+            ServiceCommand::Releases(reply) => {
+                let _ = reply.send(self.releases.iter().rev().cloned().collect());
             }
             ServiceCommand::Reconfigure { config, listeners } => self.reconfigure(config, listeners),
             ServiceCommand::Snapshot(reply) => {
@@ -827,6 +854,7 @@ impl Service {
             })
             .collect();
         ServiceSnapshot {
+            releases: self.releases.iter().cloned().collect(),
             machine: self.machine.clone(),
             workers,
             parked,
@@ -844,7 +872,13 @@ impl Service {
     fn report(&mut self, report: Report) {
         match report {
             Report::Input(input) => self.feed(input),
-            Report::Spawned(generation, Ok(worker), prepared) => {
+            Report::Spawned {
+                generation,
+                result: Ok(worker),
+                prepared,
+                release,
+            } => {
+                self.remember(release);
                 if let Some(ms) = prepared {
                     self.feed(Input::Prepared { generation, ms });
                 }
@@ -864,11 +898,74 @@ impl Service {
                 );
                 self.feed(input);
             }
-            Report::Spawned(generation, Err(error), _) => self.feed(Input::SpawnFailed {
+            Report::Spawned {
                 generation,
-                error: chain(&error),
-            }),
+                result: Err(error),
+                release,
+                ..
+            } => {
+                self.remember(release);
+                self.feed(Input::SpawnFailed {
+                    generation,
+                    error: chain(&error),
+                });
+            }
         }
+    }
+
+    /// Keeps `release` in the service's history, the oldest going past [`crate::release::KEPT`].
+    fn remember(&mut self, release: Option<Release>) {
+        let Some(release) = release else { return };
+        self.releases.retain(|r| r.generation != release.generation);
+        self.releases.push_back(release);
+        while self.releases.len() > crate::release::KEPT {
+            self.releases.pop_front();
+        }
+    }
+
+    /// Rolls back: to the warm previous worker during the watchdog window (unless `to` names a generation),
+    /// else by starting an earlier release again, `to`'s or the last one that served before the active
+    /// worker's, once its files are checked to be as they were.
+    fn rollback(&mut self, to: Option<u64>, reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>) {
+        if to.is_none() && self.machine.watch.is_some() {
+            let reply = self.hold(Reply::Rollback(reply));
+            self.feed(Input::Rollback { reply });
+            return;
+        }
+        let active = self.machine.active.as_ref().map(|a| a.generation);
+        let target = match to {
+            Some(to) => self.releases.iter().find(|r| r.generation == to),
+            None => self
+                .releases
+                .iter()
+                .rev()
+                .filter(|r| Some(r.generation) < active)
+                .find(|r| r.outcome == Some(UpgradeResult::Success)),
+        };
+        let name = &self.config.name;
+        let refused = match target {
+            None => Some(match to {
+                Some(to) => format!("service `{name}`: no release of generation {to} is recorded"),
+                None => format!("service `{name}`: no earlier release is recorded to roll back to"),
+            }),
+            Some(release) if Some(release.generation) == active => Some(format!(
+                "service `{name}`: generation {} is the one serving",
+                release.generation
+            )),
+            Some(release) => release.verify().err().map(|why| {
+                format!(
+                    "service `{name}`: cannot start generation {}'s release again: {why}",
+                    release.generation
+                )
+            }),
+        };
+        if let Some(why) = refused {
+            let _ = reply.send(Err(ActionError::Conflict(why)));
+            return;
+        }
+        let from = target.map(|r| r.generation).unwrap_or_default();
+        let waiter = self.hold(Reply::Rollback(reply));
+        self.feed(Input::Redeploy { from, waiter });
     }
 
     /// Steps the machine with `input` and carries out what it asks, feeding back what that yields; then
@@ -906,18 +1003,59 @@ impl Service {
             Effect::Spawn { generation } => {
                 let config = Arc::clone(&self.config);
                 let context = self.context.clone();
+                // A rollback past the watchdog window starts an earlier release again; otherwise the
+                // configured command, its paths resolved now.
+                let from = self
+                    .machine
+                    .candidate
+                    .as_ref()
+                    .filter(|c| c.generation == generation)
+                    .and_then(|c| c.release);
+                let earlier = from.map(|from| self.releases.iter().find(|r| r.generation == from).cloned());
                 self.tasks.spawn(async move {
+                    let release = match earlier {
+                        Some(Some(earlier)) => {
+                            let again = earlier.again(generation);
+                            let checked = earlier.clone();
+                            match tokio::task::spawn_blocking(move || checked.verify()).await {
+                                Ok(Ok(())) => again,
+                                Ok(Err(why)) => return Report::spawned(generation, Err(SpawnError::Release(why))),
+                                Err(e) => return Report::spawned(generation, Err(SpawnError::Release(e.to_string()))),
+                            }
+                        }
+                        Some(None) => {
+                            let why = format!("generation {}'s release is no longer recorded", from.unwrap_or(0));
+                            return Report::spawned(generation, Err(SpawnError::Release(why)));
+                        }
+                        None => {
+                            let resolving = Arc::clone(&config);
+                            match tokio::task::spawn_blocking(move || Release::resolve(&resolving, generation)).await {
+                                Ok(release) => release,
+                                Err(e) => return Report::spawned(generation, Err(SpawnError::Release(e.to_string()))),
+                            }
+                        }
+                    };
+                    let config = release.apply(&config);
                     let mut prepared = None;
                     if !config.prepare.is_empty() {
                         let started = Time::now();
                         if let Err(error) = crate::worker::prepare(&config, generation, &context.spawner).await {
-                            return Report::Spawned(generation, Err(error), None);
+                            return Report::Spawned {
+                                generation,
+                                result: Err(error),
+                                prepared,
+                                release: Some(release),
+                            };
                         }
                         prepared = Some(crate::control::millis(Time::now().since(started)));
                     }
-                    let spawned =
-                        Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await;
-                    Report::Spawned(generation, spawned, prepared)
+                    let result = Worker::spawn(&config, generation, &context.spawner, context.runtime_dir.path()).await;
+                    Report::Spawned {
+                        generation,
+                        result,
+                        prepared,
+                        release: Some(release),
+                    }
                 });
             }
             Effect::WaitReady { generation, deadline } => {
@@ -1010,6 +1148,9 @@ impl Service {
                 if let Some(held) = self.let_go(generation) {
                     held.worker.forget();
                 }
+                if let Some(release) = self.releases.iter_mut().find(|r| r.generation == generation) {
+                    release.ended.get_or_insert_with(crate::control::unix_now);
+                }
             }
             Effect::Reply { waiter, outcome } => match self.replies.remove(&waiter) {
                 Some(Reply::Upgrade(reply)) => {
@@ -1033,7 +1174,14 @@ impl Service {
                 }
             }
             Effect::Count(count) => self.count(count),
-            Effect::Event(event) => self.emit(event),
+            Effect::Event(event) => {
+                if let Event::UpgradeFinished(record) = &event {
+                    if let Some(release) = self.releases.iter_mut().find(|r| r.generation == record.new_generation) {
+                        release.outcome = Some(record.result);
+                    }
+                }
+                self.emit(event);
+            }
         }
         None
     }

@@ -475,8 +475,20 @@ pub async fn run(
                     }
                 }
                 Command::Upgrade { service, reply } => supervisor.upgrade(&service, reply),
-                Command::Rollback { service, reply } => match supervisor.services.get(&service) {
-                    Some(handle) => handle.send(ServiceCommand::Rollback(reply)),
+                Command::Rollback { service, to, reply } => match supervisor.services.get(&service) {
+                    Some(handle) => handle.send(ServiceCommand::Rollback(to, reply)),
+                    None => {
+                        let _ = reply.send(Err(ActionError::NotFound(service)));
+                    }
+                },
+                Command::Releases { service, reply } => match supervisor.services.get(&service) {
+                    Some(handle) => {
+                        let (told, releases) = oneshot::channel();
+                        handle.send(ServiceCommand::Releases(told));
+                        tokio::spawn(async move {
+                            let _ = reply.send(releases.await.map_err(|_| ActionError::ShuttingDown));
+                        });
+                    }
                     None => {
                         let _ = reply.send(Err(ActionError::NotFound(service)));
                     }

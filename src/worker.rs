@@ -69,6 +69,9 @@ pub enum SpawnError {
     /// The `prepare` command failed or did not finish in time; nothing was started.
     #[error("prepare: {0}")]
     Prepare(String),
+    /// The release to start again is not as it was (a rollback); nothing was started.
+    #[error("release: {0}")]
+    Release(String),
 }
 
 /// How many of the last lines of a failed `prepare` command's output its error quotes.

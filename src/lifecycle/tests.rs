@@ -805,6 +805,7 @@ fn an_adopted_machine_sets_up_its_waits_again_and_forgets_the_old_callers() {
         trigger: Trigger::Api,
         waiters: vec![7],
         waiting_since: None,
+        release: None,
     });
     // Through the state, as a re-exec carries it.
     let text = serde_json::to_string(&run.machine).expect("serialise");
@@ -981,4 +982,32 @@ fn automatic_upgrades_outside_the_window_wait_for_it_and_an_operators_does_not()
     run.step(Input::Window(None));
     run.step(Input::Changed);
     assert_eq!(spawns(&run.pass(3 * SECOND)), [4]);
+}
+
+#[test]
+fn an_earlier_release_starts_again_as_a_new_generation_unless_an_upgrade_is_in_flight() {
+    let mut run = Run::serving(without_watchdog());
+    run.upgrade(None);
+    let effects = run.step(Input::Redeploy { from: 1, waiter: 9 });
+    assert_eq!(spawns(&effects), [3]);
+    let candidate = run.machine.candidate.clone().expect("a candidate");
+    assert_eq!((candidate.trigger, candidate.release), (Trigger::Rollback, Some(1)));
+    // Another while it runs is refused, with the reason.
+    let effects = run.step(Input::Redeploy { from: 1, waiter: 10 });
+    let (waiter, outcome) = replies(&effects).remove(0);
+    assert_eq!(waiter, 10);
+    assert!(
+        matches!(&outcome, Err(ActionError::Conflict(why)) if why.contains("an upgrade is in flight")),
+        "{outcome:?}"
+    );
+    let effects = run.ready(3);
+    let (waiter, outcome) = replies(&effects).remove(0);
+    let record = outcome.expect("a record");
+    assert_eq!(
+        (waiter, record.trigger, record.new_generation),
+        (9, Trigger::Rollback, 3)
+    );
+    // An upgrade after it runs the configured command again.
+    run.request(Trigger::Api, None);
+    assert_eq!(run.machine.candidate.as_ref().and_then(|c| c.release), None);
 }

@@ -200,3 +200,93 @@ fn a_release_change_outside_the_maintenance_window_waits_for_it_and_an_operators
     assert!(baton.service("web")["deferred"].is_null());
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+/// A release's server: answers every GET with the name of the directory it runs from, so a reply shows
+/// which release's files the worker was started with.
+const APP: &str = r#"
+import http.server, os, sys
+release = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("release %s\n" % release).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+fn release_of(baton: &Baton) -> String {
+    let (code, body) = http_get(baton.addr("web"), "/").expect("GET");
+    assert_eq!(code, 200, "{body}");
+    body.trim().to_owned()
+}
+
+#[test]
+fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_window() {
+    let dir = tempfile::tempdir().expect("dir");
+    let releases = dir.path().join("releases");
+    for release in ["41", "42"] {
+        std::fs::create_dir_all(releases.join(release)).expect("release");
+        std::fs::write(releases.join(release).join("app.py"), APP).expect("app");
+    }
+    let current = dir.path().join("current");
+    flip(&current, &releases.join("41"));
+    let app = current.join("app.py");
+    let config = format!(
+        "[service.web]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"python3\", {app:?}, \"{{port}}\"]\n\
+         watch = [{current:?}]\nwatch_settle = \"200ms\"\nwatchdog = \"0s\"\n\
+         [service.web.readiness]\npath = \"/\"\ninterval = \"20ms\"\n",
+        app = app.display().to_string(),
+        current = current.display().to_string(),
+    );
+    let baton = Baton::start(&config);
+    // The worker was started with the release's own path, not the symlink's.
+    assert_eq!(release_of(&baton), "release 41");
+
+    flip(&current, &releases.join("42"));
+    baton.wait_upgrade("web", 2);
+    assert_eq!(release_of(&baton), "release 42");
+
+    // Past the watchdog window (none here), a rollback starts the previous release again.
+    let (code, record) = http(baton.admin, "POST", "/v1/services/web/rollback", &[]).expect("rollback");
+    assert_eq!(code, 200, "{record}");
+    let record: serde_json::Value = serde_json::from_str(&record).expect("JSON");
+    assert_eq!(record["trigger"], "rollback", "{record}");
+    assert_eq!(record["new_generation"], 3, "{record}");
+    assert_eq!(release_of(&baton), "release 41", "the symlink still says 42");
+
+    let (code, listed) = http_get(baton.admin, "/v1/services/web/releases").expect("releases");
+    assert_eq!(code, 200, "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    let list = listed["releases"].as_array().expect("a list");
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0]["generation"], 3, "newest first");
+    assert_eq!(list[0]["from"], 1);
+    let resolved = releases.join("41").join("app.py").canonicalize().expect("real path");
+    assert_eq!(list[0]["command"][1], resolved.display().to_string());
+    assert!(list[0]["files"][resolved.display().to_string()].is_string(), "{listed}");
+    assert_eq!(list[1]["outcome"], "success");
+    assert!(list[1]["ended"].is_f64(), "generation 2 has ended: {listed}");
+    // The CLI lists them too.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["releases", "web", "--admin", &baton.admin.to_string()])
+        .output()
+        .expect("baton releases");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("GEN") && text.contains("(g1 again)"), "{text}");
+
+    // A release whose files changed since is not started again; nor is one never recorded.
+    std::fs::write(releases.join("42").join("app.py"), format!("{APP}\n# edited\n")).expect("edit");
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/rollback?to=2", &[]).expect("rollback");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("has changed since generation 2 started"), "{body}");
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/rollback?to=99", &[]).expect("rollback");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("no release of generation 99"), "{body}");
+    assert_eq!(baton.service("web")["generation"], 3);
+    assert_eq!(baton.stop().code(), Some(0));
+}
