@@ -273,7 +273,8 @@ fn not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<B
 }
 
 /// `POST /v1/services/{name}/upgrade|rollback`: the outcome as JSON, 200 when the new worker took over (or the
-/// rollback happened), 502 when the upgrade failed or was rolled back, 409 when there is nothing to roll back.
+/// warm rollback happened), 502 when the upgrade (or the start of an earlier release) failed or was rolled
+/// back, 409 when there is nothing to roll back to.
 async fn action_on(control: &Control, name: &str, action: &str, to: Option<u64>, wait: bool) -> Response<Body> {
     let (reply, outcome) = oneshot::channel();
     let service = name.to_owned();
@@ -292,8 +293,9 @@ async fn action_on(control: &Control, name: &str, action: &str, to: Option<u64>,
     }
     match outcome.await {
         Ok(Ok(record)) => {
+            // A rollback in the watchdog window is recorded `rolled_back`; one after it is an upgrade.
             let status = match (action, record.result) {
-                ("rollback", _) | (_, UpgradeResult::Success) => StatusCode::OK,
+                ("rollback", UpgradeResult::RolledBack) | (_, UpgradeResult::Success) => StatusCode::OK,
                 _ => StatusCode::BAD_GATEWAY,
             };
             json(status, &record)

@@ -633,6 +633,7 @@ mod tests {
                     releases: vec![crate::release::Release {
                         generation: 2,
                         command: vec!["/srv/app/releases/41/server".into(), "{port}".into()],
+                        prepare: vec![],
                         cwd: Some("/srv/app/releases/41".into()),
                         env: BTreeMap::from([("APP".into(), "/srv/app/releases/41/app.conf".into())]),
                         files: BTreeMap::from([("/srv/app/releases/41/server".into(), "ab12".into())]),

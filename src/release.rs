@@ -33,6 +33,9 @@ pub struct Release {
     pub generation: u64,
     /// The argv, paths resolved.
     pub command: Vec<String>,
+    /// The `prepare` argv it was started after (run again when it is started again), paths resolved.
+    #[serde(default)]
+    pub prepare: Vec<String>,
     /// The working directory, resolved.
     pub cwd: Option<PathBuf>,
     /// The configured environment, paths resolved.
@@ -65,6 +68,7 @@ impl Release {
                 }
             }
         }
+        let prepare: Vec<String> = service.prepare.iter().map(|a| through_watched(a)).collect();
         let cwd = service
             .cwd
             .as_ref()
@@ -77,6 +81,7 @@ impl Release {
         let mut release = Release {
             generation,
             command,
+            prepare,
             cwd,
             env,
             files: BTreeMap::new(),
@@ -148,10 +153,12 @@ impl Release {
         Ok(())
     }
 
-    /// The service's configuration with this release's command, working directory and environment.
+    /// The service's configuration with this release's command, `prepare`, working directory and
+    /// environment.
     pub fn apply(&self, service: &crate::config::ServiceConfig) -> crate::config::ServiceConfig {
         crate::config::ServiceConfig {
             command: self.command.clone(),
+            prepare: self.prepare.clone(),
             cwd: self.cwd.clone(),
             env: self.env.clone(),
             ..service.clone()

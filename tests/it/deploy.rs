@@ -258,9 +258,15 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     assert_eq!(record["new_generation"], 3, "{record}");
     assert_eq!(release_of(&baton), "release 41", "the symlink still says 42");
 
-    let (code, listed) = http_get(baton.admin, "/v1/services/web/releases").expect("releases");
-    assert_eq!(code, 200, "{listed}");
-    let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    // Generation 2 drains and stops: its release ends.
+    let listed = wait_for("generation 2's release to end", || {
+        let (code, listed) = http_get(baton.admin, "/v1/services/web/releases").map_err(|e| e.to_string())?;
+        let listed: serde_json::Value = serde_json::from_str(&listed).map_err(|e| format!("{code}: {e}"))?;
+        match listed["releases"][1]["ended"].is_f64() {
+            true => Ok(listed),
+            false => Err(listed.to_string()),
+        }
+    });
     let list = listed["releases"].as_array().expect("a list");
     assert_eq!(list.len(), 3);
     assert_eq!(list[0]["generation"], 3, "newest first");
@@ -269,7 +275,6 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     assert_eq!(list[0]["command"][1], resolved.display().to_string());
     assert!(list[0]["files"][resolved.display().to_string()].is_string(), "{listed}");
     assert_eq!(list[1]["outcome"], "success");
-    assert!(list[1]["ended"].is_f64(), "generation 2 has ended: {listed}");
     // The CLI lists them too.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["releases", "web", "--admin", &baton.admin.to_string()])
@@ -288,5 +293,115 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("no release of generation 99"), "{body}");
     assert_eq!(baton.service("web")["generation"], 3);
+    assert_eq!(baton.stop().code(), Some(0));
+}
+
+/// A stand-in for `docker`, as no container runtime runs here: `pull IMAGE` copies the image from
+/// `$FAKE_REGISTRY` into `$FAKE_STORE`, and `run --rm -p ADDR:PORT:80 IMAGE` runs the pulled image's server
+/// on PORT in the foreground, as `docker run` does (and fails as it does when the image was never pulled).
+const FAKE_DOCKER: &str = r#"#!/bin/sh
+set -e
+command=$1; shift
+case "$command" in
+pull)
+    image=$1; name=$(echo "$image" | tr '/:' '__')
+    [ -d "$FAKE_REGISTRY/$name" ] || { echo "Error response from daemon: manifest for $image not found" >&2; exit 1; }
+    mkdir -p "$FAKE_STORE"; rm -rf "$FAKE_STORE/$name"; cp -r "$FAKE_REGISTRY/$name" "$FAKE_STORE/$name"
+    echo "$image: Pulled";;
+run)
+    port=
+    while [ $# -gt 1 ]; do
+        case "$1" in
+        --rm) shift;;
+        -p) port=$(echo "$2" | cut -d: -f2); shift 2;;
+        *) shift;;
+        esac
+    done
+    image=$1; name=$(echo "$image" | tr '/:' '__')
+    [ -d "$FAKE_STORE/$name" ] || { echo "Unable to find image '$image' locally" >&2; exit 125; }
+    exec python3 "$FAKE_STORE/$name/server.py" "$port" "$image";;
+*) echo "fake docker: unknown command $command" >&2; exit 1;;
+esac
+"#;
+
+/// An image's server: answers every GET with the image's name.
+const IMAGE_SERVER: &str = r#"
+import http.server, sys
+image = sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("image %s\n" % image).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+#[test]
+fn a_container_worker_is_pulled_by_prepare_stopped_by_its_signal_and_rolled_back_to_its_previous_image() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let docker = dir.path().join("docker");
+    std::fs::write(&docker, FAKE_DOCKER).expect("write");
+    std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let registry = dir.path().join("registry");
+    for tag in ["v1", "v2"] {
+        let image = registry.join(format!("registry_app_{tag}"));
+        std::fs::create_dir_all(&image).expect("image");
+        std::fs::write(image.join("server.py"), IMAGE_SERVER).expect("server");
+    }
+    let stanza = |tag: &str| {
+        format!(
+            "[service.web]\nlisten = [\"127.0.0.1:0\"]\n\
+             command = [{docker:?}, \"run\", \"--rm\", \"-p\", \"127.0.0.1:{{port}}:80\", \"registry/app:{tag}\"]\n\
+             prepare = [{docker:?}, \"pull\", \"registry/app:{tag}\"]\n\
+             env = {{ FAKE_REGISTRY = {registry:?}, FAKE_STORE = {store:?} }}\n\
+             watchdog = \"0s\"\nstop_signal = \"SIGTERM\"\n\
+             [service.web.readiness]\npath = \"/\"\ninterval = \"20ms\"\n",
+            docker = docker.display().to_string(),
+            registry = registry.display().to_string(),
+            store = dir.path().join("store").display().to_string(),
+        )
+    };
+    let image_of = |baton: &Baton| http_get(baton.addr("web"), "/").expect("GET").1.trim().to_owned();
+    let baton = Baton::start(&stanza("v1"));
+    assert_eq!(image_of(&baton), "image registry/app:v1", "pulled by prepare, then run");
+    let first = baton.worker_pid("web");
+
+    // A new image: the reload's upgrade pulls it first; the old container gets its stop signal.
+    baton.write_config(&stanza("v2"));
+    baton.signal(nix::sys::signal::Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "success", "{record}");
+    assert!(record["phases"]["prepare_ms"].is_u64(), "{record}");
+    assert_eq!(image_of(&baton), "image registry/app:v2");
+    wait_gone([first]);
+
+    // An image the registry does not have fails in prepare, before anything runs.
+    baton.write_config(&stanza("v3"));
+    baton.signal(nix::sys::signal::Signal::SIGHUP);
+    let record = baton.wait_upgrade("web", 3);
+    assert_eq!(record["result"], "failed", "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("manifest for registry/app:v3 not found"),
+        "{record}"
+    );
+    assert_eq!(image_of(&baton), "image registry/app:v2");
+
+    // Rolled back after the window: the previous image runs again, by name.
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/rollback?to=1", &[]).expect("rollback");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(image_of(&baton), "image registry/app:v1");
+    let (_, listed) = http_get(baton.admin, "/v1/services/web/releases").expect("releases");
+    assert!(
+        listed.contains("registry/app:v1") && listed.contains("registry/app:v2"),
+        "{listed}"
+    );
     assert_eq!(baton.stop().code(), Some(0));
 }
