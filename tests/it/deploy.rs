@@ -284,6 +284,20 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     assert!(output.status.success(), "{text}");
     assert!(text.contains("GEN") && text.contains("(g1 again)"), "{text}");
 
+    // The history goes across a re-exec of baton.
+    let (code, body) = http(baton.admin, "POST", "/v1/reexec", &[]).expect("reexec");
+    assert_eq!(code, 200, "{body}");
+    wait_for("the re-exec", || {
+        let status = baton.status();
+        (status["reexecs"] == 1).then_some(()).ok_or(status.to_string())
+    });
+    let (_, after) = http_get(baton.admin, "/v1/services/web/releases").expect("releases");
+    let after: serde_json::Value = serde_json::from_str(&after).expect("JSON");
+    assert_eq!(
+        after["releases"], listed["releases"],
+        "the same releases after the re-exec"
+    );
+
     // A release whose files changed since is not started again; nor is one never recorded.
     std::fs::write(releases.join("42").join("app.py"), format!("{APP}\n# edited\n")).expect("edit");
     let (code, body) = http(baton.admin, "POST", "/v1/services/web/rollback?to=2", &[]).expect("rollback");
