@@ -159,7 +159,7 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
                 Err(message) => bad_request(message),
             }
         }
-        (["v1", "services", name, action @ ("upgrade" | "rollback")], &Method::POST) => {
+        (["v1", "services", name, action @ ("upgrade" | "rollback" | "promote")], &Method::POST) => {
             if !control.directory.borrow().contains_key(*name) {
                 return error(StatusCode::NOT_FOUND, format!("no service `{name}`"));
             }
@@ -192,7 +192,7 @@ async fn route(request: Request<Incoming>, control: &Control) -> Response<Body> 
             | ["v1", "services", _, "releases"],
             _,
         ) => not_allowed(&method, &path, "GET"),
-        (["v1", "reload"] | ["v1", "reexec"] | ["v1", "services", _, "upgrade" | "rollback"], _) => {
+        (["v1", "reload"] | ["v1", "reexec"] | ["v1", "services", _, "upgrade" | "rollback" | "promote"], _) => {
             not_allowed(&method, &path, "POST")
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -280,6 +280,7 @@ async fn action_on(control: &Control, name: &str, action: &str, to: Option<u64>,
     let service = name.to_owned();
     let command = match action {
         "upgrade" => Command::Upgrade { service, reply },
+        "promote" => Command::Promote { service, reply },
         _ => Command::Rollback { service, to, reply },
     };
     if control.commands.send(command).await.is_err() {
@@ -295,7 +296,9 @@ async fn action_on(control: &Control, name: &str, action: &str, to: Option<u64>,
         Ok(Ok(record)) => {
             // A rollback in the watchdog window is recorded `rolled_back`; one after it is an upgrade.
             let status = match (action, record.result) {
-                ("rollback", UpgradeResult::RolledBack) | (_, UpgradeResult::Success) => StatusCode::OK,
+                ("rollback", UpgradeResult::RolledBack) | ("promote", _) | (_, UpgradeResult::Success) => {
+                    StatusCode::OK
+                }
                 _ => StatusCode::BAD_GATEWAY,
             };
             json(status, &record)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::endpoint::{Endpoint, socket_addr};
@@ -171,7 +171,34 @@ pub struct ServiceConfig {
     pub prepare_timeout: Duration,
     /// When automatic upgrades (a changed release, a recycle) may run; any time when unset.
     pub upgrade_window: Option<crate::window::Window>,
+    /// How a new worker takes the traffic step by step, judged on it; all at once when unset.
+    pub canary: Option<Canary>,
 }
+
+/// The `canary` table of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// The new worker's share of new connections at each step, in hundredths of a percent, rising.
+    pub steps: Vec<u16>,
+    /// How long each step lasts.
+    pub step_time: Duration,
+    /// Whether one client address's connections go to one generation (else each connection draws).
+    pub sticky: bool,
+    /// How much the new worker's share of connections that ended badly on its side may exceed the
+    /// previous one's before it is rolled back, in hundredths of a percent.
+    pub max_error_rate: u16,
+    /// Connections the new worker must have had before it is judged.
+    pub min_connections: u64,
+}
+
+/// The new worker's share of bad connections over the previous one's that rolls a canary back, in
+/// hundredths of a percent (1%).
+pub const DEFAULT_CANARY_MAX_ERROR_RATE: u16 = 100;
+/// Connections a canary worker must have had before it is judged.
+pub const DEFAULT_CANARY_MIN_CONNECTIONS: u64 = 20;
+/// How long a canary step lasts.
+pub const DEFAULT_CANARY_STEP_TIME: Duration = Duration::from_secs(30);
 
 /// Where a worker's stdout and stderr go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +398,17 @@ struct RawService {
     prepare: Option<Spanned<Vec<String>>>,
     prepare_timeout: Option<Spanned<String>>,
     upgrade_window: Option<Spanned<String>>,
+    canary: Option<Spanned<RawCanary>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    steps: Spanned<Vec<Spanned<String>>>,
+    step_time: Option<Spanned<String>>,
+    sticky: Option<bool>,
+    max_error_rate: Option<Spanned<String>>,
+    min_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -663,6 +701,52 @@ impl Validator<'_> {
                 crate::window::Window::parse(w.get_ref()).map_err(|e| at(w.span(), format!("upgrade_window {e}")))?,
             ),
         };
+        let canary = match &raw.canary {
+            None => None,
+            Some(c) => {
+                let c = c.get_ref();
+                let mut steps: Vec<u16> = Vec::new();
+                for step in c.steps.get_ref() {
+                    let share = percent(step.get_ref())
+                        .filter(|share| *share > 0 && *share < 10_000)
+                        .ok_or_else(|| {
+                            at(
+                                step.span(),
+                                format!(
+                                    "canary step `{}` is not a share between 0% and 100% (both excluded), like \"5%\"",
+                                    step.get_ref()
+                                ),
+                            )
+                        })?;
+                    if steps.last().is_some_and(|last| *last >= share) {
+                        return Err(at(step.span(), "canary steps must rise".into()));
+                    }
+                    steps.push(share);
+                }
+                if steps.is_empty() {
+                    return Err(at(
+                        c.steps.span(),
+                        "canary steps is empty: give at least one, like [\"10%\"]".into(),
+                    ));
+                }
+                let max_error_rate = match &c.max_error_rate {
+                    None => DEFAULT_CANARY_MAX_ERROR_RATE,
+                    Some(rate) => percent(rate.get_ref()).ok_or_else(|| {
+                        at(
+                            rate.span(),
+                            format!("canary max_error_rate `{}` is not a share like \"1%\"", rate.get_ref()),
+                        )
+                    })?,
+                };
+                Some(Canary {
+                    steps,
+                    step_time: positive("canary.step_time", &c.step_time, DEFAULT_CANARY_STEP_TIME)?,
+                    sticky: c.sticky.unwrap_or(true),
+                    max_error_rate,
+                    min_connections: c.min_connections.unwrap_or(DEFAULT_CANARY_MIN_CONNECTIONS),
+                })
+            }
+        };
         let max_lifetime = match &raw.max_lifetime {
             None => None,
             Some(_) => Some(positive("max_lifetime", &raw.max_lifetime, Duration::ZERO)?),
@@ -710,6 +794,7 @@ impl Validator<'_> {
             prepare,
             prepare_timeout: positive("prepare_timeout", &raw.prepare_timeout, DEFAULT_PREPARE_TIMEOUT)?,
             upgrade_window,
+            canary,
         })
     }
 
@@ -761,6 +846,19 @@ fn choice<T: Copy>(
             ))
         }
     }
+}
+
+/// `"5%"` or `"0.5%"` in hundredths of a percent (at most two decimals, at most 100%).
+fn percent(text: &str) -> Option<u16> {
+    let number = text.trim().strip_suffix('%')?.trim();
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || fraction.len() > 2 || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u32 = whole.parse().ok()?;
+    let fraction: u32 = format!("{fraction:0<2}").parse().ok()?;
+    let share = whole.checked_mul(100)?.checked_add(fraction)?;
+    u16::try_from(share).ok().filter(|s| *s <= 10_000)
 }
 
 /// Parses a network for `accept_proxy_protocol`: `ADDRESS/PREFIX`, or one address alone. Bits set past

@@ -43,6 +43,13 @@ pub enum Command {
         /// Told the outcome.
         reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
     },
+    /// Skip the rest of one service's canary: its new worker takes every new connection now.
+    Promote {
+        /// The service.
+        service: String,
+        /// Told the record of the upgrade, or why not.
+        reply: oneshot::Sender<Result<UpgradeRecord, ActionError>>,
+    },
     /// The releases one service remembers, newest first.
     Releases {
         /// The service.
@@ -379,6 +386,25 @@ pub struct ServiceState {
     pub waiting: Option<Waiting>,
     /// An automatic upgrade waiting for the maintenance window, and when that opens.
     pub deferred: Option<(Trigger, Option<tokio::time::Instant>)>,
+    /// The canary under way, if one is.
+    pub canary: Option<CanaryView>,
+}
+
+/// A canary under way, in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CanaryView {
+    /// The new worker's generation.
+    pub generation: u64,
+    /// The step, from 0.
+    pub step: usize,
+    /// The new worker's share of new connections, in percent.
+    pub share_percent: f64,
+    /// Milliseconds until the next step.
+    pub next_step_in_ms: u64,
+    /// The new worker's connections since the canary began, and those that failed on its side.
+    pub new: crate::lifecycle::Tally,
+    /// The same of the previous worker.
+    pub previous: crate::lifecycle::Tally,
 }
 
 /// An upgrade that waits because `max_draining` old workers drain already.
@@ -407,6 +433,7 @@ impl ServiceState {
             last_upgrade: None,
             waiting: None,
             deferred: None,
+            canary: None,
         }
     }
 
@@ -462,6 +489,7 @@ impl ServiceState {
                     until: unix_now() + in_ms as f64 / 1e3,
                 }
             }),
+            canary: self.canary.clone(),
             last_upgrade: self.last_upgrade.clone(),
         }
     }
@@ -507,6 +535,8 @@ pub struct ServiceView {
     pub waiting: Option<WaitingView>,
     /// An automatic upgrade waiting for the maintenance window, if one does.
     pub deferred: Option<DeferredView>,
+    /// The canary under way, if one is.
+    pub canary: Option<CanaryView>,
     /// The last finished upgrade.
     pub last_upgrade: Option<UpgradeRecord>,
 }

@@ -203,6 +203,9 @@ pub struct WorkerState {
     pub unanswered: usize,
     /// Whether it takes no new connection.
     pub draining: bool,
+    /// Its connections that ended, and those that ended badly on its side (a canary's judgement).
+    #[serde(default)]
+    pub tally: (u64, u64),
 }
 
 /// One metric family's values.
@@ -521,6 +524,7 @@ mod tests {
             health_successes: 2,
             watch_settle: Duration::from_secs(2),
             max_lifetime: None,
+            canary: None,
         };
         let mut machine = Machine::new("web".into(), policy);
         let now = Time::from_origin(Duration::from_secs(100));
@@ -601,6 +605,7 @@ mod tests {
             connections: 3,
             unanswered: 1,
             draining: generation == 1,
+            tally: (120, 3),
         };
         State {
             started: Some(Time::from_origin(Duration::from_millis(123_456))),

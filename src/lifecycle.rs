@@ -71,6 +71,9 @@ pub struct Policy {
     /// when unset.
     #[serde(default)]
     pub max_lifetime: Option<Duration>,
+    /// How a new worker takes the traffic step by step, judged on it; at once when unset.
+    #[serde(default)]
+    pub canary: Option<crate::config::Canary>,
 }
 
 impl Policy {
@@ -89,6 +92,7 @@ impl Policy {
             health_successes: config.health.successes,
             watch_settle: config.watch_settle,
             max_lifetime: config.max_lifetime,
+            canary: config.canary.clone(),
         }
     }
 
@@ -139,6 +143,18 @@ pub enum Input {
     Changed,
     /// The maintenance window as the driver sees it now (`None`: the service has none).
     Window(Option<WindowFacts>),
+    /// Both workers' tallies, as asked for by [`Effect::Judge`].
+    Judged {
+        /// The new worker's.
+        new: Tally,
+        /// The previous worker's.
+        previous: Tally,
+    },
+    /// Skip the rest of the canary: the new worker takes every new connection now.
+    Promote {
+        /// Who waits for the answer.
+        reply: WaiterId,
+    },
     /// The new generation's `prepare` command finished, in `ms` milliseconds; its spawn follows.
     Prepared {
         /// Its generation.
@@ -214,6 +230,13 @@ pub enum Input {
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Read both workers' tallies of a canary; answer with [`Input::Judged`].
+    Judge {
+        /// The new worker.
+        new: u64,
+        /// The previous worker.
+        previous: u64,
+    },
     /// Start a worker of this generation; answer with [`Input::Spawned`] or [`Input::SpawnFailed`].
     Spawn {
         /// Its generation.
@@ -318,6 +341,19 @@ pub enum Event {
         generation: u64,
         /// What set it off.
         trigger: Trigger,
+    },
+    /// A canary moved to its next step (share 10000: it is over, the new worker takes everything).
+    CanaryStep {
+        /// The new worker's generation.
+        generation: u64,
+        /// The step, from 0.
+        step: usize,
+        /// The new worker's share of new connections, in hundredths of a percent.
+        share: u16,
+        /// Connections of the new worker so far, and those that failed on its side.
+        new: Tally,
+        /// The same of the previous worker.
+        previous: Tally,
     },
     /// An automatic upgrade waits for the maintenance window to open.
     Deferred {
@@ -555,7 +591,59 @@ pub struct Watch {
     pub record: UpgradeRecord,
     /// Told the outcome.
     pub waiters: Vec<WaiterId>,
+    /// The canary, while the new worker takes only a share of new connections.
+    #[serde(default)]
+    pub canary: Option<CanaryProgress>,
 }
+
+/// A canary under way: the step it is at, and what live traffic has shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryProgress {
+    /// The step, an index into the canary's steps.
+    pub step: usize,
+    /// The new worker's share of new connections now, in hundredths of a percent.
+    pub share: u16,
+    /// When this step ends.
+    pub step_until: Time,
+    /// When the live traffic is judged next.
+    pub next_judgement: Time,
+    /// Both workers' tallies when the canary began (new, previous): the rates count from there.
+    pub baseline: Option<(Tally, Tally)>,
+    /// Both workers' tallies since then, as last seen (new, previous).
+    pub seen: (Tally, Tally),
+}
+
+/// A worker's connections that ended, and those that ended badly on its side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tally {
+    /// Connections (and dials) that ended.
+    pub connections: u64,
+    /// Those that failed on the worker's side.
+    pub failed: u64,
+}
+
+impl Tally {
+    fn since(self, earlier: Tally) -> Tally {
+        Tally {
+            connections: self.connections.saturating_sub(earlier.connections),
+            failed: self.failed.saturating_sub(earlier.failed),
+        }
+    }
+
+    /// The share that failed; 0 with none.
+    pub fn rate(self) -> f64 {
+        if self.connections == 0 {
+            0.0
+        } else {
+            self.failed as f64 / self.connections as f64
+        }
+    }
+}
+
+/// How often a canary's live traffic is judged.
+pub const CANARY_JUDGE_EVERY: Duration = Duration::from_millis(200);
 
 /// An old worker finishing its connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -794,6 +882,10 @@ impl Machine {
         if let Some(window) = self.window {
             at(window.changes);
         }
+        if let Some(canary) = self.watch.as_ref().and_then(|w| w.canary.as_ref()) {
+            at(canary.step_until);
+            at(canary.next_judgement);
+        }
         if let Some(recycle) = self.active.as_ref().and_then(|a| a.recycle_at) {
             at(recycle);
         }
@@ -909,6 +1001,30 @@ impl Machine {
                     self.changed = Some(now + self.policy.watch_settle);
                 }
             }
+            Input::Judged { new, previous } => self.judge(new, previous, now, out),
+            Input::Promote { reply } => {
+                let outcome = match self.watch.as_mut().filter(|w| w.canary.is_some()) {
+                    Some(watch) => {
+                        watch.canary = None;
+                        watch.until = now + self.policy.watchdog;
+                        let generation = watch.record.new_generation;
+                        out.push(Effect::Route);
+                        out.push(Effect::Event(Event::CanaryStep {
+                            generation,
+                            step: self.policy.canary.as_ref().map_or(0, |c| c.steps.len()),
+                            share: 10_000,
+                            new: Tally::default(),
+                            previous: Tally::default(),
+                        }));
+                        Ok(watch.record.clone())
+                    }
+                    None => Err(ActionError::Conflict(format!(
+                        "service `{}`: no canary is under way to promote",
+                        self.service
+                    ))),
+                };
+                out.push(Effect::Reply { waiter: reply, outcome });
+            }
             Input::Window(facts) => {
                 self.window = facts;
                 if facts.is_none_or(|w| w.open) {
@@ -1004,7 +1120,12 @@ impl Machine {
 
     /// Carries out whatever is due by `now`, then starts the follow-up if it can.
     fn advance(&mut self, now: Time, out: &mut Vec<Effect>) {
-        if self.watch.as_ref().is_some_and(|w| w.until <= now) {
+        self.advance_canary(now, out);
+        if self
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.until <= now && w.canary.is_none())
+        {
             let watch = self.watch.take().expect("checked");
             self.end_watch(watch, UpgradeResult::Success, String::new(), now, out);
         }
@@ -1176,6 +1297,86 @@ impl Machine {
         }
     }
 
+    /// Moves a canary on: to its next step when this one's time is up (to the whole traffic after the last,
+    /// and then the rest of the watchdog window), and asks for the tallies when a judgement is due.
+    fn advance_canary(&mut self, now: Time, out: &mut Vec<Effect>) {
+        let Some(canary) = self.policy.canary.clone() else {
+            if let Some(watch) = self.watch.as_mut() {
+                watch.canary = None;
+            }
+            return;
+        };
+        let Some(watch) = self.watch.as_mut() else { return };
+        let generation = watch.record.new_generation;
+        let previous = watch.previous.generation;
+        let Some(progress) = watch.canary.as_mut() else { return };
+        if progress.step_until <= now {
+            progress.step += 1;
+            let (new, old) = progress.seen;
+            match canary.steps.get(progress.step) {
+                Some(&share) => {
+                    progress.share = share;
+                    progress.step_until = now + canary.step_time;
+                }
+                None => {
+                    progress.share = 10_000;
+                    watch.until = now + self.policy.watchdog;
+                }
+            }
+            out.push(Effect::Event(Event::CanaryStep {
+                generation,
+                step: progress.step,
+                share: progress.share,
+                new,
+                previous: old,
+            }));
+            if progress.share == 10_000 {
+                watch.canary = None;
+            }
+            out.push(Effect::Route);
+        }
+        if let Some(progress) = watch.canary.as_mut() {
+            if progress.next_judgement <= now {
+                progress.next_judgement = now + CANARY_JUDGE_EVERY;
+                out.push(Effect::Judge {
+                    new: generation,
+                    previous,
+                });
+            }
+        }
+    }
+
+    /// Judges a canary on both workers' tallies: rolls it back at once when the new worker's share of
+    /// connections that failed on its side exceeds the previous one's by more than `max_error_rate`, once it
+    /// has had `min_connections`.
+    fn judge(&mut self, new: Tally, previous: Tally, now: Time, out: &mut Vec<Effect>) {
+        let Some(canary) = self.policy.canary.clone() else {
+            return;
+        };
+        let Some(progress) = self.watch.as_mut().and_then(|w| w.canary.as_mut()) else {
+            return;
+        };
+        let (base_new, base_old) = *progress.baseline.get_or_insert((new, previous));
+        let (new, old) = (new.since(base_new), previous.since(base_old));
+        progress.seen = (new, old);
+        let margin = f64::from(canary.max_error_rate) / 10_000.0;
+        if new.connections < canary.min_connections || new.rate() <= old.rate() + margin {
+            return;
+        }
+        let reason = format!(
+            "failed the canary: {} of {} connections ended badly on its side ({:.1}%), against {} of {} ({:.1}%) on \
+             the previous worker",
+            new.failed,
+            new.connections,
+            new.rate() * 100.0,
+            old.failed,
+            old.connections,
+            old.rate() * 100.0
+        );
+        let watch = self.watch.take().expect("checked");
+        self.end_watch(watch, UpgradeResult::RolledBack, reason, now, out);
+    }
+
     /// An upgrade nobody asked for (`trigger`: a changed release, a recycle): at once, or when the maintenance
     /// window opens. Deferred ones fold into one, which names the first trigger.
     fn automatic(&mut self, trigger: Trigger, now: Time, out: &mut Vec<Effect>) {
@@ -1251,7 +1452,41 @@ impl Machine {
             // Superseded before its window ended: the watched worker did well enough.
             self.end_watch(watch, UpgradeResult::Success, String::new(), now, out);
         }
+        let canary = self
+            .policy
+            .canary
+            .clone()
+            .filter(|_| previous.as_ref().is_some_and(|p| p.exited.is_none()));
         match previous {
+            Some(previous) if canary.is_some() => {
+                let canary = canary.expect("checked");
+                // The new worker takes the first step's share; the rest still goes to the previous one.
+                let steps = u32::try_from(canary.steps.len()).unwrap_or(u32::MAX);
+                let progress = CanaryProgress {
+                    step: 0,
+                    share: canary.steps[0],
+                    step_until: now + canary.step_time,
+                    next_judgement: now,
+                    baseline: None,
+                    seen: (Tally::default(), Tally::default()),
+                };
+                out.push(Effect::Event(Event::CanaryStep {
+                    generation,
+                    step: 0,
+                    share: progress.share,
+                    new: Tally::default(),
+                    previous: Tally::default(),
+                }));
+                self.watch = Some(Watch {
+                    previous,
+                    since: now,
+                    until: now + canary.step_time * steps + self.policy.watchdog,
+                    record,
+                    waiters: candidate.waiters,
+                    canary: Some(progress),
+                });
+                out.push(Effect::Route);
+            }
             Some(previous) if !self.policy.watchdog.is_zero() && previous.exited.is_none() => {
                 out.push(Effect::Event(Event::Watching {
                     generation,
@@ -1264,6 +1499,7 @@ impl Machine {
                     until: now + self.policy.watchdog,
                     record,
                     waiters: candidate.waiters,
+                    canary: None,
                 });
             }
             Some(previous) => {

@@ -67,6 +67,14 @@ pub const BUILD_INFO: &str = "baton_build_info";
 pub const REEXECS: &str = "baton_reexecs_total";
 /// How long connections went without baton moving their bytes during a re-exec.
 pub const REEXEC_PAUSE: &str = "baton_reexec_pause_seconds";
+/// The new worker's share of new connections during a canary, from 0 to 1 (0 with none under way).
+pub const CANARY_SHARE: &str = "baton_canary_weight";
+/// The connections of the canary under way (or the last one), by worker and result.
+pub const CANARY_CONNECTIONS: &str = "baton_canary_connections";
+/// The `generation` values of [`CANARY_CONNECTIONS`].
+pub const CANARY_ROLES: [&str; 2] = ["new", "previous"];
+/// The `result` values of [`CANARY_CONNECTIONS`].
+pub const CANARY_RESULTS: [&str; 2] = ["ok", "failed"];
 /// PROXY protocol headers read from trusted sources, by version.
 pub const PROXY_HEADERS: &str = "baton_proxy_headers_total";
 /// PROXY protocol headers refused from trusted sources, by reason ([`crate::proxy_protocol::Rejected::LABELS`]):
@@ -150,6 +158,8 @@ pub struct Metrics {
     last_reload_time: Gauge,
     reexecs: IntCounterVec,
     reexec_pause: Histogram,
+    canary_share: prometheus::GaugeVec,
+    canary_connections: IntGaugeVec,
     /// Counter and histogram values a previous image of baton handed over: added to this image's own at
     /// every gather, so that nothing resets across a re-exec.
     carried: Arc<Mutex<Vec<crate::handover::MetricFamily>>>,
@@ -368,6 +378,23 @@ impl Metrics {
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             )
             .expect("metric options are valid"),
+            canary_share: {
+                let metric = prometheus::GaugeVec::new(
+                    Opts::new(
+                        CANARY_SHARE,
+                        "The new worker's share of new connections during a canary, 0 to 1.",
+                    ),
+                    &["service"],
+                )
+                .expect("metric options are valid");
+                register(&registry, metric.clone());
+                metric
+            },
+            canary_connections: gauge(
+                CANARY_CONNECTIONS,
+                "Connections of the canary under way (or the last one), by worker (new or previous) and result.",
+                &["service", "generation", "result"],
+            ),
             registry,
             carried: Arc::default(),
             users: Arc::default(),
@@ -407,6 +434,12 @@ impl Metrics {
         }
         for reason in RESTART_REASONS {
             self.restarts.with_label_values(&[name, reason]);
+        }
+        self.canary_share.with_label_values(&[name]);
+        for role in CANARY_ROLES {
+            for result in CANARY_RESULTS {
+                self.canary_connections.with_label_values(&[name, role, result]);
+            }
         }
         for trigger in UPGRADE_TRIGGERS {
             for result in UPGRADE_RESULTS {
@@ -453,6 +486,26 @@ impl Metrics {
             worker_connect_duration: self.connect_duration.with_label_values(&[name]),
             errors: self.errors.clone(),
             name: name.to_owned(),
+        }
+    }
+
+    /// Publishes the new worker's share of a canary of `service`, in hundredths of a percent.
+    pub fn canary_share(&self, service: &str, share: u16) {
+        self.canary_share
+            .with_label_values(&[service])
+            .set(f64::from(share) / 10_000.0);
+    }
+
+    /// Publishes the tallies of a canary of `service`: (connections, failed) of the new and previous worker.
+    pub fn canary_tallies(&self, service: &str, new: (u64, u64), previous: (u64, u64)) {
+        for (role, (connections, failed)) in [("new", new), ("previous", previous)] {
+            let ok = connections.saturating_sub(failed);
+            self.canary_connections
+                .with_label_values(&[service, role, "ok"])
+                .set(i64::try_from(ok).unwrap_or(i64::MAX));
+            self.canary_connections
+                .with_label_values(&[service, role, "failed"])
+                .set(i64::try_from(failed).unwrap_or(i64::MAX));
         }
     }
 
@@ -563,6 +616,12 @@ impl Metrics {
         }
         for reason in RESTART_REASONS {
             let _ = self.restarts.remove_label_values(&[service, reason]);
+        }
+        let _ = self.canary_share.remove_label_values(&[service]);
+        for role in CANARY_ROLES {
+            for result in CANARY_RESULTS {
+                let _ = self.canary_connections.remove_label_values(&[service, role, result]);
+            }
         }
         for trigger in UPGRADE_TRIGGERS {
             for result in UPGRADE_RESULTS {

@@ -129,7 +129,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, route: &ArcSwap<Route>) 
         },
     };
     let deadline = now + settings.pending_timeout;
-    let (snapshot, mut guard, worker) = match connect(route, &first, deadline).await {
+    let (snapshot, mut guard, worker) = match connect(route, &first, Some(origin.client.ip()), deadline).await {
         Ok(connected) => connected,
         Err(outcome) => {
             reset(&client);
@@ -249,7 +249,8 @@ async fn run(
         // the current worker gets those bytes on a new connection, and the client never sees the close.
         let gone = guard.upstream().generation;
         let deadline = Instant::now() + snapshot.settings.pending_timeout;
-        let (next, next_guard, worker) = match connect(route, &snapshot, deadline).await {
+        let client = connection.state.client_addr.map(|a| a.ip());
+        let (next, next_guard, worker) = match connect(route, &snapshot, client, deadline).await {
             Ok(connected) => connected,
             Err(outcome) => {
                 metrics.worker_resets.inc();
@@ -272,6 +273,11 @@ async fn run(
     metrics
         .connection_duration
         .observe(Time::now().since(accepted).as_secs_f64());
+    // Counted against the worker for a canary's judgement: it broke the connection, or ended it unanswered.
+    let unanswered = matches!(outcome, Outcome::Completed | Outcome::HalfCloseTimeout) && !guard.is_answered();
+    if matches!(outcome, Outcome::Broken(Side::Worker)) || unanswered {
+        guard.fail();
+    }
     Ran::Ended(outcome)
 }
 
@@ -316,6 +322,7 @@ fn park(
 async fn connect(
     route: &ArcSwap<Route>,
     first: &Route,
+    client: Option<std::net::IpAddr>,
     deadline: Instant,
 ) -> Result<(Arc<Route>, Guard, WorkerStream), Outcome> {
     let shared = &first.shared;
@@ -323,7 +330,7 @@ async fn connect(
     let mut pending = None;
     let mut outcome = Outcome::PendingTimeout;
     loop {
-        let (snapshot, guard) = Route::pick(route);
+        let (snapshot, guard) = Route::pick(route, client);
         // A first dial has its whole connect_timeout; a redial must end by the deadline.
         let mut connect_timeout = snapshot.settings.connect_timeout;
         if outcome == Outcome::ConnectFailed {
@@ -339,6 +346,7 @@ async fn connect(
             {
                 Ok(worker) => return Ok((snapshot, guard, worker)),
                 Err(error) => {
+                    guard.fail();
                     let upstream = guard.upstream();
                     tracing::debug!(generation = upstream.generation, worker = %upstream.addr, %error, "cannot dial worker");
                     metrics.worker_connect_errors.inc();
@@ -1152,6 +1160,7 @@ mod tests {
         let upstream = Arc::new(Upstream::new(1, 0, WorkerAddr::Tcp(worker)));
         let route = Arc::new(ArcSwap::from_pointee(Route {
             upstream: Some(Arc::clone(&upstream)),
+            split: None,
             hold: true,
             settings: Settings {
                 connect_timeout: Duration::from_secs(5),

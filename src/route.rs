@@ -41,6 +41,9 @@ pub type SharedRoute = Arc<ArcSwap<Route>>;
 pub struct Route {
     /// The worker new connections go to; `None` while the service has none ready.
     pub upstream: Option<Arc<Upstream>>,
+    /// During a canary, the previous worker and the share of new connections the new one (`upstream`)
+    /// takes.
+    pub split: Option<Split>,
     /// Whether a connection finding no ready worker waits for one (up to `pending_timeout`) rather than
     /// being closed: true unless the service is shutting down.
     pub hold: bool,
@@ -48,6 +51,38 @@ pub struct Route {
     pub settings: Settings,
     /// What every snapshot of the service shares.
     pub shared: Arc<Shared>,
+}
+
+/// How new connections are split between the new worker and the previous one during a canary.
+#[derive(Debug)]
+pub struct Split {
+    /// The previous worker.
+    pub previous: Arc<Upstream>,
+    /// The new worker's share, in hundredths of a percent.
+    pub share: u16,
+    /// Whether a client address's connections all go to one of them.
+    pub sticky: bool,
+}
+
+impl Split {
+    /// Whether a new connection from `client` (the `draw`th of the service) goes to the new worker.
+    pub fn to_new(&self, client: Option<std::net::IpAddr>, draw: u64) -> bool {
+        let point = match (self.sticky, client) {
+            (true, Some(ip)) => {
+                // FNV-1a of the address: the same client lands on the same side at every step it is below.
+                let octets = match crate::proxy_protocol::canonical_ip(ip) {
+                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+                };
+                octets.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+                })
+            }
+            // Each connection draws: a Weyl sequence, spread evenly however few there are.
+            _ => draw.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
+        ((point >> 32) % 10_000) < u64::from(self.share)
+    }
 }
 
 /// The per-connection settings of a service, copied from its configuration.
@@ -117,6 +152,8 @@ pub struct Shared {
     starting: AtomicUsize,
     /// Open connections per client address, for `max_connections_per_client`.
     clients: Clients,
+    /// New connections that have drawn a side of a canary split ([`Split::to_new`]).
+    draws: AtomicU64,
 }
 
 /// Open connections per client address: a lock-free map whose entry goes when its count falls to zero, so
@@ -173,6 +210,7 @@ impl Shared {
             open: AtomicUsize::new(0),
             starting: AtomicUsize::new(0),
             clients: Clients::default(),
+            draws: AtomicU64::new(0),
         }
     }
 
@@ -530,6 +568,10 @@ pub struct Upstream {
     cut: Signal,
     /// Connections that have not yet had a byte from the worker: the worker may not have accepted them yet.
     unanswered: AtomicUsize,
+    /// Connections (and dials) that have ended, for a canary's judgement.
+    ended: AtomicU64,
+    /// Those of them that ended badly on the worker's side ([`Guard::fail`]).
+    failed: AtomicU64,
 }
 
 /// Proof that a connection counts against its worker; dropping it lets the worker drain.
@@ -538,6 +580,8 @@ pub struct Guard {
     upstream: Arc<Upstream>,
     /// Whether a byte has come from the worker on this connection.
     answered: AtomicBool,
+    /// Whether the connection ended badly on the worker's side.
+    failed: AtomicBool,
 }
 
 impl Upstream {
@@ -551,7 +595,20 @@ impl Upstream {
             idle: Notify::new(),
             cut: Signal::default(),
             unanswered: AtomicUsize::new(0),
+            ended: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
         }
+    }
+
+    /// Connections ended so far, and those that ended badly on the worker's side.
+    pub fn tally(&self) -> (u64, u64) {
+        (self.ended.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+
+    /// Carries on a tally a previous image counted.
+    pub fn add_tally(&self, (ended, failed): (u64, u64)) {
+        self.ended.fetch_add(ended, Ordering::Relaxed);
+        self.failed.fetch_add(failed, Ordering::Relaxed);
     }
 
     /// Counts a new connection, unless the worker has started to drain.
@@ -565,6 +622,7 @@ impl Upstream {
         Some(Guard {
             upstream: Arc::clone(self),
             answered: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -635,6 +693,7 @@ impl Upstream {
         let guard = Guard {
             upstream: Arc::clone(self),
             answered: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         };
         if answered {
             guard.answered();
@@ -654,6 +713,12 @@ impl Guard {
         self.answered.load(Ordering::Acquire)
     }
 
+    /// Notes that the connection ended badly on the worker's side (its dial failed, the worker reset it or
+    /// closed it before it sent a byte), for a canary's judgement.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
     /// Notes that the worker has sent a byte on this connection.
     pub fn answered(&self) {
         if !self.answered.swap(true, Ordering::AcqRel) {
@@ -665,6 +730,10 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.answered();
+        self.upstream.ended.fetch_add(1, Ordering::Relaxed);
+        if self.failed.load(Ordering::Relaxed) {
+            self.upstream.failed.fetch_add(1, Ordering::Relaxed);
+        }
         self.upstream.release();
     }
 }
@@ -672,12 +741,21 @@ impl Drop for Guard {
 impl Route {
     /// Takes a guard on the current worker of `route`, loading the snapshot again if that worker started to
     /// drain between the load and the guard (the switch has happened, so the next load sees the new one).
-    pub fn pick(route: &ArcSwap<Route>) -> (Arc<Route>, Option<Guard>) {
+    pub fn pick(route: &ArcSwap<Route>, client: Option<std::net::IpAddr>) -> (Arc<Route>, Option<Guard>) {
         loop {
             let snapshot = route.load_full();
             let Some(upstream) = snapshot.upstream.clone() else {
                 return (snapshot, None);
             };
+            // During a canary, some new connections go to the previous worker.
+            if let Some(split) = &snapshot.split {
+                let draw = snapshot.shared.draws.fetch_add(1, Ordering::Relaxed);
+                if !split.to_new(client, draw) {
+                    if let Some(guard) = split.previous.acquire() {
+                        return (snapshot, Some(guard));
+                    }
+                }
+            }
             if let Some(guard) = upstream.acquire() {
                 return (snapshot, Some(guard));
             }
@@ -778,6 +856,7 @@ mod tests {
         let old = upstream();
         let route = ArcSwap::from_pointee(Route {
             upstream: Some(Arc::clone(&old)),
+            split: None,
             hold: true,
             settings: settings.clone(),
             shared: Arc::clone(&shared),
@@ -789,12 +868,13 @@ mod tests {
         ));
         route.store(Arc::new(Route {
             upstream: Some(Arc::clone(&new)),
+            split: None,
             hold: true,
             settings,
             shared,
         }));
         old.state.fetch_or(DRAINING, Ordering::AcqRel);
-        let (_, guard) = Route::pick(&route);
+        let (_, guard) = Route::pick(&route, None);
         assert_eq!(guard.expect("guard").upstream().generation, 2);
     }
 

@@ -45,6 +45,8 @@ pub enum ServiceCommand {
     /// Switch back to the previous worker while it is warm; after the watchdog window, start the previous
     /// release again (or generation `to`'s) as a new generation.
     Rollback(Option<u64>, oneshot::Sender<Result<UpgradeRecord, ActionError>>),
+    /// Skip the rest of the canary: the new worker takes every new connection now.
+    Promote(oneshot::Sender<Result<UpgradeRecord, ActionError>>),
     /// Tell the releases the service remembers, newest first.
     Releases(oneshot::Sender<Vec<crate::release::Release>>),
     /// Use this configuration and these public sockets from now on (the next worker gets the new command).
@@ -179,6 +181,7 @@ impl ServiceHandle {
         for state in &workers {
             let worker = Worker::adopt(&config.name, state)?;
             let upstream = Arc::new(Upstream::new(state.generation, state.pid, state.addr.clone()));
+            upstream.add_tally(state.tally);
             if state.draining {
                 upstream.begin_drain();
             }
@@ -519,6 +522,7 @@ impl Service {
         let (state_tx, state) = watch::channel(ServiceState::new(listeners.iter().map(|l| l.local).collect()));
         let route = Arc::new(ArcSwap::from_pointee(Route {
             upstream: None,
+            split: None,
             hold: true,
             settings: Settings::of(&config),
             shared: Arc::clone(&shared),
@@ -658,6 +662,10 @@ impl Service {
                 self.feed(Input::Upgrade { trigger, waiter });
             }
             ServiceCommand::Rollback(to, reply) => self.rollback(to, reply),
+            ServiceCommand::Promote(reply) => {
+                let reply = self.hold(Reply::Rollback(reply));
+                self.feed(Input::Promote { reply });
+            }
             ServiceCommand::Releases(reply) => {
                 let _ = reply.send(self.releases.iter().rev().cloned().collect());
             }
@@ -828,6 +836,7 @@ impl Service {
                 connections: held.upstream.connections(),
                 unanswered: held.upstream.unanswered(),
                 draining: held.upstream.is_draining(),
+                tally: held.upstream.tally(),
             })
             .collect();
         workers.sort_by_key(|w| w.generation);
@@ -946,7 +955,10 @@ impl Service {
         let refused = match target {
             None => Some(match to {
                 Some(to) => format!("service `{name}`: no release of generation {to} is recorded"),
-                None => format!("service `{name}`: no earlier release is recorded to roll back to"),
+                None => format!(
+                    "service `{name}`: nothing to roll back to: no previous worker is kept warm and no earlier release \
+                     that served is recorded"
+                ),
             }),
             Some(release) if Some(release.generation) == active => Some(format!(
                 "service `{name}`: generation {} is the one serving",
@@ -1174,6 +1186,25 @@ impl Service {
                 }
             }
             Effect::Count(count) => self.count(count),
+            Effect::Judge { new, previous } => {
+                let tally = |generation| {
+                    let (connections, failed) = self.upstream(generation).map_or((0, 0), |u| u.tally());
+                    crate::lifecycle::Tally { connections, failed }
+                };
+                let (new, previous) = (tally(new), tally(previous));
+                if let Some(base) = self.machine.watch.as_ref().and_then(|w| w.canary.as_ref()?.baseline) {
+                    let since = |t: crate::lifecycle::Tally, b: crate::lifecycle::Tally| {
+                        (
+                            t.connections.saturating_sub(b.connections),
+                            t.failed.saturating_sub(b.failed),
+                        )
+                    };
+                    self.context
+                        .metrics
+                        .canary_tallies(&self.config.name, since(new, base.0), since(previous, base.1));
+                }
+                return Some(Input::Judged { new, previous });
+            }
             Effect::Event(event) => {
                 if let Event::UpgradeFinished(record) = &event {
                     if let Some(release) = self.releases.iter_mut().find(|r| r.generation == record.new_generation) {
@@ -1249,6 +1280,18 @@ impl Service {
             Event::UpgradeStarted { generation, trigger } => {
                 tracing::info!(service = %name, generation, trigger = trigger.label(), "upgrade started");
             }
+            Event::CanaryStep {
+                generation,
+                step,
+                share,
+                new,
+                previous,
+            } => tracing::info!(
+                service = %name, generation, step, share_percent = f64::from(*share) / 100.0,
+                new_connections = new.connections, new_failed = new.failed,
+                previous_connections = previous.connections, previous_failed = previous.failed,
+                "canary step"
+            ),
             Event::Deferred { trigger, until_ms } => tracing::info!(
                 service = %name, trigger = trigger.label(), until_ms,
                 "upgrade deferred until the maintenance window opens"
@@ -1382,8 +1425,21 @@ impl Service {
     /// Publishes a new route snapshot and wakes the connections waiting for one.
     fn store_route(&self) {
         let active = self.machine.active.as_ref().filter(|a| a.exited.is_none());
+        // During a canary, the previous worker takes the share the new one does not.
+        let split = self.machine.watch.as_ref().and_then(|watch| {
+            let canary = watch.canary.as_ref()?;
+            Some(crate::route::Split {
+                previous: self.upstream(watch.previous.generation)?,
+                share: canary.share,
+                sticky: self.config.canary.as_ref().is_none_or(|c| c.sticky),
+            })
+        });
+        self.context
+            .metrics
+            .canary_share(&self.config.name, split.as_ref().map_or(0, |s| s.share));
         self.route.store(Arc::new(Route {
             upstream: active.and_then(|a| self.upstream(a.generation)),
+            split,
             hold: !self.machine.shutting_down,
             settings: Settings::of(&self.config),
             shared: Arc::clone(&self.shared),
@@ -1423,6 +1479,17 @@ impl Service {
             s.deferred = machine
                 .deferred
                 .map(|trigger| (trigger, machine.window.map(|w| w.changes.instant())));
+            s.canary = machine.watch.as_ref().and_then(|watch| {
+                let canary = watch.canary.as_ref()?;
+                Some(crate::control::CanaryView {
+                    generation: watch.record.new_generation,
+                    step: canary.step,
+                    share_percent: f64::from(canary.share) / 100.0,
+                    next_step_in_ms: crate::control::millis(Time::now().until(canary.step_until)),
+                    new: canary.seen.0,
+                    previous: canary.seen.1,
+                })
+            });
             s.listen = self
                 .listeners
                 .iter()

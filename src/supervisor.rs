@@ -481,6 +481,12 @@ pub async fn run(
                         let _ = reply.send(Err(ActionError::NotFound(service)));
                     }
                 },
+                Command::Promote { service, reply } => match supervisor.services.get(&service) {
+                    Some(handle) => handle.send(ServiceCommand::Promote(reply)),
+                    None => {
+                        let _ = reply.send(Err(ActionError::NotFound(service)));
+                    }
+                },
                 Command::Releases { service, reply } => match supervisor.services.get(&service) {
                     Some(handle) => {
                         let (told, releases) = oneshot::channel();

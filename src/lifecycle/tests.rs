@@ -18,6 +18,7 @@ fn policy() -> Policy {
         health_successes: 2,
         watch_settle: Duration::from_secs(2),
         max_lifetime: None,
+        canary: None,
     }
 }
 
