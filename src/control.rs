@@ -223,6 +223,8 @@ pub enum Phase {
     WaitingReady,
     /// The new worker serves; the previous one is kept warm until the watchdog window ends.
     Watching,
+    /// The new worker takes a share of new connections, the previous one the rest (a canary).
+    Canary,
     /// An upgrade waits for a draining worker to finish: `max_draining` old workers drain already.
     WaitingForDrain,
     /// The service stops accepting and drains its workers.
@@ -445,7 +447,7 @@ impl ServiceState {
             draining: self.draining.len() + usize::from(self.previous.is_some()),
             upgrading: matches!(
                 self.phase,
-                Phase::Spawning | Phase::WaitingReady | Phase::Watching | Phase::WaitingForDrain
+                Phase::Spawning | Phase::WaitingReady | Phase::Watching | Phase::Canary | Phase::WaitingForDrain
             ),
             active_connections: self.active.as_ref().map_or(0, |a| a.connections()),
             draining_connections: self

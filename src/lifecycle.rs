@@ -813,8 +813,11 @@ impl Machine {
             // Connections wait for the replacement, and could not park before it is up.
             return Some("its worker is being replaced".into());
         }
+        // A canary is data to the last tally, and lasts minutes: a re-exec carries it on where it is. The
+        // watchdog window after it (or after a switch without one) is waited for.
         self.watch
             .as_ref()
+            .filter(|watch| watch.canary.is_none())
             .map(|watch| format!("generation {} is in its watchdog window", watch.record.new_generation))
     }
 
@@ -917,6 +920,7 @@ impl Machine {
         match (&self.candidate, &self.watch, &self.follow_up) {
             (Some(candidate), _, _) if candidate.process.is_some() => Phase::WaitingReady,
             (Some(_), _, _) => Phase::Spawning,
+            (None, Some(watch), _) if watch.canary.is_some() => Phase::Canary,
             (None, Some(_), _) => Phase::Watching,
             (None, None, Some(follow_up)) if follow_up.waiting_since.is_some() => Phase::WaitingForDrain,
             _ => Phase::Idle,

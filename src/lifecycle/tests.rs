@@ -1012,3 +1012,135 @@ fn an_earlier_release_starts_again_as_a_new_generation_unless_an_upgrade_is_in_f
     run.request(Trigger::Api, None);
     assert_eq!(run.machine.candidate.as_ref().and_then(|c| c.release), None);
 }
+
+fn canary_policy() -> Policy {
+    Policy {
+        canary: Some(crate::config::Canary {
+            steps: vec![500, 2500, 5000],
+            step_time: 30 * SECOND,
+            sticky: true,
+            max_error_rate: 100,
+            min_connections: 20,
+        }),
+        ..policy()
+    }
+}
+
+fn tally(connections: u64, failed: u64) -> Tally {
+    Tally { connections, failed }
+}
+
+fn shares(effects: &[Effect]) -> Vec<u16> {
+    pick(effects, |e| match e {
+        Effect::Event(Event::CanaryStep { share, .. }) => Some(*share),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_canary_rises_step_by_step_then_takes_everything_and_the_window_runs_on() {
+    let mut run = Run::serving(canary_policy());
+    let (generation, effects) = run.upgrade(None);
+    assert_eq!(generation, 2);
+    assert_eq!(shares(&effects), [500]);
+    assert!(has(&effects, &Effect::Route));
+    assert_eq!(
+        run.machine
+            .watch
+            .as_ref()
+            .and_then(|w| w.canary.as_ref())
+            .map(|c| c.share),
+        Some(500)
+    );
+    // Judged at once and every 200 ms after; good workers keep it going.
+    assert!(has(&effects, &Effect::Judge { new: 2, previous: 1 }));
+    assert!(has(
+        &run.pass(CANARY_JUDGE_EVERY),
+        &Effect::Judge { new: 2, previous: 1 }
+    ));
+    run.step(Input::Judged {
+        new: tally(0, 0),
+        previous: tally(1000, 2),
+    });
+    let effects = run.pass(30 * SECOND);
+    assert_eq!(shares(&effects), [2500]);
+    run.step(Input::Judged {
+        new: tally(300, 1),
+        previous: tally(1700, 4),
+    });
+    let effects = run.pass(60 * SECOND);
+    assert_eq!(shares(&effects), [5000, 10_000]);
+    // Then the watchdog window, as after any switch, and the previous worker drains.
+    assert!(run.machine.watch.as_ref().is_some_and(|w| w.canary.is_none()));
+    let effects = run.pass(10 * SECOND);
+    assert!(has(
+        &effects,
+        &Effect::Drain {
+            generation: 1,
+            settle: false
+        }
+    ));
+    let record = finished(&effects).pop().expect("a record");
+    assert_eq!(record.result, UpgradeResult::Success);
+}
+
+#[test]
+fn a_canary_failing_on_live_traffic_is_rolled_back_at_once_with_the_rates() {
+    let mut run = Run::serving(canary_policy());
+    run.upgrade(None);
+    run.step(Input::Judged {
+        new: tally(0, 0),
+        previous: tally(500, 1),
+    });
+    // Too few connections to judge yet.
+    let effects = run.step(Input::Judged {
+        new: tally(10, 5),
+        previous: tally(600, 1),
+    });
+    assert!(finished(&effects).is_empty());
+    let effects = run.step(Input::Judged {
+        new: tally(40, 8),
+        previous: tally(900, 2),
+    });
+    let record = finished(&effects).pop().expect("rolled back");
+    assert_eq!(record.result, UpgradeResult::RolledBack);
+    let error = error_of(&record);
+    assert!(
+        error.contains("8 of 40 connections ended badly on its side (20.0%)"),
+        "{error}"
+    );
+    assert!(error.contains("1 of 400 (0.2%)"), "{error}");
+    assert_eq!(run.active(), Some(1), "back on the previous worker");
+    assert!(has(&effects, &Effect::Route));
+}
+
+#[test]
+fn a_canary_is_promoted_or_aborted_and_goes_across_a_reexec() {
+    let mut run = Run::serving(canary_policy());
+    run.upgrade(None);
+    run.pass(30 * SECOND);
+    // Through the state, as a re-exec carries it: the step and its deadline go on.
+    let text = serde_json::to_string(&run.machine).expect("serialise");
+    let adopted: Machine = serde_json::from_str(&text).expect("deserialise");
+    assert_eq!(
+        adopted.watch.as_ref().and_then(|w| w.canary.as_ref()).map(|c| c.step),
+        Some(1)
+    );
+    run.machine = adopted;
+    let effects = run.step(Input::Promote { reply: 3 });
+    assert_eq!(shares(&effects), [10_000]);
+    assert!(replies(&effects).iter().any(|(w, o)| *w == 3 && o.is_ok()));
+    let effects = run.step(Input::Promote { reply: 4 });
+    assert!(
+        replies(&effects).iter().any(|(w, o)| *w == 4 && o.is_err()),
+        "nothing left to promote"
+    );
+    // The next upgrade's canary is aborted by a rollback: back to the previous worker.
+    run.pass(10 * SECOND);
+    run.upgrade(None);
+    assert!(run.machine.watch.as_ref().is_some_and(|w| w.canary.is_some()));
+    let effects = run.step(Input::Rollback { reply: 5 });
+    let (_, outcome) = replies(&effects).remove(0);
+    assert_eq!(outcome.expect("a record").result, UpgradeResult::RolledBack);
+    assert_eq!(run.active(), Some(2));
+}

@@ -1,6 +1,7 @@
 //! Integration tests: the real `baton` binary in front of real worker processes, on loopback only.
 
 mod admin;
+mod canary;
 mod cli;
 mod client_address;
 mod data_path;

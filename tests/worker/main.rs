@@ -13,6 +13,7 @@
 //! - `SEND <n>\n`: `n` bytes, then a half-close;
 //! - anything else: a raw echo of every byte, until the client half-closes, then a half-close back.
 //!
+//! With `--reset-every N`, every Nth connection whose request is not for `/readyz` is reset instead.
 //! HTTP connections are kept alive unless the request says `Connection: close`. With `--proxy-protocol`,
 //! every connection begins with a v1 PROXY protocol header, which it prints on stderr.
 //!
@@ -74,6 +75,10 @@ struct Args {
     /// Every connection begins with a v1 PROXY protocol header: read it first and print it on stderr.
     #[arg(long)]
     proxy_protocol: bool,
+    /// Reset every Nth connection whose request is not for `/readyz`, after reading it: a worker that passes
+    /// its probes and fails real traffic.
+    #[arg(long)]
+    reset_every: Option<u64>,
 }
 
 /// Set when a graceful shutdown has begun.
@@ -108,6 +113,9 @@ struct Worker {
     ignore_eof: bool,
     close_unread_after: Option<u64>,
     proxy_protocol: bool,
+    reset_every: Option<u64>,
+    /// Connections counted for `reset_every`.
+    requests: AtomicU64,
 }
 
 impl Worker {
@@ -149,6 +157,8 @@ fn main() {
         ignore_eof: args.ignore_eof,
         close_unread_after: args.close_unread_after,
         proxy_protocol: args.proxy_protocol,
+        reset_every: args.reset_every,
+        requests: AtomicU64::new(0),
     });
     if let Some(after) = args.exit_after {
         std::thread::spawn(move || {
@@ -268,6 +278,13 @@ fn serve<S: Read + Write + AsFd>(worker: &Worker, mut stream: S) {
         }
     }
     match &pending[..4] {
+        b"GET " | b"POST"
+            if worker.reset_every.is_some_and(|n| {
+                !pending.starts_with(b"GET /readyz") && worker.requests.fetch_add(1, Ordering::Relaxed) % n.max(1) == 0
+            }) =>
+        {
+            let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
         b"GET " | b"POST" => {
             let _ = http(worker, &mut stream, pending);
         }
