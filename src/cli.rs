@@ -256,6 +256,21 @@ fn print_table<const N: usize>(table: &[[String; N]]) {
     }
 }
 
+/// `baton promote SERVICE`: ends the service's canary: its new worker takes every new connection now.
+pub async fn promote(client: &Client, service: &str) -> Result<(), CliError> {
+    let (code, record) = client
+        .call(Method::POST, &format!("/v1/services/{service}/promote"))
+        .await?;
+    if code != StatusCode::OK {
+        return Err(CliError::Refused(error_text(&record)));
+    }
+    println!(
+        "promoted {service}: generation {} takes every new connection",
+        text(&record["new_generation"])
+    );
+    Ok(())
+}
+
 /// `baton releases SERVICE`: the releases the service remembers, newest first.
 pub async fn releases(client: &Client, service: &str, json: bool) -> Result<(), CliError> {
     let (code, answer) = client
@@ -600,6 +615,20 @@ impl Progress {
                 text(&event["previous_generation"])
             ),
             "unhealthy" => format!("generation {generation} unhealthy"),
+            "canary_step" => {
+                let share = event["share"].as_f64().unwrap_or(0.0) / 100.0;
+                let tally =
+                    |t: &Value| format!("{} connections, {} failed", text(&t["connections"]), text(&t["failed"]));
+                format!(
+                    "canary: generation {generation} takes {share}% of new connections (so far new: {}; previous: {})",
+                    tally(&event["new"]),
+                    tally(&event["previous"])
+                )
+            }
+            "deferred" => format!(
+                "deferred until the maintenance window opens, in {} s",
+                event["until_ms"].as_u64().unwrap_or(0).div_ceil(1000)
+            ),
             "rolled_back" => format!(
                 "rolled back to generation {}: {}",
                 text(&event["restored_generation"]),

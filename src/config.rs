@@ -995,6 +995,7 @@ max_lifetime = "12h"
 prepare = ["true"]
 prepare_timeout = "10s"
 upgrade_window = "02:00-04:00"
+canary = { steps = ["10%", "50%"], step_time = "1m", sticky = false, max_error_rate = "2%", min_connections = 50 }
 
 [service.api.health]
 interval = "200ms"
@@ -1189,6 +1190,48 @@ timeout = "3s"
             let message = error(&format!("{MINIMAL}{bad}\n"));
             assert!(message.contains(expected), "{bad}: {message}");
             assert!(message.contains("service `web`"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_canary_is_read_and_checked() {
+        let config = parse(&format!(
+            "{MINIMAL}canary = {{ steps = [\"5%\", \"25.5%\", \"50%\"], step_time = \"10s\", sticky = false, \
+             max_error_rate = \"0.5%\", min_connections = 100 }}\n"
+        ))
+        .expect("valid");
+        let canary = config.services["web"].canary.clone().expect("a canary");
+        assert_eq!(canary.steps, [500, 2550, 5000]);
+        assert_eq!(canary.step_time, Duration::from_secs(10));
+        assert!(!canary.sticky);
+        assert_eq!((canary.max_error_rate, canary.min_connections), (50, 100));
+        let defaults = parse(&format!("{MINIMAL}canary = {{ steps = [\"10%\"] }}\n"))
+            .expect("valid")
+            .services["web"]
+            .canary
+            .clone()
+            .expect("a canary");
+        assert_eq!(defaults.step_time, DEFAULT_CANARY_STEP_TIME);
+        assert!(defaults.sticky);
+        assert_eq!(defaults.max_error_rate, DEFAULT_CANARY_MAX_ERROR_RATE);
+        for (bad, expected) in [
+            ("canary = { steps = [] }", "canary steps is empty"),
+            ("canary = { steps = [\"50%\", \"20%\"] }", "canary steps must rise"),
+            ("canary = { steps = [\"100%\"] }", "canary step `100%` is not a share"),
+            ("canary = { steps = [\"five\"] }", "canary step `five` is not a share"),
+            ("canary = { steps = [\"5\"] }", "canary step `5` is not a share"),
+            (
+                "canary = { steps = [\"5%\"], max_error_rate = \"lots\" }",
+                "max_error_rate `lots`",
+            ),
+            (
+                "canary = { steps = [\"5%\"], step_time = \"0s\" }",
+                "canary.step_time must be greater than zero",
+            ),
+            ("canary = { steps = [\"5%\"], steady = true }", "unknown field `steady`"),
+        ] {
+            let message = error(&format!("{MINIMAL}{bad}\n"));
+            assert!(message.contains(expected), "{bad}: {message}");
         }
     }
 

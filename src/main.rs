@@ -88,6 +88,13 @@ enum Command {
         #[arg(long, value_name = "GENERATION")]
         to: Option<u64>,
     },
+    /// End a service's canary: its new worker takes every new connection now.
+    Promote {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The service.
+        service: String,
+    },
     /// List the releases a service remembers (the last 10): generation, command, started, ended, outcome.
     Releases {
         #[command(flatten)]
@@ -203,6 +210,9 @@ fn main() -> ExitCode {
                 admin,
                 |client| async move { cli::rollback(&client, &service, to).await },
             )
+        }
+        Command::Promote { admin, service } => {
+            client(admin, |client| async move { cli::promote(&client, &service).await })
         }
         Command::Releases { admin, service, json } => {
             client(

@@ -116,9 +116,21 @@ fn a_sticky_canary_keeps_each_client_on_one_generation_within_a_step() {
         "{on_new} of {} clients on the new worker",
         clients.len()
     );
-    // Promoted: every client goes to the new worker now.
-    let (code, body) = http(baton.admin, "POST", "/v1/services/web/promote", &[]).expect("promote");
-    assert_eq!(code, 200, "{body}");
+    // Promoted, from the CLI: every client goes to the new worker now.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["promote", "web", "--admin", &baton.admin.to_string()])
+        .output()
+        .expect("baton promote");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("promoted web: generation 2 takes every new connection"),
+        "{stdout}"
+    );
     baton.wait_upgrade("web", 2);
     for client in clients.iter().take(20) {
         assert_eq!(whoami_from(*client, addr), Ok(2));
