@@ -625,6 +625,23 @@ impl Progress {
                     tally(&event["previous"])
                 )
             }
+            "canary_progress" => {
+                let tally =
+                    |t: &Value| format!("{} connections, {} failed", text(&t["connections"]), text(&t["failed"]));
+                let line = format!(
+                    "canary at {}%: new {}; previous {}",
+                    event["share"].as_f64().unwrap_or(0.0) / 100.0,
+                    tally(&event["new"]),
+                    tally(&event["previous"])
+                );
+                if self.terminal {
+                    print!("\r\x1b[2K{line}");
+                    let _ = io::stdout().flush();
+                    self.counting = true;
+                    return;
+                }
+                line
+            }
             "deferred" => format!(
                 "deferred until the maintenance window opens, in {} s",
                 event["until_ms"].as_u64().unwrap_or(0).div_ceil(1000)

@@ -355,6 +355,17 @@ pub enum Event {
         /// The same of the previous worker.
         previous: Tally,
     },
+    /// A canary's counts so far, every second while it runs.
+    CanaryProgress {
+        /// The new worker's generation.
+        generation: u64,
+        /// The new worker's share of new connections, in hundredths of a percent.
+        share: u16,
+        /// Connections of the new worker since the canary began, and those that failed on its side.
+        new: Tally,
+        /// The same of the previous worker.
+        previous: Tally,
+    },
     /// An automatic upgrade waits for the maintenance window to open.
     Deferred {
         /// What set it off.
@@ -612,6 +623,9 @@ pub struct CanaryProgress {
     pub baseline: Option<(Tally, Tally)>,
     /// Both workers' tallies since then, as last seen (new, previous).
     pub seen: (Tally, Tally),
+    /// When the last [`Event::CanaryProgress`] was told.
+    #[serde(default)]
+    pub told: Option<Time>,
 }
 
 /// A worker's connections that ended, and those that ended badly on its side.
@@ -644,6 +658,8 @@ impl Tally {
 
 /// How often a canary's live traffic is judged.
 pub const CANARY_JUDGE_EVERY: Duration = Duration::from_millis(200);
+/// How often a canary's counts are told ([`Event::CanaryProgress`]).
+pub const CANARY_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// An old worker finishing its connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1357,12 +1373,24 @@ impl Machine {
         let Some(canary) = self.policy.canary.clone() else {
             return;
         };
-        let Some(progress) = self.watch.as_mut().and_then(|w| w.canary.as_mut()) else {
-            return;
-        };
+        let Some(watch) = self.watch.as_mut() else { return };
+        let generation = watch.record.new_generation;
+        let Some(progress) = watch.canary.as_mut() else { return };
         let (base_new, base_old) = *progress.baseline.get_or_insert((new, previous));
         let (new, old) = (new.since(base_new), previous.since(base_old));
         progress.seen = (new, old);
+        if progress
+            .told
+            .is_none_or(|told| now.since(told) >= CANARY_PROGRESS_EVERY)
+        {
+            progress.told = Some(now);
+            out.push(Effect::Event(Event::CanaryProgress {
+                generation,
+                share: progress.share,
+                new,
+                previous: old,
+            }));
+        }
         let margin = f64::from(canary.max_error_rate) / 10_000.0;
         if new.connections < canary.min_connections || new.rate() <= old.rate() + margin {
             return;
@@ -1473,6 +1501,7 @@ impl Machine {
                     next_judgement: now,
                     baseline: None,
                     seen: (Tally::default(), Tally::default()),
+                    told: None,
                 };
                 out.push(Effect::Event(Event::CanaryStep {
                     generation,

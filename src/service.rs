@@ -1292,6 +1292,17 @@ impl Service {
                 previous_connections = previous.connections, previous_failed = previous.failed,
                 "canary step"
             ),
+            Event::CanaryProgress {
+                generation,
+                share,
+                new,
+                previous,
+            } => tracing::debug!(
+                service = %name, generation, share_percent = f64::from(*share) / 100.0,
+                new_connections = new.connections, new_failed = new.failed,
+                previous_connections = previous.connections, previous_failed = previous.failed,
+                "canary progress"
+            ),
             Event::Deferred { trigger, until_ms } => tracing::info!(
                 service = %name, trigger = trigger.label(), until_ms,
                 "upgrade deferred until the maintenance window opens"

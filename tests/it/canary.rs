@@ -229,3 +229,43 @@ fn a_canary_aborted_by_a_rollback_or_carried_across_a_reexec_goes_on_where_it_wa
     assert_eq!(whoami_from(local, addr), Ok(3));
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn baton_upgrade_shows_each_canary_step_with_both_workers_counts() {
+    let baton = Baton::start(&web(
+        &[],
+        "watchdog = \"0s\"\ncanary = { steps = [\"50%\"], step_time = \"2s\", sticky = false }",
+    ));
+    let addr = baton.addr("web");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let local: IpAddr = "127.0.0.1".parse().expect("ip");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = whoami_from(local, addr);
+            }
+        })
+    };
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["upgrade", "web", "--admin", &baton.admin.to_string()])
+        .output()
+        .expect("baton upgrade");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().expect("load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "canary: generation 2 takes 50% of new connections",
+        "canary at 50%: new ",
+        "canary: generation 2 takes 100% of new connections",
+        "upgrade of web: success (generation 2 serving)",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    assert_eq!(baton.stop().code(), Some(0));
+}
