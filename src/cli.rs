@@ -602,6 +602,18 @@ impl Progress {
         }
     }
 
+    /// A line that counts something down or up: on a terminal it is written over the last such line (and
+    /// `None` comes back); elsewhere it comes back, to be printed as any other.
+    fn in_place(&mut self, line: String) -> Option<String> {
+        if !self.terminal {
+            return Some(line);
+        }
+        print!("\r\x1b[2K{line}");
+        let _ = io::stdout().flush();
+        self.counting = true;
+        None
+    }
+
     fn show(&mut self, event: &Value) {
         let generation = text(&event["generation"]);
         let line = match event["event"].as_str().unwrap_or_default() {
@@ -634,13 +646,10 @@ impl Progress {
                     tally(&event["new"]),
                     tally(&event["previous"])
                 );
-                if self.terminal {
-                    print!("\r\x1b[2K{line}");
-                    let _ = io::stdout().flush();
-                    self.counting = true;
-                    return;
+                match self.in_place(line) {
+                    Some(line) => line,
+                    None => return,
                 }
-                line
             }
             "deferred" => format!(
                 "deferred until the maintenance window opens, in {} s",
@@ -662,13 +671,10 @@ impl Progress {
                     text(&event["connections"]),
                     event["deadline_in_ms"].as_u64().unwrap_or(0).div_ceil(1000)
                 );
-                if self.terminal {
-                    print!("\r\x1b[2K{line}");
-                    let _ = io::stdout().flush();
-                    self.counting = true;
-                    return;
+                match self.in_place(line) {
+                    Some(line) => line,
+                    None => return,
                 }
-                line
             }
             "worker_stopped" => {
                 if let Some(g) = event["generation"].as_u64() {

@@ -201,14 +201,15 @@ fn a_release_change_outside_the_maintenance_window_waits_for_it_and_an_operators
     assert_eq!(baton.stop().code(), Some(0));
 }
 
-/// A release's server: answers every GET with the name of the directory it runs from, so a reply shows
-/// which release's files the worker was started with.
-const APP: &str = r#"
+/// A server that answers every GET with its name, which `NAME` (a Python expression) gives it: a
+/// release's takes the name of the directory it runs from, so a reply shows which release's files the
+/// worker was started with; an image's is told its name.
+const NAMED_SERVER: &str = r#"
 import http.server, os, sys
-release = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
+name = NAME
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = ("release %s\n" % release).encode()
+        body = ("%s\n" % name).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -217,6 +218,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
+
+/// A release's server.
+fn release_server() -> String {
+    NAMED_SERVER.replace(
+        "NAME",
+        "\"release \" + os.path.basename(os.path.dirname(os.path.abspath(__file__)))",
+    )
+}
 
 fn release_of(baton: &Baton) -> String {
     let (code, body) = http_get(baton.addr("web"), "/").expect("GET");
@@ -230,7 +239,7 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     let releases = dir.path().join("releases");
     for release in ["41", "42"] {
         std::fs::create_dir_all(releases.join(release)).expect("release");
-        std::fs::write(releases.join(release).join("app.py"), APP).expect("app");
+        std::fs::write(releases.join(release).join("app.py"), release_server()).expect("app");
     }
     let current = dir.path().join("current");
     flip(&current, &releases.join("41"));
@@ -299,7 +308,11 @@ fn releases_are_recorded_resolved_and_an_earlier_one_starts_again_after_the_wind
     );
 
     // A release whose files changed since is not started again; nor is one never recorded.
-    std::fs::write(releases.join("42").join("app.py"), format!("{APP}\n# edited\n")).expect("edit");
+    std::fs::write(
+        releases.join("42").join("app.py"),
+        format!("{}\n# edited\n", release_server()),
+    )
+    .expect("edit");
     let (code, body) = http(baton.admin, "POST", "/v1/services/web/rollback?to=2", &[]).expect("rollback");
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("has changed since generation 2 started"), "{body}");
@@ -338,22 +351,6 @@ run)
 esac
 "#;
 
-/// An image's server: answers every GET with the image's name.
-const IMAGE_SERVER: &str = r#"
-import http.server, sys
-image = sys.argv[2]
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("image %s\n" % image).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-"#;
-
 #[test]
 fn a_container_worker_is_pulled_by_prepare_stopped_by_its_signal_and_rolled_back_to_its_previous_image() {
     use std::os::unix::fs::PermissionsExt;
@@ -365,7 +362,8 @@ fn a_container_worker_is_pulled_by_prepare_stopped_by_its_signal_and_rolled_back
     for tag in ["v1", "v2"] {
         let image = registry.join(format!("registry_app_{tag}"));
         std::fs::create_dir_all(&image).expect("image");
-        std::fs::write(image.join("server.py"), IMAGE_SERVER).expect("server");
+        let server = NAMED_SERVER.replace("NAME", "\"image \" + sys.argv[2]");
+        std::fs::write(image.join("server.py"), server).expect("server");
     }
     let stanza = |tag: &str| {
         format!(
