@@ -104,6 +104,8 @@ pub(crate) struct State {
     pub(crate) client_addr: Option<std::net::SocketAddr>,
     /// The PROXY protocol header that goes to each worker ahead of the client's bytes.
     pub(crate) proxy_header: Option<Vec<u8>>,
+    /// Whether the client has sent a byte (a connection it ends unanswered is then the worker's failure).
+    pub(crate) client_sent: bool,
 }
 
 impl State {
@@ -122,6 +124,7 @@ impl State {
             watched: false,
             client_addr: None,
             proxy_header: None,
+            client_sent: false,
         }
     }
 
@@ -513,6 +516,7 @@ impl Connection {
             worker_ended: activity.worker_ended(),
             client: state.client_addr,
             proxy_header: state.proxy_header,
+            client_sent: state.client_sent,
         };
         Parked {
             record,
@@ -589,6 +593,9 @@ pub struct ParkedRecord {
     /// The PROXY protocol header that goes ahead of the connection's bytes to each worker it is sent to.
     #[serde(default)]
     pub proxy_header: Option<Vec<u8>>,
+    /// Whether the client has sent a byte.
+    #[serde(default)]
+    pub client_sent: bool,
 }
 
 /// One direction of a parked connection.
@@ -694,6 +701,7 @@ impl Parked {
                 watched: inheritable,
                 client_addr: record.client,
                 proxy_header: record.proxy_header,
+                client_sent: record.client_sent,
             },
         }
     }
@@ -781,6 +789,7 @@ mod tests {
             worker_ended: true,
             client: Some("192.0.2.7:40000".parse().expect("address")),
             proxy_header: Some(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 80\r\n".to_vec()),
+            client_sent: true,
         };
         let text = serde_json::to_string(&record).expect("serialise");
         let back: ParkedRecord = serde_json::from_str(&text).expect("deserialise");

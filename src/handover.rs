@@ -442,7 +442,7 @@ mod legacy {
         worker_fd: std::os::fd::RawFd,
     }
 
-    /// A format 1 [`ParkedRecord`]: the same fields, in the same order, less the last two.
+    /// A format 1 [`ParkedRecord`]: the same fields, in the same order, less the last three.
     #[derive(Debug, Deserialize)]
     struct ParkedRecord1 {
         generation: u64,
@@ -484,6 +484,7 @@ mod legacy {
                     worker_ended: r.worker_ended,
                     client: None,
                     proxy_header: None,
+                    client_sent: true,
                 },
                 client_fd: old.client_fd,
                 worker_fd: old.worker_fd,
@@ -586,6 +587,7 @@ mod tests {
                 worker_ended: true,
                 client: Some("192.0.2.7:40000".parse().expect("address")),
                 proxy_header: Some(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 80\r\n".to_vec()),
+                client_sent: true,
             },
             client_fd: 21,
             worker_fd: 22,
@@ -721,13 +723,14 @@ mod tests {
         let service = state.services.get_mut("web").expect("web");
         service.parked[0].record.client = None;
         service.parked[0].record.proxy_header = None;
-        // Format 1 wrote each record without the last two fields: two `None`s, a byte each, just before
-        // the descriptors.
+        service.parked[0].record.client_sent = true;
+        // Format 1 wrote each record without the last three fields: two `None`s and a `true`, a byte each,
+        // just before the descriptors.
         let one = &service.parked[0];
         let new = postcard::to_allocvec(&service.parked).expect("postcard");
         let fds = postcard::to_allocvec(&(one.client_fd, one.worker_fd)).expect("postcard");
-        let cut = new.len() - fds.len() - 2;
-        assert_eq!(&new[cut..cut + 2], &[0, 0]);
+        let cut = new.len() - fds.len() - 3;
+        assert_eq!(&new[cut..cut + 3], &[0, 0, 1]);
         let old = [&new[..cut], &fds[..]].concat();
         let mut written: serde_json::Value = serde_json::from_slice(&state.encode().expect("encode")).expect("JSON");
         written["version"] = 1.into();

@@ -273,8 +273,12 @@ async fn run(
     metrics
         .connection_duration
         .observe(Time::now().since(accepted).as_secs_f64());
-    // Counted against the worker for a canary's judgement: it broke the connection, or ended it unanswered.
-    let unanswered = matches!(outcome, Outcome::Completed | Outcome::HalfCloseTimeout) && !guard.is_answered();
+    // Counted against the worker for a canary's judgement: it broke the connection, or ended it without
+    // answering what the client sent (a client that sent nothing, a load balancer's connect check, is not
+    // the worker's failure).
+    let unanswered = matches!(outcome, Outcome::Completed | Outcome::HalfCloseTimeout)
+        && !guard.is_answered()
+        && connection.state.client_sent;
     if matches!(outcome, Outcome::Broken(Side::Worker)) || unanswered {
         guard.fail();
     }
@@ -466,6 +470,7 @@ async fn relay<W: Socket>(
         tail,
         activity,
         joined,
+        client_sent,
         ..
     } = state;
     let activity = &*activity;
@@ -496,7 +501,10 @@ async fn relay<W: Socket>(
         |chunk| {
             let answered = activity.take_answered();
             let kept = match chunk {
-                Some(chunk) => tail.record(chunk, answered),
+                Some(chunk) => {
+                    *client_sent = true;
+                    tail.record(chunk, answered)
+                }
                 None => tail.lose(),
             };
             activity.sent(kept);

@@ -269,3 +269,31 @@ fn baton_upgrade_shows_each_canary_step_with_both_workers_counts() {
     }
     assert_eq!(baton.stop().code(), Some(0));
 }
+
+#[test]
+fn connections_that_send_nothing_do_not_count_against_the_canary() {
+    let baton = Baton::start(&web(
+        &[],
+        "watchdog = \"0s\"\ncanary = { steps = [\"50%\"], step_time = \"3s\", min_connections = 5 }",
+    ));
+    let addr = baton.addr("web");
+    let (code, body) = http(baton.admin, "POST", "/v1/services/web/upgrade?wait=false", &[]).expect("upgrade");
+    assert_eq!(code, 202, "{body}");
+    wait_for("the canary", || step(&baton).ok_or_else(|| "not yet".into()));
+    // A load balancer's connect checks (connect, close, nothing sent) from an address the sticky split sends
+    // to the new worker, among real requests from other clients.
+    let checker = (1..=50u8)
+        .map(|i| IpAddr::from([127, 0, 2, i]))
+        .find(|ip| whoami_from(*ip, addr) == Ok(2))
+        .expect("an address on the new worker");
+    for i in 0..100u8 {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::new(checker, 0).into()).expect("bind");
+        socket.connect(&addr.into()).expect("connect");
+        drop(socket);
+        let _ = whoami_from(IpAddr::from([127, 0, 3, i % 50 + 1]), addr);
+    }
+    let record = baton.wait_upgrade("web", 2);
+    assert_eq!(record["result"], "success", "{record}");
+    assert_eq!(baton.stop().code(), Some(0));
+}
