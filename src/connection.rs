@@ -430,6 +430,32 @@ impl Connection {
         Ok(moved)
     }
 
+    /// Reads, without waiting, what the client has sent already onto the PROXY protocol header that is to go
+    /// to the worker first, so that both go in one write (and one segment): as the relay would have read
+    /// it, into the tail too. A client that waits for the server to speak first has sent nothing: the
+    /// header goes alone, at once.
+    pub(crate) fn coalesce(&mut self) {
+        let State {
+            to_worker,
+            tail,
+            activity,
+            client_sent,
+            ..
+        } = &mut self.state;
+        let Some(buf) = to_worker.buffer.as_mut() else { return };
+        let start = buf.len();
+        buf.resize(start + FIRST_BUFFER_SIZE, 0);
+        let read = self.client.try_read(&mut buf[start..]).unwrap_or(0);
+        buf.truncate(start + read);
+        if read > 0 {
+            let answered = activity.take_answered();
+            let kept = tail.record(&buf[start..], answered);
+            activity.sent(kept);
+            activity.touch();
+            *client_sent = true;
+        }
+    }
+
     /// Joins `watch`: adds the connection's sockets to it and makes them inheritable, for the exec to come
     /// (no child inherits them meanwhile: every child baton starts marks its descriptors close-on-exec
     /// first, see [`crate::reexec::close_all_on_exec`]). A connection that cannot do both joins all the

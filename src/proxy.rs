@@ -142,8 +142,12 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, route: &ArcSwap<Route>) 
         let server = origin.server.or_else(|| client.local_addr().ok());
         proxy_protocol::encode(version, server.map(|server| (origin.client, server)), &origin.tlvs)
     });
+    let coalesce = header.is_some();
     let mut connection = Connection::new(client, worker, Time::of(now), resend);
     connection.state.introduce(origin.client, header);
+    if coalesce {
+        connection.coalesce();
+    }
     match run(&mut connection, route, shared, snapshot, &mut guard).await {
         Ran::Ended(outcome) => outcome,
         Ran::Park => park(connection, guard, client_slot, shared, admission, false),

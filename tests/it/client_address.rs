@@ -409,3 +409,48 @@ fn connections_past_the_per_client_limit_are_closed_and_other_clients_are_not() 
         }
     });
 }
+
+/// A worker whose server speaks first, as SMTP's does: it reads the v1 header, then greets.
+const GREETER: &str = r#"
+import socket, sys, threading
+def handle(conn):
+    try:
+        line = b""
+        while not line.endswith(b"\r\n"):
+            chunk = conn.recv(1)
+            if not chunk:
+                return
+            line += chunk
+        conn.sendall(b"220 hello " + line.split()[2] + b"\r\n")
+        conn.recv(1)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(128)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+#[test]
+fn a_server_that_speaks_first_gets_its_header_at_once() {
+    let dir = scratch();
+    let script = dir.path().join("greeter.py");
+    std::fs::write(&script, GREETER).expect("write");
+    let baton = Baton::start(&format!(
+        "[service.web]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"python3\", {:?}, \"{{port}}\"]\nproxy_protocol = \"v1\"\n",
+        script.display().to_string()
+    ));
+    let v4 = baton.addr("web");
+    // The client sends nothing and waits for the greeting: the header must not wait for the client's bytes.
+    let mut client = connect_from(v4.ip(), v4);
+    let mut greeting = [0u8; 64];
+    let n = client.read(&mut greeting).expect("the greeting");
+    assert_eq!(&greeting[..n], b"220 hello 127.0.0.1\r\n");
+    drop(client);
+    assert_eq!(baton.stop().code(), Some(0));
+}
