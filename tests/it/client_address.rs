@@ -66,6 +66,11 @@ def handle(conn):
         pass
     finally:
         conn.close()
+"#;
+
+/// The rest of every Python worker here: listen on the port it is given and serve each connection with
+/// its `handle` on a thread.
+const LISTENER: &str = r#"
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", int(sys.argv[1])))
@@ -74,6 +79,11 @@ while True:
     conn, _ = listener.accept()
     threading.Thread(target=handle, args=(conn,), daemon=True).start()
 "#;
+
+/// Writes the Python worker whose connection handler is `handler` to `path`.
+fn python_worker(path: &Path, handler: &str) {
+    std::fs::write(path, format!("{handler}{LISTENER}")).expect("write the worker");
+}
 
 /// Service `web`: nginx reading the PROXY protocol, behind baton sending `version`, on IPv4 and IPv6
 /// loopback.
@@ -97,7 +107,7 @@ fn nginx_web(dir: &Path, version: &str) -> String {
 /// Service `web`: the header-echoing worker, with `extra` keys.
 fn echo_web(dir: &Path, extra: &str) -> String {
     let script = dir.join("header_echo.py");
-    std::fs::write(&script, HEADER_ECHO).expect("write the worker");
+    python_worker(&script, HEADER_ECHO);
     format!(
         "[service.web]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\n\
          command = [\"python3\", {script:?}, \"{{port}}\"]\n{extra}\n"
@@ -427,20 +437,13 @@ def handle(conn):
         pass
     finally:
         conn.close()
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", int(sys.argv[1])))
-listener.listen(128)
-while True:
-    conn, _ = listener.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
 "#;
 
 #[test]
 fn a_server_that_speaks_first_gets_its_header_at_once() {
     let dir = scratch();
     let script = dir.path().join("greeter.py");
-    std::fs::write(&script, GREETER).expect("write");
+    python_worker(&script, GREETER);
     let baton = Baton::start(&format!(
         "[service.web]\nlisten = [\"127.0.0.1:0\"]\ncommand = [\"python3\", {:?}, \"{{port}}\"]\nproxy_protocol = \"v1\"\n",
         script.display().to_string()
