@@ -2,7 +2,7 @@
 //! the new one is judged on live traffic and rolled back by itself when it fails it, and an operator can
 //! promote or abort a canary, which a re-exec of baton carries on.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 
 use serde_json::Value;
 
@@ -10,13 +10,7 @@ use crate::support::*;
 
 /// `GET /whoami` on a new connection from `source`: the generation that answered, or the error.
 fn whoami_from(source: IpAddr, addr: SocketAddr) -> Result<u64, String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
-    socket
-        .bind(&SocketAddr::new(source, 0).into())
-        .map_err(|e| e.to_string())?;
-    socket.connect(&addr.into()).map_err(|e| e.to_string())?;
-    socket.set_read_timeout(Some(DEADLINE)).map_err(|e| e.to_string())?;
-    let mut stream: TcpStream = socket.into();
+    let mut stream = connect_from(source, addr).map_err(|e| e.to_string())?;
     let (code, body) = exchange_raw(&mut stream, "GET", "/whoami", &[]).map_err(|e| e.to_string())?;
     if code != 200 {
         return Err(format!("status {code}: {body}"));
@@ -287,10 +281,7 @@ fn connections_that_send_nothing_do_not_count_against_the_canary() {
         .find(|ip| whoami_from(*ip, addr) == Ok(2))
         .expect("an address on the new worker");
     for i in 0..100u8 {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-        socket.bind(&SocketAddr::new(checker, 0).into()).expect("bind");
-        socket.connect(&addr.into()).expect("connect");
-        drop(socket);
+        drop(connect_from(checker, addr).expect("connect"));
         let _ = whoami_from(IpAddr::from([127, 0, 3, i % 50 + 1]), addr);
     }
     let record = baton.wait_upgrade("web", 2);

@@ -119,17 +119,6 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
-/// Connects to `addr` from `source` (an ephemeral port of it).
-fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(source, 0).into())
-        .expect("bind the source");
-    socket.connect(&addr.into()).expect("connect");
-    socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    socket.into()
-}
-
 /// `GET /` on `stream` after `prefix`: the status and body.
 fn get_after(stream: &mut TcpStream, prefix: &[u8]) -> std::io::Result<(u16, String)> {
     stream.write_all(prefix)?;
@@ -157,7 +146,7 @@ fn nginx_sees_the_clients_address_and_port_through_v1_and_v2_and_an_upgrade_lose
         let baton = Baton::start(&nginx_web(dir.path(), version));
         let (v4, v6) = addresses(&baton);
         for addr in [v4, v6] {
-            let mut client = connect_from(addr.ip(), addr);
+            let mut client = connect_from(addr.ip(), addr).expect("connect");
             let port = client.local_addr().expect("local").port();
             let (code, body) = get_after(&mut client, b"").expect("GET through baton");
             assert_eq!(code, 200, "{version} from {addr}: {body}");
@@ -176,7 +165,7 @@ fn nginx_sees_the_clients_address_and_port_through_v1_and_v2_and_an_upgrade_lose
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let mut client = connect_from(v4.ip(), v4);
+                        let mut client = connect_from(v4.ip(), v4).expect("connect");
                         let port = client.local_addr().expect("local").port();
                         match get_after(&mut client, b"") {
                             Ok((200, body)) if body.trim() == format!("127.0.0.1 {port}") => {
@@ -219,7 +208,7 @@ fn a_trusted_sources_header_names_the_client_and_its_tlvs_are_passed_on() {
     ));
     let (v4, v6) = addresses(&baton);
     let header = |bytes: &[u8]| -> Vec<u8> {
-        let mut client = connect_from(v4.ip(), v4);
+        let mut client = connect_from(v4.ip(), v4).expect("connect");
         let (code, body) = get_after(&mut client, bytes).expect("GET");
         assert_eq!(code, 200, "{body}");
         (0..body.len())
@@ -253,7 +242,7 @@ fn a_trusted_sources_header_names_the_client_and_its_tlvs_are_passed_on() {
     let incoming = [b"\r\n\r\n\0\r\nQUIT\n\x21\x21".as_slice(), &length, &block].concat();
     assert_eq!(header(&incoming), incoming, "the same header, TLVs and all");
     // From ::1, trusted too: a v1 IPv6 header.
-    let mut client = connect_from(v6.ip(), v6);
+    let mut client = connect_from(v6.ip(), v6).expect("connect");
     let (code, body) = get_after(&mut client, b"PROXY TCP6 2001:db8::9 2001:db8::1 1234 80\r\n").expect("GET");
     assert_eq!(code, 200);
     assert!(body.starts_with(&hex(b"\r\n\r\n\0\r\nQUIT\n\x21\x21")), "{body}");
@@ -282,7 +271,7 @@ fn an_untrusted_sources_bytes_pass_as_they_are() {
     let baton = Baton::start(&echo_web(dir.path(), "accept_proxy_protocol = [\"192.0.2.0/24\"]"));
     let (v4, _) = addresses(&baton);
     let line = b"PROXY TCP4 10.9.9.9 10.0.0.1 1 2\r\n";
-    let mut client = connect_from(v4.ip(), v4);
+    let mut client = connect_from(v4.ip(), v4).expect("connect");
     let (code, body) = get_after(&mut client, line).expect("GET");
     assert_eq!(code, 200);
     assert_eq!(body, hex(line), "the client's own bytes reached the worker");
@@ -327,7 +316,7 @@ fn hostile_headers_from_a_trusted_source_are_refused_and_everyone_else_is_served
         ("a truncated header", b"PROXY TCP4 192.0.2.7", "closed"),
     ];
     for (what, bytes, reason) in cases {
-        let mut client = connect_from(v4.ip(), v4);
+        let mut client = connect_from(v4.ip(), v4).expect("connect");
         client.write_all(bytes).expect("write");
         if reason == "closed" {
             client.shutdown(Shutdown::Write).expect("shutdown");
@@ -340,7 +329,7 @@ fn hostile_headers_from_a_trusted_source_are_refused_and_everyone_else_is_served
         });
     }
     // Slow: a byte a second, past the one-second deadline.
-    let mut client = connect_from(v4.ip(), v4);
+    let mut client = connect_from(v4.ip(), v4).expect("connect");
     let started = Instant::now();
     let slow = std::thread::spawn({
         let mut writer = client.try_clone().expect("clone");
@@ -370,7 +359,7 @@ fn hostile_headers_from_a_trusted_source_are_refused_and_everyone_else_is_served
     );
     assert_eq!(baton.metric(to_worker), sent_before, "nothing reached the worker");
     // Everyone else is served: a good header from the same source.
-    let mut client = connect_from(v4.ip(), v4);
+    let mut client = connect_from(v4.ip(), v4).expect("connect");
     let (code, body) = get_after(&mut client, b"PROXY TCP4 192.0.2.7 10.0.0.1 5 6\r\n").expect("GET");
     assert_eq!(code, 200);
     assert_eq!(body, hex(b"PROXY TCP4 192.0.2.7 10.0.0.1 5 6\r\n"));
@@ -386,7 +375,7 @@ fn connections_past_the_per_client_limit_are_closed_and_other_clients_are_not() 
     // LIMIT open connections from one address, each answered (so each holds a worker connection).
     let mut held = Vec::new();
     for _ in 0..LIMIT {
-        let mut client = connect_from(one, addr);
+        let mut client = connect_from(one, addr).expect("connect");
         client
             .write_all(b"GET /whoami HTTP/1.1\r\nHost: t\r\n\r\n")
             .expect("write");
@@ -395,7 +384,7 @@ fn connections_past_the_per_client_limit_are_closed_and_other_clients_are_not() 
         held.push(client);
     }
     for _ in 0..5 {
-        let mut client = connect_from(one, addr);
+        let mut client = connect_from(one, addr).expect("connect");
         let _ = client.write_all(b"GET /whoami HTTP/1.1\r\nHost: t\r\n\r\n");
         closed_without_answer(&mut client).expect("over the limit");
     }
@@ -405,14 +394,14 @@ fn connections_past_the_per_client_limit_are_closed_and_other_clients_are_not() 
     );
     // Another address is not affected.
     for _ in 0..LIMIT {
-        let mut client = connect_from(other, addr);
+        let mut client = connect_from(other, addr).expect("connect");
         let (code, _) = exchange_raw(&mut client, "GET", "/whoami", &[]).expect("another client");
         assert_eq!(code, 200);
     }
     // Once one closes, the first address may open one again.
     drop(held.pop());
     wait_for("a slot freed", || {
-        let mut client = connect_from(one, addr);
+        let mut client = connect_from(one, addr).expect("connect");
         match exchange_raw(&mut client, "GET", "/whoami", &[]) {
             Ok((200, _)) => Ok(()),
             other => Err(format!("{other:?}")),
@@ -450,7 +439,7 @@ fn a_server_that_speaks_first_gets_its_header_at_once() {
     ));
     let v4 = baton.addr("web");
     // The client sends nothing and waits for the greeting: the header must not wait for the client's bytes.
-    let mut client = connect_from(v4.ip(), v4);
+    let mut client = connect_from(v4.ip(), v4).expect("connect");
     let mut greeting = [0u8; 64];
     let n = client.read(&mut greeting).expect("the greeting");
     assert_eq!(&greeting[..n], b"220 hello 127.0.0.1\r\n");

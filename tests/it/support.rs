@@ -875,3 +875,13 @@ pub fn need(program: &str, package: &str) {
         .unwrap_or(false);
     assert!(found, "{program} is missing: install the Debian package `{package}`");
 }
+
+/// A connection to `addr` from an ephemeral port of `source` (any loopback address), reads bounded by
+/// [`DEADLINE`].
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect(&addr.into())?;
+    socket.set_read_timeout(Some(DEADLINE))?;
+    Ok(socket.into())
+}
